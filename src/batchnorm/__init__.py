@@ -1,0 +1,23 @@
+"""batchnorm: batch normalization done completely, on PyTorch.
+
+Reduce → combine → apply: :mod:`batchnorm.functional` holds the math, :mod:`batchnorm.kernels`
+the reduce/apply kernels, :mod:`batchnorm.layers` the modules, :mod:`batchnorm.reference` the
+NumPy oracle.
+"""
+
+from . import functional, reference
+from .functional import batch_norm, batch_stats
+from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "batch_norm",
+    "batch_stats",
+    "functional",
+    "reference",
+]

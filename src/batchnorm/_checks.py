@@ -1,0 +1,113 @@
+"""Input validation shared by every layer and function.
+
+Each message says what was expected, what was received and what to do instead; the tests pin the
+wording, so change a message here and in ``tests/test_errors.py`` together.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_input(x: object, name: str = "BatchNorm") -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} expected a torch.Tensor input, got {type(x).__name__}. Convert it with torch.as_tensor(x).")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} expected a floating-point input (float16, bfloat16, float32 or float64), got dtype {x.dtype}. "
+            "Convert it first, e.g. x.float()."
+        )
+    if x.dim() < 2:
+        raise ValueError(
+            f"{name} expected an input with at least 2 dimensions (N, C, ...), got a {x.dim()}D input of shape "
+            f"{tuple(x.shape)}. Put the samples of a batch along a batch axis, e.g. x.reshape(N, C)."
+        )
+    return x
+
+
+def normalize_axis(axis: int, ndim: int, shape: tuple[int, ...] | None = None) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}.")
+    if not -ndim <= axis < ndim:
+        where = f" of shape {tuple(shape)}" if shape is not None else ""
+        raise ValueError(
+            f"axis={axis} is out of range for a {ndim}D input{where}: expected an integer in [{-ndim}, {ndim - 1}]. "
+            "Use axis=1 for (N, C, ...) inputs and axis=-1 for channels-last (N, ..., C) inputs."
+        )
+    return axis % ndim
+
+
+def check_features(x: torch.Tensor, axis: int, num_features: int, name: str = "BatchNorm") -> None:
+    if x.shape[axis] != num_features:
+        raise ValueError(
+            f"{name} expected {num_features} features along axis {axis}, got input of shape {tuple(x.shape)} "
+            f"with {x.shape[axis]} there. Build the layer with num_features={x.shape[axis]}, or pass axis= "
+            "pointing at the feature axis (e.g. axis=-1 for (N, L, C) input)."
+        )
+
+
+def check_momentum(momentum: float | None) -> float | None:
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(
+            f"momentum must be None or a number in [0, 1], got {momentum!r}. It is the weight of the new batch "
+            "(PyTorch convention): a Keras/Flax momentum of 0.99 is momentum=0.01 here; None gives a cumulative average."
+        )
+    return float(momentum)
+
+
+def check_eps(eps: float) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (float(eps) > 0.0 and math.isfinite(eps)):
+        raise ValueError(
+            f"eps must be a finite number > 0, got {eps!r}. It keeps 1/sqrt(var + eps) finite for constant "
+            "features; the usual value is 1e-5 (1e-3 in Keras)."
+        )
+    return float(eps)
+
+
+def check_num_features(num_features: int, name: str = "BatchNorm") -> int:
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"{name} expected num_features to be a positive int, got {num_features!r}.")
+    return num_features
+
+
+def mask_for(x: torch.Tensor, axis: int, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Return ``mask`` broadcast to ``x``'s shape with a size-1 feature axis, or None."""
+    if mask is None:
+        return None
+    expected = tuple(s for d, s in enumerate(x.shape) if d != axis)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a boolean torch.Tensor of shape {expected}, got {type(mask).__name__}.")
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"mask must be a boolean tensor, got dtype {mask.dtype}. Pass mask.bool(), or build it with a "
+            "comparison such as torch.arange(L) < lengths[:, None]."
+        )
+    try:
+        full = torch.broadcast_shapes(tuple(mask.shape), expected)
+    except RuntimeError:
+        full = None
+    if full != expected:
+        raise ValueError(
+            f"mask must have the shape of the input without the feature axis, {expected} (or broadcast to it), "
+            f"got {tuple(mask.shape)} for input of shape {tuple(x.shape)} with axis={axis}. A padding mask for "
+            "(N, C, L) input is (N, L); for (N, L, C) input with axis=-1 it is also (N, L)."
+        )
+    if mask.device != x.device:
+        raise ValueError(f"mask is on {mask.device} but the input is on {x.device}; move it with mask.to(x.device).")
+    return mask.expand(expected).unsqueeze(axis)
+
+
+def too_few_values(n: int, shape: tuple[int, ...], masked: bool, name: str = "BatchNorm") -> ValueError:
+    how = " (counting only positions where mask is True)" if masked else ""
+    return ValueError(
+        f"{name} expected more than 1 value per feature when training, got {n}{how} for input of shape {shape}. "
+        "Statistics of one value are undefined. Instead: call model.eval() to normalize with the running "
+        "estimates, use a larger batch, use batchnorm.BatchRenorm (which also behaves well with small batches), "
+        "or use a batch-independent norm such as torch.nn.GroupNorm or torch.nn.LayerNorm."
+    )

@@ -1,0 +1,389 @@
+"""Batch normalization as pure functions: reduce → combine → apply.
+
+1. **reduce** — per-feature local statistics ``(count, mean, m2)`` over every axis but the
+   feature axis, only where ``mask`` is true, per ghost group (:func:`batchnorm.kernels`).
+2. **combine** — turn local statistics into the ones that normalize (:class:`Combine`; plain BN
+   keeps them, sync BN all-reduces them, batch renorm adds the ``r, d`` correction) and update the
+   running estimates (:func:`update_running`).
+3. **apply** — ``y = x · a + b`` with one ``a, b`` per feature (and group).
+
+The backward has the same shape: reduce ``(Σ dy, Σ dy·x̂)`` → combine → apply
+``dx = k · (dy − mean(dy) − x̂ · mean(dy·x̂))``. It is written out analytically in
+:class:`_TrainNorm`; double backward re-traces the same formula with differentiable torch ops.
+
+Reference: S. Ioffe and C. Szegedy, "Batch Normalization: Accelerating Deep Network Training by
+Reducing Internal Covariate Shift", ICML 2015 (Algorithms 1 and 2).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import _checks
+from .kernels import select
+from .kernels import torch_ops as _t
+
+__all__ = ["Combine", "batch_stats", "batch_norm", "merge_stats", "update_running"]
+
+
+class Combine:
+    """The *combine* step: identity for plain batch norm.
+
+    Variants override one method each:
+
+    * :meth:`stats` maps local ``(count, mean, m2)`` (each ``(G, C)``) to the statistics that
+      normalize (sync BN: an all-reduce across processes);
+    * :meth:`grads` does the same for the backward sums ``(Σ dy, Σ dy·x̂)``;
+    * :meth:`correction` returns constants ``(r, d)`` so that ``x̂' = x̂ · r + d`` (batch renorm), or None.
+    """
+
+    def stats(self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor):
+        return count, mean, m2
+
+    def grads(self, sum_dy: torch.Tensor, sum_dy_xhat: torch.Tensor):
+        return sum_dy, sum_dy_xhat
+
+    def correction(self, mean: torch.Tensor, var: torch.Tensor):
+        return None
+
+
+_PLAIN = Combine()
+
+
+def merge_stats(
+    count_a: torch.Tensor,
+    mean_a: torch.Tensor,
+    m2_a: torch.Tensor,
+    count_b: torch.Tensor,
+    mean_b: torch.Tensor,
+    m2_b: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge two sets of ``(count, mean, m2)`` statistics (Chan, Golub & LeVeque 1979).
+
+    ``n = n_a + n_b``, ``δ = μ_b − μ_a``, ``μ = μ_a + δ·n_b/n``, ``M2 = M2_a + M2_b + δ²·n_a·n_b/n``.
+    Exact in exact arithmetic and stable in floating point; empty sides (count 0) are allowed.
+
+    Shape: any matching shapes; returns the same shape.
+
+    Example::
+
+        >>> a, b = torch.randn(5, 3), torch.randn(7, 3)
+        >>> ma, va, na = batch_stats(a, axis=1); mb, vb, nb = batch_stats(b, axis=1)
+        >>> n, m, m2 = merge_stats(na, ma, va * na, nb, mb, vb * nb)
+        >>> torch.allclose(m2 / n, torch.cat([a, b]).var(0, unbiased=False))
+        True
+    """
+    count = count_a + count_b
+    safe = count.clamp_min(1)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (count_b / safe)
+    m2 = m2_a + m2_b + delta * delta * (count_a * count_b / safe)
+    return count, mean, m2
+
+
+def batch_stats(
+    x: torch.Tensor, *, axis: int = 1, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-feature batch mean, biased variance and sample count.
+
+    ``mean_c = Σ_i m_i x_ic / n_c``, ``var_c = Σ_i m_i (x_ic − mean_c)² / n_c`` (two passes: no
+    ``E[x²] − E[x]²`` cancellation), ``n_c = Σ_i m_i``, where ``i`` runs over every position of every
+    axis except ``axis`` and ``m`` is the mask (all true if None).
+
+    Shape:
+        x: ``(..., C, ...)`` with C at ``axis``; mask: x's shape without ``axis`` (broadcastable).
+        Returns three ``(C,)`` tensors in float32 (float64 for float64 input).
+
+    Example::
+
+        >>> x = torch.randn(8, 3, 5, 5)
+        >>> mean, var, count = batch_stats(x)          # count = 8·5·5 = 200 per channel
+        >>> torch.allclose(mean, x.mean((0, 2, 3)))
+        True
+
+    Reference: Ioffe & Szegedy (2015), Algorithm 1.
+    """
+    x = _checks.check_input(x, "batch_stats")
+    ax = _checks.normalize_axis(axis, x.dim(), x.shape)
+    m = _checks.mask_for(x, ax, mask)
+    count, mean, m2 = select(x).reduce(x, ax, m, None)
+    return mean[0], m2[0] / count[0].clamp_min(1), count[0]
+
+
+def update_running(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: torch.Tensor,
+    momentum: float | None,
+    num_batches_tracked: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Update running estimates in place; return a bool tensor, True where the batch was accepted.
+
+    With ``G`` groups (ghost batches; ``G = 1`` otherwise) of biased variances ``var_g`` over
+    ``n_g`` values: ``μ_B = mean_g(mean_g)``, ``σ²_B = mean_g(var_g · n_g / (n_g − 1))`` (unbiased), then
+    ``running = (1 − f) · running + f · new`` with ``f = momentum``, or ``f = 1 / num_batches_tracked``
+    (cumulative average) when momentum is None (PyTorch semantics).
+
+    A batch whose statistics are not all finite changes nothing (running estimates and
+    ``num_batches_tracked``); a batch with ≤ 1 value per feature (an empty one) only counts in
+    ``num_batches_tracked``, as in PyTorch. No host synchronisation happens here.
+
+    Shape: running buffers ``(C,)``; ``mean, var, count`` are ``(G, C)``.
+    """
+    with torch.no_grad():
+        unbiased = var * count / (count - 1).clamp_min(1)
+        new_mean = mean.mean(0)
+        new_var = unbiased.mean(0)
+        finite = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
+        enough = (count > 1).all()
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
+        if momentum is None:
+            if num_batches_tracked is None:
+                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked; pass it, or a float momentum.")
+            f = 1.0 / num_batches_tracked.clamp_min(1).to(new_mean.dtype)
+        else:
+            f = torch.as_tensor(momentum, dtype=new_mean.dtype, device=new_mean.device)
+        ok = finite & enough
+        rm = torch.lerp(running_mean.to(new_mean.dtype), new_mean, f)
+        rv = torch.lerp(running_var.to(new_var.dtype), new_var, f)
+        running_mean.copy_(torch.where(ok, rm, running_mean.to(rm.dtype)))
+        running_var.copy_(torch.where(ok, rv, running_var.to(rv.dtype)))
+    return finite
+
+
+class _TrainNorm(torch.autograd.Function):
+    """Normalize with batch statistics; analytic backward; double backward by re-tracing."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, m, axis, eps, group_size, combine, backend):
+        ops = select(x, backend)
+        count, mean, m2 = combine.stats(*ops.reduce(x, axis, m, group_size))
+        var = m2 / count.clamp_min(1)
+        invstd = torch.rsqrt(var + eps)
+        corr = combine.correction(mean, var)
+        r, d = corr if corr is not None else (None, None)
+        w = weight.to(mean.dtype).reshape(1, -1) if weight is not None else torch.ones_like(mean[:1])
+        b = bias.to(mean.dtype).reshape(1, -1) if bias is not None else torch.zeros_like(mean[:1])
+        wr = w * r if r is not None else w
+        scale = wr * invstd
+        shift = b - mean * scale + (w * d if d is not None else 0.0)
+        y = ops.apply(x, axis, scale, shift, group_size)
+        ctx.save_for_backward(x, weight, bias, m, mean, invstd, count, r, d)
+        ctx.cfg = (axis, eps, group_size, combine, backend)
+        ctx.mark_non_differentiable(mean, var, count)
+        return y, mean, var, count
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar, _dcount):
+        x, weight, bias, m, mean, invstd, count, r, d = ctx.saved_tensors
+        axis, eps, group_size, combine, backend = ctx.cfg
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the formula itself
+            return _double_backward(ctx, dy, x, weight, bias, m, r, d)
+        ops = select(x, backend)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        sum_dy, sum_dyx = ops.backward_reduce(dy, x, axis, mean, invstd, group_size)
+        dweight = dbias = None
+        if need_w:
+            dw = sum_dyx * r if r is not None else sum_dyx
+            if d is not None:
+                dw = dw + d * sum_dy
+            dweight = dw.sum(0).to(weight.dtype)
+        if need_b:
+            dbias = sum_dy.sum(0).to(bias.dtype)
+        dx = None
+        if need_x:
+            sum_dy, sum_dyx = combine.grads(sum_dy, sum_dyx)
+            n = count.clamp_min(1)
+            w = weight.to(mean.dtype).reshape(1, -1) if weight is not None else torch.ones_like(mean[:1])
+            k = (w * r if r is not None else w) * invstd
+            dx = ops.backward_apply(dy, x, axis, mean, invstd, k, sum_dy / n, sum_dyx / n, m, group_size)
+        return dx, dweight, dbias, None, None, None, None, None, None
+
+
+def _composite(x, weight, bias, m, axis, eps, group_size, r=None, d=None):
+    """The training forward as plain differentiable torch ops (used for double backward)."""
+    count, mean, m2 = _t.reduce(x, axis, m, group_size)
+    invstd = torch.rsqrt(m2 / count.clamp_min(1) + eps)
+    xhat = (x.to(mean.dtype) - _t.expand(mean, x, axis, group_size)) * _t.expand(invstd, x, axis, group_size)
+    if r is not None:
+        xhat = xhat * _t.expand(r, x, axis, group_size) + _t.expand(d, x, axis, group_size)
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    if weight is not None:
+        xhat = xhat * weight.to(mean.dtype).reshape(shape)
+    if bias is not None:
+        xhat = xhat + bias.to(mean.dtype).reshape(shape)
+    return xhat.to(x.dtype)
+
+
+def _double_backward(ctx, dy, x, weight, bias, m, r, d):
+    axis, eps, group_size, combine, _ = ctx.cfg
+    if type(combine).stats is not Combine.stats:
+        raise NotImplementedError(
+            "double backward (create_graph=True) through synchronized batch statistics is not supported; "
+            "compute the gradient penalty with a per-process BatchNorm instead."
+        )
+    inputs = [(i, t) for i, t in enumerate((x, weight, bias)) if t is not None and ctx.needs_input_grad[i]]
+    with torch.enable_grad():
+        y = _composite(x, weight, bias, m, axis, eps, group_size, r, d)
+        grads = torch.autograd.grad(y, [t for _, t in inputs], dy, create_graph=True, allow_unused=True)
+    out: list[torch.Tensor | None] = [None] * 9
+    for (i, t), g in zip(inputs, grads):
+        out[i] = g if g is not None else torch.zeros_like(t)
+    return tuple(out)
+
+
+def normalize(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    axis: int,
+    eps: float,
+    use_batch_stats: bool,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    update: bool = False,
+    momentum: float | None = 0.1,
+    num_batches_tracked: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    group_size: int | None = None,
+    combine: Combine = _PLAIN,
+    backend: str | None = None,
+    name: str = "BatchNorm",
+) -> torch.Tensor:
+    """The one code path behind every layer: validated input → reduce → combine → apply.
+
+    ``axis`` must already be non-negative and checked. ``update=True`` updates the running buffers
+    from the combined batch statistics (see :func:`update_running`).
+    """
+    m = _checks.mask_for(x, axis, mask)
+    if not use_batch_stats:
+        if running_mean is None or running_var is None:
+            raise ValueError(f"{name} has no running estimates to normalize with (track_running_stats=False).")
+        return _eval_apply(x, weight, bias, running_mean, running_var, axis, eps, backend)
+    if x.numel() == 0 and type(combine).stats is Combine.stats:
+        # Empty batch: nothing to reduce; keep the graph connected (PyTorch does the same).
+        if update and num_batches_tracked is not None:
+            with torch.no_grad():
+                num_batches_tracked.add_(1)
+        return _eval_apply(x, weight, bias, torch.zeros(x.shape[axis]), torch.ones(x.shape[axis]), axis, -1.0, backend)
+    if type(combine).stats is Combine.stats:
+        _check_enough(x, axis, m, group_size, name)
+    y, mean, var, count = _TrainNorm.apply(x, weight, bias, m, axis, eps, group_size, combine, backend)
+    if update and running_mean is not None and running_var is not None:
+        finite = update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
+        if not torch.compiler.is_compiling() and not bool(finite):
+            warnings.warn(
+                f"{name}: batch statistics are not finite (NaN or Inf in the input); the running estimates "
+                "and num_batches_tracked were left unchanged for this batch.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return y
+
+
+def _check_enough(x: torch.Tensor, axis: int, m: torch.Tensor | None, group_size: int | None, name: str) -> None:
+    """Refuse a training batch with ≤ 1 counted value per feature (in any ghost group)."""
+    grouped = group_size is not None and axis != 0
+    if m is None:
+        n = x.numel() // x.shape[axis]
+        if grouped:
+            rows = x.shape[0]
+            last = rows - (_t.num_groups(rows, group_size) - 1) * group_size
+            n = n // rows * min(group_size, last)
+        masked = False
+    else:
+        flat = m.expand(*[s if d != axis else 1 for d, s in enumerate(x.shape)]).squeeze(axis)
+        if grouped:
+            per_row = flat.reshape(x.shape[0], -1).sum(1)
+            index = torch.arange(x.shape[0], device=x.device) // group_size
+            groups = per_row.new_zeros(_t.num_groups(x.shape[0], group_size))
+            n = int(groups.index_add(0, index, per_row).min())
+        else:
+            n = int(flat.sum())
+        masked = True
+    if n <= 1:
+        raise _checks.too_few_values(n, tuple(x.shape), masked, name)
+
+
+def eval_scale_shift(weight, bias, running_mean, running_var, eps):
+    """Inference constants ``a = γ / sqrt(σ² + ε)``, ``b = β − μ · a`` as ``(1, C)`` (float32 or wider)."""
+    sd = _t.stat_dtype(running_mean.dtype)
+    invstd = torch.rsqrt(running_var.to(sd) + eps) if eps >= 0 else torch.ones_like(running_var, dtype=sd)
+    a = invstd * weight.to(sd) if weight is not None else invstd
+    b = -running_mean.to(sd) * a
+    if bias is not None:
+        b = b + bias.to(sd)
+    return a.reshape(1, -1), b.reshape(1, -1)
+
+
+def _eval_apply(x, weight, bias, running_mean, running_var, axis, eps, backend):
+    a, b = eval_scale_shift(weight, bias, running_mean.to(x.device), running_var.to(x.device), eps)
+    return select(x, backend).apply(x, axis, a, b, None)
+
+
+def batch_norm(
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    axis: int = 1,
+    mask: torch.Tensor | None = None,
+    num_batches_tracked: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Batch normalization of ``x`` along feature axis ``axis`` (functional form).
+
+    Training (or no running estimates): ``y = γ · (x − μ_B) / sqrt(σ²_B + ε) + β`` with the
+    batch mean ``μ_B`` and *biased* variance ``σ²_B`` over every axis but ``axis`` (only where
+    ``mask`` is true; every position is normalized). The running buffers, if given, are updated in
+    place: ``running = (1 − momentum) · running + momentum · new`` with the *unbiased* variance
+    (``momentum=None`` needs ``num_batches_tracked`` and gives a cumulative average).
+    Evaluation: ``y = γ · (x − running_mean) / sqrt(running_var + ε) + β``.
+
+    The backward is analytic (``dx = γ/σ · (dy − mean(dy) − x̂ · mean(dy·x̂))``) and differentiable
+    again, so gradient penalties work.
+
+    Shape:
+        x: ``(N, C, *)`` for ``axis=1`` or ``(N, *, C)`` for ``axis=-1``, any rank ≥ 2;
+        running buffers, weight, bias: ``(C,)``; mask: x's shape without ``axis``. Output: x's shape,
+        dtype and memory format.
+
+    Example::
+
+        >>> x = torch.randn(16, 4, 10)
+        >>> rm, rv = torch.zeros(4), torch.ones(4)
+        >>> y = batch_norm(x, rm, rv, training=True)   # rm, rv now moved 10% toward the batch
+        >>> y.mean((0, 2)).abs().max() < 1e-5
+        tensor(True)
+
+    Reference: Ioffe & Szegedy (2015), Algorithms 1 and 2; ``torch.nn.functional.batch_norm``.
+    """
+    x = _checks.check_input(x, "batch_norm")
+    ax = _checks.normalize_axis(axis, x.dim(), x.shape)
+    eps = _checks.check_eps(eps)
+    momentum = _checks.check_momentum(momentum)
+    c = x.shape[ax]
+    for label, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is not None and t.shape != (c,):
+            raise ValueError(
+                f"batch_norm expected {label} of shape ({c},) for input of shape {tuple(x.shape)} with axis={axis}, "
+                f"got {tuple(t.shape)}. Pass per-feature tensors of length {c}, or set axis= to the feature axis."
+            )
+    use_batch = training or running_mean is None or running_var is None
+    return normalize(
+        x, weight, bias, axis=ax, eps=eps, use_batch_stats=use_batch,
+        running_mean=running_mean, running_var=running_var,
+        update=training and running_mean is not None and running_var is not None,
+        momentum=momentum, num_batches_tracked=num_batches_tracked, mask=mask, name="batch_norm",
+    )

@@ -1,0 +1,117 @@
+"""The device-agnostic torch path of *reduce* and *apply*, forward and backward.
+
+Every function here works on any device, dtype and memory format, and is built only from
+differentiable torch operations, so the double-backward path can trace through it.
+
+Shapes: ``x`` has its feature axis at ``axis`` (C features). Per-feature quantities are ``(G, C)``
+where ``G`` is the number of ghost groups (1 unless ``group_size`` splits axis 0 into consecutive
+virtual batches of ``group_size`` rows; the last group may be shorter). ``m`` is a mask already
+broadcast by :func:`batchnorm._checks.mask_for` (size 1 along the feature axis), or None.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are accumulated in at least float32 (float64 for float64 input)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def num_groups(n: int, group_size: int | None) -> int:
+    if group_size is None or n == 0:
+        return 1
+    return -(-n // group_size)
+
+
+def _other_dims(x: torch.Tensor, axis: int, keep_batch: bool) -> list[int]:
+    return [d for d in range(x.dim()) if d != axis and not (keep_batch and d == 0)]
+
+
+def _group_sum(t: torch.Tensor, x: torch.Tensor, axis: int, group_size: int | None) -> torch.Tensor:
+    """Sum ``t`` (broadcastable to x, or x-shaped) into ``(G, C)``."""
+    t = t.expand(*x.shape[:axis], t.shape[axis], *x.shape[axis + 1 :]) if t.shape[axis] == 1 else t
+    if group_size is None:
+        s = t.sum(_other_dims(x, axis, False)) if x.dim() > 1 else t
+        return s.reshape(1, -1)
+    rows = t.sum(_other_dims(x, axis, True))  # (N, C): the two kept dims stay in order
+    n = x.shape[0]
+    index = torch.arange(n, device=x.device) // group_size
+    out = rows.new_zeros(num_groups(n, group_size), rows.shape[1])
+    return out.index_add(0, index, rows)
+
+
+def expand(v: torch.Tensor, x: torch.Tensor, axis: int, group_size: int | None) -> torch.Tensor:
+    """Broadcast a per-(group, feature) ``(G, C)`` tensor against ``x``."""
+    shape = [1] * x.dim()
+    shape[axis] = v.shape[1]
+    if group_size is None or v.shape[0] == 1:
+        return v.reshape(shape)
+    index = torch.arange(x.shape[0], device=x.device) // group_size
+    shape[0] = x.shape[0]
+    return v.index_select(0, index).reshape(shape)
+
+
+def reduce(
+    x: torch.Tensor, axis: int, m: torch.Tensor | None = None, group_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two-pass per-feature ``(count, mean, m2)`` with ``m2 = Σ (x − mean)²`` (no E[x²] − E[x]²)."""
+    xs = x.to(stat_dtype(x.dtype))
+    c = x.shape[axis]
+    if m is None:
+        ones = xs.new_ones([1] * x.dim())
+        ones = ones.expand(*[s if d != axis else 1 for d, s in enumerate(x.shape)])
+        count = _group_sum(ones, x, axis, group_size).expand(-1, c)
+        total = _group_sum(xs, x, axis, group_size)
+    else:
+        mf = m.to(xs.dtype)
+        count = _group_sum(mf, x, axis, group_size).expand(-1, c)
+        total = _group_sum(xs * mf, x, axis, group_size)
+    mean = total / count.clamp_min(1)
+    centred = xs - expand(mean, x, axis, group_size)
+    if m is not None:
+        centred = centred * mf
+    m2 = _group_sum(centred * centred, x, axis, group_size)
+    return count.contiguous(), mean, m2
+
+
+def apply(
+    x: torch.Tensor, axis: int, scale: torch.Tensor, shift: torch.Tensor, group_size: int | None = None
+) -> torch.Tensor:
+    """``y = x · scale + shift`` per feature (and group), returned in x's dtype and memory format."""
+    xs = x.to(scale.dtype)
+    y = torch.addcmul(expand(shift, x, axis, group_size), xs, expand(scale, x, axis, group_size))
+    return y.to(x.dtype)
+
+
+def backward_reduce(
+    dy: torch.Tensor, x: torch.Tensor, axis: int, mean: torch.Tensor, invstd: torch.Tensor, group_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ dy, Σ dy · x̂)`` per feature over *all* positions (masked ones included: they are normalized too)."""
+    sd = mean.dtype
+    dys = dy.to(sd)
+    xhat = (x.to(sd) - expand(mean, x, axis, group_size)) * expand(invstd, x, axis, group_size)
+    return _group_sum(dys, x, axis, group_size), _group_sum(dys * xhat, x, axis, group_size)
+
+
+def backward_apply(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    axis: int,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    k: torch.Tensor,
+    mean_dy: torch.Tensor,
+    mean_dy_xhat: torch.Tensor,
+    m: torch.Tensor | None,
+    group_size: int | None,
+) -> torch.Tensor:
+    """``dx = k · (dy − m · (mean(dy) + x̂ · mean(dy · x̂)))``; ``m`` is 1 where a position counted."""
+    sd = mean.dtype
+    e = lambda v: expand(v, x, axis, group_size)  # noqa: E731
+    xhat = (x.to(sd) - e(mean)) * e(invstd)
+    corr = e(mean_dy) + xhat * e(mean_dy_xhat)
+    if m is not None:
+        corr = corr * m.to(sd)
+    return (e(k) * (dy.to(sd) - corr)).to(x.dtype)

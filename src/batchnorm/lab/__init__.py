@@ -1,0 +1,1 @@
+"""The lab: experiments that answer the classic questions about batch normalization."""

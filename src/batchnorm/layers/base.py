@@ -1,0 +1,243 @@
+"""The layer: parameters and running estimates, choosing which statistics normalize.
+
+Every variant (renorm, ghost, sync, ...) subclasses :class:`BatchNorm` and overrides one hook:
+:meth:`BatchNorm._combine` (how batch statistics become the normalizing ones) or
+:meth:`BatchNorm._group_size` (ghost batches). The math lives in :mod:`batchnorm.functional`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import _checks
+from .. import functional as F
+
+
+class BatchNorm(nn.Module):
+    r"""Batch normalization over any rank and feature axis; a drop-in for ``torch.nn.BatchNorm1d/2d/3d``.
+
+    Training: per feature ``c``, over every position ``i`` of every axis except ``axis`` (only where
+    ``mask`` is true)::
+
+        μ_B = mean_i x_ic            σ²_B = mean_i (x_ic − μ_B)²          (biased)
+        y   = γ_c · (x − μ_B) / sqrt(σ²_B + eps) + β_c                   (every position)
+        running_mean ← (1 − momentum) · running_mean + momentum · μ_B
+        running_var  ← (1 − momentum) · running_var  + momentum · σ²_B · n / (n − 1)   (unbiased)
+
+    ``momentum`` is the weight of the *new* batch (PyTorch's convention; Keras' 0.99 is 0.01 here);
+    ``momentum=None`` uses ``1 / num_batches_tracked``, a cumulative average. Evaluation normalizes
+    with the running estimates, unless ``track_running_stats=False``, in which case there are no
+    running estimates and batch statistics are used in both modes.
+
+    A training batch whose statistics are not finite leaves the running estimates and
+    ``num_batches_tracked`` unchanged (with a warning); its output is still computed.
+
+    Args:
+        num_features: C, the size of the feature axis.
+        eps: added to the variance for numerical stability.
+        momentum: new-value weight of the running averages, or None for a cumulative average.
+        affine: learn ``γ`` (``weight``, init 1) and ``β`` (``bias``, init 0).
+        track_running_stats: keep ``running_mean``, ``running_var``, ``num_batches_tracked``.
+        axis: the feature axis: 1 for ``(N, C, *)``, -1 for ``(N, *, C)``.
+
+    Shape:
+        Input ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``, ``(N, C, D, H, W)`` ... (any rank ≥ 2),
+        or the same with C last and ``axis=-1``; any memory format. ``mask``: the input's shape
+        without the feature axis (e.g. ``(N, L)`` for padded sequences), or broadcastable to it.
+        Output: same shape, dtype and memory format as the input.
+
+    Example::
+
+        >>> bn = BatchNorm(64)                       # like torch.nn.BatchNorm2d(64)
+        >>> y = bn(torch.randn(8, 64, 32, 32))
+        >>> seq = BatchNorm(16, axis=-1)             # (N, L, C) sequences with padding
+        >>> x, lengths = torch.randn(4, 10, 16), torch.tensor([10, 7, 3, 9])
+        >>> y = seq(x, mask=torch.arange(10) < lengths[:, None])
+
+    Reference: Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training by
+    Reducing Internal Covariate Shift", ICML 2015.
+    """
+
+    _version = 2
+    __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine", "axis"]
+
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    axis: int
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        *,
+        axis: int = 1,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = _checks.check_num_features(num_features, type(self).__name__)
+        self.eps = _checks.check_eps(eps)
+        self.momentum = _checks.check_momentum(momentum)
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"axis must be an int, got {type(axis).__name__}.")
+        self.axis = axis
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory.items() if k != "dtype"}),
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.last_input_shape: tuple[int, ...] | None = None
+        self.reset_parameters()
+
+    # -- state ---------------------------------------------------------------------------------
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, ``num_batches_tracked`` 0."""
+        if self.track_running_stats:
+            self.running_mean.zero_()  # type: ignore[union-attr]
+            self.running_var.fill_(1)  # type: ignore[union-attr]
+            self.num_batches_tracked.zero_()  # type: ignore[union-attr]
+
+    def reset_parameters(self) -> None:
+        """Reset running statistics and set ``γ = 1``, ``β = 0``."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, axis={self.axis}"
+        )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            # checkpoints older than version 2 have no num_batches_tracked; start it at 0 (as PyTorch)
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            k = prefix + name
+            own = getattr(self, name)
+            if k in state_dict and own is not None and tuple(state_dict[k].shape) != tuple(own.shape):
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: '{k}' has shape {tuple(state_dict[k].shape)} in the "
+                    f"checkpoint but this layer expects {tuple(own.shape)} (num_features={self.num_features}). "
+                    f"Build the layer with num_features={state_dict[k].shape[0] if state_dict[k].dim() else '?'} "
+                    "to load this checkpoint; nothing was loaded into this layer."
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    # -- hooks for variants (the *combine* step) ----------------------------------------------
+    def _combine(self) -> F.Combine:
+        """How batch statistics become the normalizing ones (identity here)."""
+        return F.Combine()
+
+    def _group_size(self, x: torch.Tensor) -> int | None:
+        """Rows of axis 0 per ghost batch, or None for one batch."""
+        return None
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        """Rank restrictions of subclasses (BatchNorm1d/2d/3d); any rank ≥ 2 here."""
+
+    # -- forward -------------------------------------------------------------------------------
+    def _validated(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        name = type(self).__name__
+        x = _checks.check_input(x, name)
+        self._check_input_dim(x)
+        axis = _checks.normalize_axis(self.axis, x.dim(), x.shape)
+        _checks.check_features(x, axis, self.num_features, name)
+        self.last_input_shape = tuple(x.shape)
+        return x, axis
+
+    def _use_batch_stats(self) -> bool:
+        return self.training or not self.track_running_stats or self.running_mean is None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalize ``x``; ``mask`` selects the positions that count toward the statistics."""
+        x, axis = self._validated(x)
+        update = self.training and self.track_running_stats and self.running_mean is not None
+        return F.normalize(
+            x,
+            self.weight,
+            self.bias,
+            axis=axis,
+            eps=self.eps,
+            use_batch_stats=self._use_batch_stats(),
+            running_mean=self.running_mean,
+            running_var=self.running_var,
+            update=update,
+            momentum=self.momentum,
+            num_batches_tracked=self.num_batches_tracked if update else None,
+            mask=mask,
+            group_size=self._group_size(x) if self.training else None,
+            combine=self._combine(),
+            name=type(self).__name__,
+        )
+
+
+def _fixed_rank(ranks: tuple[int, ...], label: str):
+    def check(self: BatchNorm, x: torch.Tensor) -> None:
+        if x.dim() not in ranks:
+            got = f"{x.dim()}D input of shape {tuple(x.shape)}"
+            raise ValueError(f"{type(self).__name__} expected {label} input, got {got}. Use batchnorm.BatchNorm for any rank.")
+
+    return check
+
+
+class BatchNorm1d(BatchNorm):
+    """:class:`BatchNorm` restricted to ``(N, C)`` or ``(N, C, L)`` input, like ``torch.nn.BatchNorm1d``.
+
+    Shape: ``(N, C)`` or ``(N, C, L)`` → same. Example: ``BatchNorm1d(16)(torch.randn(4, 16, 30))``.
+    Reference: Ioffe & Szegedy (2015).
+    """
+
+    _check_input_dim = _fixed_rank((2, 3), "2D or 3D")
+
+
+class BatchNorm2d(BatchNorm):
+    """:class:`BatchNorm` restricted to ``(N, C, H, W)`` input, like ``torch.nn.BatchNorm2d``.
+
+    Shape: ``(N, C, H, W)`` → same. Example: ``BatchNorm2d(16)(torch.randn(4, 16, 8, 8))``.
+    Reference: Ioffe & Szegedy (2015).
+    """
+
+    _check_input_dim = _fixed_rank((4,), "4D")
+
+
+class BatchNorm3d(BatchNorm):
+    """:class:`BatchNorm` restricted to ``(N, C, D, H, W)`` input, like ``torch.nn.BatchNorm3d``.
+
+    Shape: ``(N, C, D, H, W)`` → same. Example: ``BatchNorm3d(4)(torch.randn(2, 4, 3, 8, 8))``.
+    Reference: Ioffe & Szegedy (2015).
+    """
+
+    _check_input_dim = _fixed_rank((5,), "5D")
