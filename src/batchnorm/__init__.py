@@ -7,7 +7,7 @@ NumPy oracle.
 
 from . import functional, reference
 from .functional import batch_norm, batch_stats
-from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, FrozenBatchNorm
 
 __version__ = "0.1.0"
 
@@ -16,6 +16,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "FrozenBatchNorm",
     "batch_norm",
     "batch_stats",
     "functional",

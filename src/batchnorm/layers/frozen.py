@@ -1,0 +1,90 @@
+"""FrozenBatchNorm: batch normalization with every statistic and parameter fixed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import _checks
+from .. import functional as F
+
+
+class FrozenBatchNorm(nn.Module):
+    """Batch normalization with fixed statistics and affine parameters: ``y = x · scale + shift``.
+
+    ``scale = weight / sqrt(running_var + eps)`` and ``shift = bias − running_mean · scale``, in
+    training and evaluation alike. All four tensors are *buffers* (no parameters), so optimizers do
+    not see them and gradients flow only to ``x``. Use it to fine-tune with small batches, where
+    batch statistics would be noise (detectron2 and torchvision freeze the BN of pretrained backbones).
+
+    Loads the state dict of a :class:`BatchNorm` or ``torch.nn.BatchNorm*d`` (``num_batches_tracked``
+    is accepted and dropped).
+
+    Shape:
+        Input any rank ≥ 2 with C at ``axis``; output the same shape, dtype and memory format.
+
+    Example::
+
+        >>> bn = torch.nn.BatchNorm2d(8).eval()
+        >>> frozen = FrozenBatchNorm(8)
+        >>> frozen.load_state_dict(bn.state_dict())
+        <All keys matched successfully>
+        >>> x = torch.randn(2, 8, 4, 4)
+        >>> torch.allclose(frozen(x), bn(x), atol=1e-6)
+        True
+
+    Reference: Ioffe & Szegedy (2015), Algorithm 2 (inference); the frozen layer of torchvision and
+    detectron2 (``FrozenBatchNorm2d``).
+    """
+
+    _version = 2
+
+    def __init__(self, num_features: int, eps: float = 1e-5, *, axis: int = 1, device: Any = None, dtype: Any = None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = _checks.check_num_features(num_features, "FrozenBatchNorm")
+        self.eps = _checks.check_eps(eps)
+        self.axis = axis
+        self.register_buffer("weight", torch.ones(num_features, **factory))
+        self.register_buffer("bias", torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.last_input_shape: tuple[int, ...] | None = None
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, axis={self.axis}"
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            k = prefix + name
+            if k in state_dict and tuple(state_dict[k].shape) != (self.num_features,):
+                raise ValueError(
+                    f"FrozenBatchNorm.load_state_dict: '{k}' has shape {tuple(state_dict[k].shape)} in the "
+                    f"checkpoint but this layer expects ({self.num_features},). Build it with "
+                    f"num_features={state_dict[k].shape[0] if state_dict[k].dim() else '?'}; nothing was loaded."
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-feature ``(scale, shift)`` of the affine map, each ``(C,)``."""
+        a, b = F.eval_scale_shift(self.weight, self.bias, self.running_mean, self.running_var, self.eps)
+        return a[0], b[0]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``y = x · scale + shift``; ``mask`` is accepted for interface parity and changes nothing."""
+        x = _checks.check_input(x, "FrozenBatchNorm")
+        axis = _checks.normalize_axis(self.axis, x.dim(), x.shape)
+        _checks.check_features(x, axis, self.num_features, "FrozenBatchNorm")
+        _checks.mask_for(x, axis, mask)
+        self.last_input_shape = tuple(x.shape)
+        return F.normalize(
+            x, self.weight, self.bias, axis=axis, eps=self.eps, use_batch_stats=False,
+            running_mean=self.running_mean, running_var=self.running_var, name="FrozenBatchNorm",
+        )
