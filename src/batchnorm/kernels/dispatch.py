@@ -12,6 +12,11 @@ from . import torch_ops
 BACKENDS = ("auto", "torch")
 
 
+def available() -> list[str]:
+    """The kernel paths that can run here (tests run every one of them)."""
+    return ["torch"]
+
+
 def select(x: torch.Tensor, backend: str | None = None) -> ModuleType:
     """Return the module implementing reduce/apply for ``x``.
 
