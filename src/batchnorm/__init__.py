@@ -7,11 +7,25 @@ NumPy oracle.
 
 from . import functional, reference
 from .functional import batch_norm, batch_stats
-from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, FrozenBatchNorm
+from .layers import (
+    AffineOnly,
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchRenorm,
+    FrozenBatchNorm,
+    GhostBatchNorm,
+    Standardizer,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AffineOnly",
+    "BatchRenorm",
+    "GhostBatchNorm",
+    "Standardizer",
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",

@@ -105,9 +105,11 @@ def mask_for(x: torch.Tensor, axis: int, mask: torch.Tensor | None) -> torch.Ten
 
 def too_few_values(n: int, shape: tuple[int, ...], masked: bool, name: str = "BatchNorm") -> ValueError:
     how = " (counting only positions where mask is True)" if masked else ""
+    # BatchRenorm needs > 1 value too (x̂ is 0 and carries no gradient): do not send its users to itself
+    renorm = "" if name == "BatchRenorm" else "use batchnorm.BatchRenorm (which also behaves well with small batches), "
     return ValueError(
         f"{name} expected more than 1 value per feature when training, got {n}{how} for input of shape {shape}. "
         "Statistics of one value are undefined. Instead: call model.eval() to normalize with the running "
-        "estimates, use a larger batch, use batchnorm.BatchRenorm (which also behaves well with small batches), "
+        f"estimates, use a larger batch, {renorm}"
         "or use a batch-independent norm such as torch.nn.GroupNorm or torch.nn.LayerNorm."
     )

@@ -20,7 +20,9 @@ class FrozenBatchNorm(nn.Module):
     batch statistics would be noise (detectron2 and torchvision freeze the BN of pretrained backbones).
 
     Loads the state dict of a :class:`BatchNorm` or ``torch.nn.BatchNorm*d`` (``num_batches_tracked``
-    is accepted and dropped).
+    is accepted and dropped; a checkpoint of an ``affine=False`` layer, which has no ``weight`` and
+    ``bias``, loads with ``weight = 1`` and ``bias = 0``). :meth:`from_batchnorm` builds one from a
+    layer directly. ``mask`` is accepted for interface parity and changes nothing (no statistics).
 
     Shape:
         Input any rank ≥ 2 with C at ``axis``; output the same shape, dtype and memory format.
@@ -46,6 +48,8 @@ class FrozenBatchNorm(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.num_features = _checks.check_num_features(num_features, "FrozenBatchNorm")
         self.eps = _checks.check_eps(eps)
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"axis must be an int, got {type(axis).__name__}.")
         self.axis = axis
         self.register_buffer("weight", torch.ones(num_features, **factory))
         self.register_buffer("bias", torch.zeros(num_features, **factory))
@@ -60,6 +64,10 @@ class FrozenBatchNorm(nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
         state_dict.pop(prefix + "num_batches_tracked", None)
+        if prefix + "running_mean" in state_dict and prefix + "weight" not in state_dict and prefix + "bias" not in state_dict:
+            # an affine=False BatchNorm: its affine map is the identity
+            state_dict[prefix + "weight"] = torch.ones_like(self.weight)
+            state_dict[prefix + "bias"] = torch.zeros_like(self.bias)
         for name in ("weight", "bias", "running_mean", "running_var"):
             k = prefix + name
             if k in state_dict and tuple(state_dict[k].shape) != (self.num_features,):
@@ -71,6 +79,31 @@ class FrozenBatchNorm(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.Module) -> FrozenBatchNorm:
+        """A FrozenBatchNorm with ``bn``'s statistics, affine parameters, eps, axis, device and dtype (copied).
+
+        ``bn``: a :class:`BatchNorm` (any variant) or ``torch.nn.BatchNorm*d`` with running estimates;
+        ``torch.nn`` layers have the feature axis at 1. Example:
+        ``frozen = FrozenBatchNorm.from_batchnorm(torch.nn.BatchNorm2d(8))``.
+        """
+        rm, rv = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
+        if rm is None or rv is None:
+            raise ValueError(
+                f"FrozenBatchNorm.from_batchnorm expected a batch-norm layer with running estimates, got "
+                f"{type(bn).__name__} without running_mean/running_var (track_running_stats=False?). Freeze a layer "
+                "that tracked statistics, or recalibrate it first."
+            )
+        frozen = cls(rm.shape[0], float(getattr(bn, "eps", 1e-5)), axis=int(getattr(bn, "axis", 1)), device=rm.device, dtype=rm.dtype)
+        with torch.no_grad():
+            frozen.running_mean.copy_(rm)
+            frozen.running_var.copy_(rv)
+            if getattr(bn, "weight", None) is not None:
+                frozen.weight.copy_(bn.weight)
+            if getattr(bn, "bias", None) is not None:
+                frozen.bias.copy_(bn.bias)
+        return frozen
 
     def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-feature ``(scale, shift)`` of the affine map, each ``(C,)``."""

@@ -1,0 +1,218 @@
+"""Standardizer: dataset-level z-scoring (scikit-learn's StandardScaler) that lives inside the model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import _checks
+from .. import functional as F
+from ..kernels import torch_ops as _t
+
+_EPS64 = torch.finfo(torch.float64).eps
+
+
+class Standardizer(nn.Module):
+    r"""Per-feature ``y = (x − mean) / scale`` with statistics of a whole dataset, fitted once, saved with the model.
+
+    Unlike :class:`BatchNorm` it never looks at the current batch: :meth:`partial_fit` accumulates
+    the per-feature count, mean and sum of squared deviations ``m2`` of every chunk it sees (Chan,
+    Golub & LeVeque merge, :func:`batchnorm.functional.merge_stats`, in float64, exact whatever the
+    chunking), and :meth:`forward` applies the fixed map in training and evaluation alike::
+
+        mean  = Σ x / n                 var = m2 / n            (biased, as scikit-learn)
+        scale = sqrt(var + eps)         (1 for a constant feature, or with_std=False)
+        y     = (x − mean) / scale      (mean = 0 with with_mean=False)
+
+    A feature is *constant* when ``var ≤ n·ε·var + (n·mean·ε)²`` (ε = float64 machine epsilon: the
+    error bound of the two-pass variance), scikit-learn's rule, so ``eps=0`` (default) reproduces
+    ``sklearn.preprocessing.StandardScaler`` exactly. ``count, mean, m2`` are float64 buffers in the
+    state dict, so a reloaded model keeps its scaling and can continue :meth:`partial_fit`. The
+    output is computed in the centred form ``(x − mean) / scale`` in at least float32 (float64 for
+    float64 input), which stays accurate when ``|mean| ≫ std``; gradients flow to ``x`` only.
+    ``mask`` selects which positions count toward the statistics (padding); the statistics are
+    never updated by :meth:`forward`.
+
+    Args:
+        num_features: C, the size of the feature axis.
+        axis: the feature axis (1 for ``(N, C, *)``, -1 for ``(N, *, C)``); statistics pool every other axis.
+        with_mean: subtract the mean (False: only divide by the scale, as scikit-learn).
+        with_std: divide by the standard deviation (False: only centre).
+        eps: added to the variance before the square root (0 = scikit-learn parity).
+        device: of the buffers (always float64).
+
+    Shape: input any rank ≥ 2 with C at ``axis``; output the same shape and dtype.
+
+    Example::
+
+        >>> from sklearn.datasets import load_wine
+        >>> X = torch.as_tensor(load_wine().data, dtype=torch.float32)        # (178, 13)
+        >>> model = torch.nn.Sequential(Standardizer(13).fit(X), torch.nn.Linear(13, 3))
+        >>> loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X), batch_size=50)
+        >>> model[0].fit(loader, progress=False).mean.shape                 # same stats from chunks
+        torch.Size([13])
+
+    Reference: scikit-learn ``StandardScaler``; T. F. Chan, G. H. Golub and R. J. LeVeque,
+    "Updating Formulae and a Pairwise Algorithm for Computing Sample Variances", 1979; LeCun et al.,
+    "Efficient BackProp", 1998 (Section 4.3: centre and scale the inputs).
+    """
+
+    count: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        axis: int = 1,
+        with_mean: bool = True,
+        with_std: bool = True,
+        eps: float = 0.0,
+        device: Any = None,
+    ) -> None:
+        super().__init__()
+        self.num_features = _checks.check_num_features(num_features, "Standardizer")
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"axis must be an int, got {type(axis).__name__}.")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= float(eps) < float("inf"):
+            raise ValueError(
+                f"Standardizer expected eps to be a finite number >= 0, got {eps!r}. eps=0 matches scikit-learn's "
+                "StandardScaler (constant features get scale 1 anyway)."
+            )
+        self.axis = axis
+        self.with_mean = bool(with_mean)
+        self.with_std = bool(with_std)
+        self.eps = float(eps)
+        for name in ("count", "mean", "m2"):
+            self.register_buffer(name, torch.zeros(num_features, dtype=torch.float64, device=device))
+        self.last_input_shape: tuple[int, ...] | None = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, axis={self.axis}, with_mean={self.with_mean}, with_std={self.with_std}, "
+            f"eps={self.eps}"
+        )
+
+    # -- fitting -------------------------------------------------------------------------------
+    def reset(self) -> Standardizer:
+        """Forget every statistic (count, mean and m2 back to 0); returns self."""
+        self.count.zero_()
+        self.mean.zero_()
+        self.m2.zero_()
+        return self
+
+    @torch.no_grad()
+    def partial_fit(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> Standardizer:
+        """Merge the statistics of one chunk into the running totals; returns self.
+
+        ``n = n_a + n_b``, ``δ = μ_b − μ_a``, ``μ = μ_a + δ·n_b/n``, ``m2 = m2_a + m2_b + δ²·n_a·n_b/n``
+        (float64). The chunk is reduced over every axis but ``axis``, only where ``mask`` is true.
+        A chunk with NaN or Inf in counted positions is refused (nothing changes).
+
+        Shape: x any rank ≥ 2 with C at ``axis``; mask: x's shape without ``axis``.
+        Example: ``s = Standardizer(3).partial_fit(torch.randn(10, 3)).partial_fit(torch.randn(5, 3))``.
+        """
+        x = _checks.check_input(x, "Standardizer.partial_fit")
+        ax = _checks.normalize_axis(self.axis, x.dim(), x.shape)
+        _checks.check_features(x, ax, self.num_features, "Standardizer.partial_fit")
+        m = _checks.mask_for(x, ax, mask)
+        xd = x.detach().to(device=self.mean.device, dtype=torch.float64)
+        m = m.to(self.mean.device) if m is not None else None
+        count, mean, m2 = _t.reduce(xd, ax, m, None)
+        count, mean, m2 = count[0], mean[0], m2[0]
+        bad = ~(torch.isfinite(mean) & torch.isfinite(m2))
+        if bool(bad.any()):
+            feats = bad.nonzero().flatten().tolist()
+            shown = ", ".join(map(str, feats[:10])) + (", ..." if len(feats) > 10 else "")
+            raise ValueError(
+                f"Standardizer.partial_fit expected finite values, got NaN or Inf in feature(s) [{shown}] of a chunk "
+                f"of shape {tuple(x.shape)}; the statistics were left unchanged. Impute or drop those values first, "
+                "or exclude their positions with mask=."
+            )
+        n, mu, s = F.merge_stats(self.count, self.mean, self.m2, count, mean, m2)
+        self.count.copy_(n)
+        self.mean.copy_(mu)
+        self.m2.copy_(s)
+        return self
+
+    def fit(self, data: torch.Tensor | Iterable[Any], progress: bool = False) -> Standardizer:
+        """Reset, then :meth:`partial_fit` every chunk of ``data``; returns self.
+
+        ``data``: one tensor, or any iterable of tensors or of tuples/lists whose first element is
+        the input (a ``DataLoader`` yielding ``(x, y)``). ``progress=True`` shows a tqdm bar.
+
+        Example: ``Standardizer(40).fit(DataLoader(TensorDataset(x, y), batch_size=256))``.
+        """
+        self.reset()
+        if isinstance(data, torch.Tensor):
+            return self.partial_fit(data)
+        if not isinstance(data, Iterable):
+            raise TypeError(
+                f"Standardizer.fit expected a tensor or an iterable of tensors / (x, y) tuples (e.g. a DataLoader), "
+                f"got {type(data).__name__}."
+            )
+        items: Iterable[Any] = data
+        if progress:
+            from tqdm.auto import tqdm
+
+            items = tqdm(data, desc="Standardizer.fit", unit="batch")
+        for i, item in enumerate(items):
+            chunk = item[0] if isinstance(item, (tuple, list)) and len(item) > 0 else item
+            if not isinstance(chunk, torch.Tensor):
+                raise TypeError(
+                    f"Standardizer.fit expected item {i} of the data to be a tensor or a tuple/list starting with "
+                    f"one, got {type(item).__name__}. A DataLoader over a TensorDataset(x, y) yields [x, y] batches."
+                )
+            self.partial_fit(chunk)
+        return self
+
+    # -- fitted statistics ---------------------------------------------------------------------
+    @property
+    def is_fitted(self) -> bool:
+        """True once some value has been seen for every feature."""
+        return bool((self.count > 0).all())
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Biased per-feature variance ``m2 / n`` (float64, ``(C,)``)."""
+        return self.m2 / self.count.clamp_min(1)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """Per-feature divisor: ``sqrt(var + eps)``, 1 for constant features or with ``with_std=False``."""
+        if not self.with_std:
+            return torch.ones_like(self.var)
+        var = self.var
+        constant = var <= self.count * _EPS64 * var + (self.count * self.mean * _EPS64) ** 2
+        return torch.where(constant, torch.ones_like(var), torch.sqrt(var + self.eps))
+
+    def _map(self, x: torch.Tensor, name: str) -> tuple[int, torch.Tensor, torch.Tensor, torch.dtype]:
+        x = _checks.check_input(x, name)
+        ax = _checks.normalize_axis(self.axis, x.dim(), x.shape)
+        _checks.check_features(x, ax, self.num_features, name)
+        if not self.is_fitted:
+            raise ValueError(
+                f"{name}: this Standardizer is not fitted yet (no values seen for some features). Call "
+                ".fit(data) or .partial_fit(x) with training data first, or load a fitted state dict."
+            )
+        sd = _t.stat_dtype(x.dtype)
+        shape = [1] * x.dim()
+        shape[ax] = -1
+        mean = (self.mean if self.with_mean else torch.zeros_like(self.mean)).to(device=x.device, dtype=sd)
+        return ax, mean.reshape(shape), self.scale.to(device=x.device, dtype=sd).reshape(shape), sd
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``y = (x − mean) / scale``; ``mask`` is validated for interface parity and changes nothing."""
+        ax, mean, scale, sd = self._map(x, "Standardizer")
+        _checks.mask_for(x, ax, mask)
+        self.last_input_shape = tuple(x.shape)
+        return ((x.to(sd) - mean) / scale).to(x.dtype)
+
+    def inverse_transform(self, y: torch.Tensor) -> torch.Tensor:
+        """``x = y · scale + mean``, the inverse of :meth:`forward` (e.g. to report predictions in data units)."""
+        _, mean, scale, sd = self._map(y, "Standardizer.inverse_transform")
+        return (y.to(sd) * scale + mean).to(y.dtype)
