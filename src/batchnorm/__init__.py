@@ -17,7 +17,9 @@ from .layers import (
     FrozenBatchNorm,
     GhostBatchNorm,
     Standardizer,
+    SyncBatchNorm,
 )
+from .tools import convert, fold, freeze, recalibrate, unfreeze
 
 __version__ = "0.1.0"
 
@@ -26,6 +28,12 @@ __all__ = [
     "BatchRenorm",
     "GhostBatchNorm",
     "Standardizer",
+    "SyncBatchNorm",
+    "convert",
+    "fold",
+    "freeze",
+    "recalibrate",
+    "unfreeze",
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",

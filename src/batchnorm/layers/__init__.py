@@ -6,8 +6,9 @@ from .frozen import FrozenBatchNorm
 from .ghost import GhostBatchNorm
 from .renorm import BatchRenorm
 from .standardizer import Standardizer
+from .sync import SyncBatchNorm
 
 __all__ = [
     "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FrozenBatchNorm",
-    "AffineOnly", "BatchRenorm", "GhostBatchNorm", "Standardizer",
+    "AffineOnly", "BatchRenorm", "GhostBatchNorm", "Standardizer", "SyncBatchNorm",
 ]

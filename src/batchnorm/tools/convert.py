@@ -1,0 +1,198 @@
+"""convert / freeze / unfreeze: swap every BN-like layer of a model for another class, on a copy."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..layers.base import BatchNorm
+from ..layers.frozen import FrozenBatchNorm
+
+__all__ = ["convert", "freeze", "unfreeze", "is_bn_like", "bn_axis"]
+
+
+def is_bn_like(module: nn.Module) -> bool:
+    """True for ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` (any ``_BatchNorm``),
+    :class:`batchnorm.BatchNorm` and its subclasses (every variant), and :class:`batchnorm.FrozenBatchNorm`."""
+    return isinstance(module, (_BatchNorm, BatchNorm, FrozenBatchNorm))
+
+
+def bn_axis(module: nn.Module) -> int:
+    """The feature axis of a BN-like layer as written on it (torch's layers: 1)."""
+    return int(getattr(module, "axis", 1))
+
+
+def _source_config(m: nn.Module) -> dict:
+    if isinstance(m, FrozenBatchNorm):
+        return {"num_features": m.num_features, "eps": m.eps, "affine": True, "track_running_stats": True,
+                "axis": m.axis}
+    return {
+        "num_features": m.num_features,
+        "eps": m.eps,
+        "momentum": m.momentum,
+        "affine": m.affine,
+        "track_running_stats": m.track_running_stats,
+        "axis": bn_axis(m),
+    }
+
+
+def _tensor_of(m: nn.Module) -> torch.Tensor | None:
+    for name in ("weight", "running_mean", "bias", "running_var"):
+        t = getattr(m, name, None)
+        if isinstance(t, torch.Tensor):
+            return t
+    return None
+
+
+def _build(m: nn.Module, name: str, to: type, kwargs: dict) -> nn.Module:
+    cfg = _source_config(m)
+    try:
+        params = inspect.signature(to).parameters
+    except (TypeError, ValueError):  # builtins without a signature: pass everything
+        params = {}
+    takes_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepts = lambda key: not params or takes_var_kw or key in params  # noqa: E731
+    label = f"layer '{name}'" if name else "the model"
+    if cfg["axis"] != 1 and not accepts("axis"):
+        raise ValueError(
+            f"convert: {label} ({type(m).__name__}) normalizes feature axis {cfg['axis']}, but {to.__name__} has no "
+            "axis argument (it always normalizes axis 1). Convert it to a batchnorm layer (e.g. batchnorm.BatchNorm), "
+            "which keeps axis=, or move the feature axis to position 1 in the model."
+        )
+    if to is FrozenBatchNorm or (isinstance(to, type) and issubclass(to, FrozenBatchNorm)):
+        if not cfg["track_running_stats"] or getattr(m, "running_mean", None) is None:
+            raise ValueError(
+                f"convert: {label} ({type(m).__name__}) has no running statistics (track_running_stats=False), so it "
+                "cannot become a FrozenBatchNorm, which needs them. Leave it out of the conversion, or train it with "
+                "track_running_stats=True (or recalibrate it with batchnorm.recalibrate) first."
+            )
+        cfg.pop("momentum", None)
+        cfg.pop("affine", None)
+        cfg.pop("track_running_stats", None)
+    ref = _tensor_of(m)
+    factory = {}
+    if ref is not None:
+        factory = {"device": ref.device, "dtype": ref.dtype}
+    args = {k: v for k, v in cfg.items() if accepts(k)}
+    args.update({k: v for k, v in factory.items() if accepts(k)})
+    args.update(kwargs)
+    num_features = args.pop("num_features")
+    new = to(num_features, **args)
+    if ref is not None:
+        new = new.to(device=ref.device)
+    _carry_state(m, new)
+    new.train(m.training)
+    return new
+
+
+def _carry_state(src: nn.Module, dst: nn.Module) -> None:
+    """Copy weight, bias, running statistics and num_batches_tracked (values, and requires_grad of parameters)."""
+    src_frozen = isinstance(src, FrozenBatchNorm)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            s = getattr(src, name, None)
+            d = getattr(dst, name, None)
+            if not isinstance(s, torch.Tensor) or not isinstance(d, torch.Tensor):
+                continue
+            if tuple(s.shape) != tuple(d.shape):
+                raise ValueError(
+                    f"convert: cannot carry '{name}' of shape {tuple(s.shape)} into {type(dst).__name__}, whose "
+                    f"'{name}' has shape {tuple(d.shape)}. Do not override num_features when converting."
+                )
+            d.copy_(s.to(dtype=d.dtype, device=d.device))
+            if isinstance(d, nn.Parameter) and isinstance(s, nn.Parameter) and not src_frozen:
+                d.requires_grad_(s.requires_grad)
+    # an affine=False source into FrozenBatchNorm: its weight 1, bias 0 buffers give the same map
+
+
+def _convert(model: nn.Module, to: type, kwargs: dict, select: Callable[[nn.Module], bool]) -> nn.Module:
+    memo: dict[int, nn.Module] = {}
+
+    def visit(module: nn.Module, prefix: str) -> nn.Module:
+        if id(module) in memo:
+            return memo[id(module)]
+        if select(module):
+            new = _build(module, prefix, to, kwargs)
+            memo[id(module)] = new
+            return new
+        memo[id(module)] = module
+        for child_name, child in list(module.named_children()):
+            if child is None:
+                continue
+            replacement = visit(child, f"{prefix}.{child_name}" if prefix else child_name)
+            if replacement is not child:
+                setattr(module, child_name, replacement)
+        return module
+
+    return visit(copy.deepcopy(model), "")
+
+
+def convert(model: nn.Module, to: type = BatchNorm, **kwargs) -> nn.Module:
+    """Return a copy of ``model`` with every BN-like layer replaced by ``to`` (the original is untouched).
+
+    Replaced: ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` (every ``_BatchNorm``), every
+    layer of ours (:class:`~batchnorm.BatchNorm`, its variants, :class:`~batchnorm.FrozenBatchNorm`).
+    ``to`` is one of our classes or torch's (``torch.nn.BatchNorm2d``, ``torch.nn.SyncBatchNorm``, ...).
+
+    Carried over: ``num_features, eps, momentum, affine, track_running_stats, axis`` (as far as ``to``
+    accepts them; ``kwargs`` override them, e.g. ``process_group=`` or a variant's own settings),
+    ``weight``, ``bias`` and their ``requires_grad``, ``running_mean``, ``running_var``,
+    ``num_batches_tracked``, the train/eval mode, the device and the dtype. A FrozenBatchNorm source
+    becomes a trainable layer with ``weight``/``bias`` from its buffers (``requires_grad=True``),
+    ``num_batches_tracked = 0`` and ``momentum`` from ``kwargs`` (default of ``to``). A layer shared
+    at several places of the model stays shared. A variant's own extra state (e.g. its settings) is
+    not carried: pass it in ``kwargs``. Forward hooks on replaced layers are not carried.
+
+    Raises ValueError when a layer cannot be represented by ``to``: ``axis != 1`` into a torch class,
+    or ``track_running_stats=False`` into FrozenBatchNorm.
+
+    Shape: no effect on shapes. Note that torch's ``BatchNorm1d/2d/3d`` check the input rank, so
+    ``to=torch.nn.BatchNorm2d`` only suits models whose BN layers all see 4-D inputs.
+
+    Example::
+
+        >>> model = torchvision_like_cnn()                      # torch.nn.BatchNorm2d inside
+        >>> ours = batchnorm.convert(model, to=batchnorm.BatchNorm)
+        >>> sync = batchnorm.convert(model, to=batchnorm.SyncBatchNorm)   # for DDP
+        >>> back = batchnorm.convert(ours, to=torch.nn.BatchNorm2d)
+
+    Reference: ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` and timm's
+    ``freeze_batch_norm_2d`` (the recursive converter pattern).
+    """
+    if not isinstance(to, type) or not issubclass(to, nn.Module):
+        raise TypeError(
+            f"convert expected `to` to be an nn.Module class such as batchnorm.BatchNorm or torch.nn.BatchNorm2d, "
+            f"got {to!r}. Pass the class itself, not an instance."
+        )
+    return _convert(model, to, kwargs, is_bn_like)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Copy of ``model`` with every BN-like layer replaced by a :class:`~batchnorm.FrozenBatchNorm`.
+
+    Each becomes the fixed map ``y = x · γ/sqrt(σ²_run + ε) + (β − μ_run · γ/sqrt(σ²_run + ε))``: its
+    eval-mode output, in training and evaluation alike; nothing is learned or updated any more.
+    Layers without running statistics raise ValueError (see :func:`convert`).
+
+    Shape: unchanged. Example: ``frozen = batchnorm.freeze(backbone.eval())``.
+    Reference: torchvision/detectron2 ``FrozenBatchNorm2d``; timm ``freeze_batch_norm_2d``.
+    """
+    return _convert(model, FrozenBatchNorm, {}, is_bn_like)
+
+
+def unfreeze(model: nn.Module, to: type = BatchNorm, **kwargs) -> nn.Module:
+    """Copy of ``model`` with every :class:`~batchnorm.FrozenBatchNorm` replaced by ``to`` (default BatchNorm).
+
+    The new layers have trainable ``weight``/``bias`` (from the frozen buffers), the frozen running
+    statistics, ``num_batches_tracked = 0``, and the mode of the frozen layer; other layers are not
+    touched. ``unfreeze(freeze(m))`` gives the same eval outputs as ``m``.
+
+    Shape: unchanged. Example: ``model = batchnorm.unfreeze(model).train()``.
+    Reference: timm ``unfreeze_batch_norm_2d``.
+    """
+    return _convert(model, to, kwargs, lambda m: isinstance(m, FrozenBatchNorm))

@@ -1,0 +1,253 @@
+"""recalibrate: precise BN — replace running estimates with exact population statistics."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import functional as F
+from ..layers.base import BatchNorm
+
+__all__ = ["recalibrate", "RecalibrationReport"]
+
+
+@dataclass
+class RecalibrationReport:
+    """What :func:`recalibrate` did, per BN layer (qualified module names).
+
+    ``recalibrated``: names whose running statistics were replaced; ``counts``: values per feature
+    each of them saw; ``skipped``: name → why it was left unchanged (never ran, ran more than once in
+    one forward, frozen, no running statistics); ``batches``: forward passes run.
+    """
+
+    recalibrated: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    batches: int = 0
+
+
+def _recalibratable(m: nn.Module) -> bool:
+    if isinstance(m, _BatchNorm):
+        return m.track_running_stats and m.running_mean is not None
+    if isinstance(m, BatchNorm):
+        return m.track_running_stats and m.running_mean is not None
+    return False
+
+
+class _Accumulator:
+    """Exact population ``(count, mean, m2)`` per feature, merged batch by batch (Chan et al.)."""
+
+    def __init__(self, axis: int):
+        self.axis = axis
+        self.count = self.mean = self.m2 = None
+        self.calls = 0
+        self.max_calls = 0
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        self.calls += 1
+        if x.numel() == 0:
+            return
+        mean, var, count = F.batch_stats(x.detach().to(torch.float64), axis=self.axis, mask=mask)
+        m2 = var * count
+        if self.count is None:
+            self.count, self.mean, self.m2 = count, mean, m2
+        else:
+            self.count, self.mean, self.m2 = F.merge_stats(self.count, self.mean, self.m2, count, mean, m2)
+
+
+def _pick_input(batch: Any, input_key: str | int | Callable | None) -> Any:
+    if callable(input_key):
+        return input_key(batch)
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, dict):
+        if input_key is None:
+            raise ValueError(
+                f"recalibrate got a dict batch with keys {sorted(map(str, batch))} and no input_key. Pass "
+                "input_key='<the key of the model input>', or a callable input_key=lambda batch: ... ."
+            )
+        return batch[input_key]
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 0:
+            raise ValueError("recalibrate got an empty tuple/list as a batch; expected (inputs, ...) or a tensor.")
+        return batch[input_key if input_key is not None else 0]
+    raise TypeError(
+        f"recalibrate expected batches that are tensors, tuples/lists (input first), or dicts (with input_key=), "
+        f"got {type(batch).__name__}. Pass input_key=callable that returns the model input from a batch."
+    )
+
+
+def _to(obj: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return None
+
+
+def recalibrate(
+    model: nn.Module,
+    data: Iterable,
+    *,
+    num_batches: int | None = None,
+    progress: bool = True,
+    input_key: str | int | Callable[[Any], Any] | None = None,
+    device: torch.device | str | None = None,
+) -> RecalibrationReport:
+    r"""Precise BN: set every BN layer's running statistics to the exact population statistics (in place).
+
+    The model runs in training mode (as during training: batch statistics normalize, dropout is on)
+    over ``data`` under ``torch.no_grad()``; no parameter changes. A forward pre-hook on every
+    BN layer with running statistics records the per-feature ``(n_b, μ_b, M2_b)`` of its input in
+    every batch ``b`` (over all axes but the layer's ``axis``; only where its ``mask`` is true), and
+    merges them exactly (Chan et al.)::
+
+        n = Σ_b n_b      μ = Σ_b n_b μ_b / n      σ² = (Σ_b M2_b + Σ_b n_b (μ_b − μ)²) / (n − 1)
+
+    then sets ``running_mean = μ`` and ``running_var = σ²`` (unbiased, like every running variance
+    here). Batches are weighted by their sample count, so an uneven last batch counts exactly as much
+    as it should; this is *not* the mean of per-batch variances (which misses the spread of the batch
+    means). Each layer sees the activations produced by the (already recalibrated-in-spirit) training
+    forward: the running estimates are kept fixed during the pass and written only at the end.
+
+    Afterwards every module's train/eval mode and every layer's ``momentum`` are as before;
+    ``num_batches_tracked`` is set to the number of batches the layer saw (as
+    ``torch.optim.swa_utils.update_bn``), so a later ``momentum=None`` cumulative average continues
+    from the recalibrated estimate. A layer that never ran, or ran more than once in one forward (a
+    shared layer: its inputs come from different distributions), keeps its old statistics and is
+    listed in ``report.skipped`` with a warning. ``FrozenBatchNorm`` layers and layers with
+    ``track_running_stats=False`` are left alone. Works for every variant (ghost, renorm, masked):
+    the population statistics are what evaluation normalizes with.
+
+    Args:
+        model: any module; changed in place.
+        data: an iterable of batches (e.g. a ``DataLoader``): tensors, tuples/lists (the input is
+            element 0, or ``input_key`` if an int), or dicts (``input_key`` names the input). A callable
+            ``input_key(batch)`` returns the input; a tuple it returns is unpacked as ``model(*inputs)``.
+        num_batches: use at most this many batches (None: all of ``data``).
+        progress: show a tqdm progress bar.
+        device: move inputs here (default: the device of the model's first parameter or buffer).
+
+    Returns: a :class:`RecalibrationReport`.
+
+    Shape: inputs as the model takes them; per layer, the statistics are ``(C,)``.
+
+    Example::
+
+        >>> report = batchnorm.recalibrate(model, train_loader, num_batches=200)
+        >>> model.eval()  # now normalizes with the population statistics of 200 training batches
+
+    Reference: Y. Wu and J. Johnson, "Rethinking 'Batch' in BatchNorm", 2021 (precise BN); fvcore's
+    ``update_bn_stats``; ``torch.optim.swa_utils.update_bn``; T. Chan, G. Golub and R. LeVeque,
+    "Updating formulae and a pairwise algorithm for computing sample variances", 1979.
+    """
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
+        raise ValueError(f"recalibrate expected num_batches to be None or a positive int, got {num_batches!r}.")
+    report = RecalibrationReport()
+    layers: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():
+        if _recalibratable(m):
+            layers[name] = m
+        elif isinstance(m, (_BatchNorm, BatchNorm)):
+            report.skipped[name] = "track_running_stats=False: no running statistics to recalibrate"
+        elif type(m).__name__ == "FrozenBatchNorm":
+            report.skipped[name] = "FrozenBatchNorm: its statistics are fixed on purpose (unfreeze it first)"
+    if not layers:
+        warnings.warn("recalibrate: the model has no BN layer with running statistics; nothing to do.", stacklevel=2)
+        return report
+
+    device = torch.device(device) if device is not None else _model_device(model)
+    modes = {m: m.training for m in model.modules()}
+    saved = {
+        name: (m.momentum, m.running_mean.clone(), m.running_var.clone(),
+               None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+        for name, m in layers.items()
+    }
+    acc = {name: _Accumulator(int(getattr(m, "axis", 1))) for name, m in layers.items()}
+    hooks = []
+    for name, m in layers.items():
+        def hook(module, args, kwargs, _acc=acc[name]):
+            x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+            mask = args[1] if len(args) > 1 else kwargs.get("mask")
+            if isinstance(x, torch.Tensor) and x.dim() >= 2:
+                _acc.add(x, mask)
+
+        hooks.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        for m in layers.values():
+            m.momentum = 0.0  # the running estimates stay fixed during the pass (renorm layers read them)
+        model.train()
+        total = num_batches
+        if total is None and hasattr(data, "__len__"):
+            total = len(data)  # type: ignore[arg-type]
+        from tqdm.auto import tqdm
+
+        batches = data if num_batches is None else itertools.islice(data, num_batches)
+        with torch.no_grad():
+            for batch in tqdm(batches, total=total, disable=not progress, desc="recalibrate", leave=False):
+                inputs = _to(_pick_input(batch, input_key), device)
+                for a in acc.values():
+                    a.calls = 0
+                if isinstance(inputs, tuple) and callable(input_key):
+                    model(*inputs)
+                else:
+                    model(inputs)
+                for a in acc.values():
+                    a.max_calls = max(a.max_calls, a.calls)
+                report.batches += 1
+    finally:
+        for h in hooks:
+            h.remove()
+        for name, m in layers.items():
+            momentum, rm, rv, nbt = saved[name]
+            m.momentum = momentum
+            with torch.no_grad():
+                m.running_mean.copy_(rm)
+                m.running_var.copy_(rv)
+                if nbt is not None:
+                    m.num_batches_tracked.copy_(nbt)
+        for m, mode in modes.items():
+            m.training = mode
+
+    for name, m in layers.items():
+        a = acc[name]
+        if a.max_calls > 1:
+            report.skipped[name] = (
+                f"ran {a.max_calls} times in one forward (a shared layer sees different distributions); "
+                "its running statistics were left unchanged"
+            )
+            continue
+        if a.count is None or float(a.count.min()) < 2:
+            seen = 0 if a.count is None else int(a.count.min())
+            report.skipped[name] = f"saw {seen} values per feature (never ran, or empty inputs); left unchanged"
+            continue
+        n = a.count
+        with torch.no_grad():
+            m.running_mean.copy_(a.mean.to(m.running_mean.dtype))
+            m.running_var.copy_((a.m2 / (n - 1)).to(m.running_var.dtype))
+            if m.num_batches_tracked is not None:
+                m.num_batches_tracked.fill_(report.batches)
+        report.recalibrated.append(name)
+        report.counts[name] = int(n.min())
+    problems = {k: v for k, v in report.skipped.items() if "left unchanged" in v}
+    if problems:
+        lines = "; ".join(f"'{k}': {v}" for k, v in problems.items())
+        warnings.warn(f"recalibrate: {len(problems)} BN layer(s) were not recalibrated: {lines}.", stacklevel=2)
+    return report

@@ -1,0 +1,238 @@
+"""SyncBatchNorm on torch.distributed (gloo, CPU, localhost) against one process on the concatenated batch.
+
+Every multi-process test spawns fresh processes with a bounded join; stragglers are killed. Each
+rank writes its results with torch.save; the parent compares them with a single-process reference.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import batchnorm
+from batchnorm import BatchNorm, SyncBatchNorm
+
+gloo = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+)
+
+FEATURES = 4
+LENGTH = 6
+# per step, the batch size of each rank (sum over ranks = the concatenated batch of the reference)
+CASES = {
+    2: [(3, 6), (5, 0)],
+    3: [(4, 0, 7), (2, 3, 1)],
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _net(seed: int = 1, bn=SyncBatchNorm) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv1d(2, FEATURES, 3, padding=1),
+        bn(FEATURES),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(FEATURES * LENGTH, 3),
+    ).double()
+
+
+def _step_data(step: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(total, 2, LENGTH, generator=g, dtype=torch.float64) * 3 + 1
+    w = torch.randn(total, 3, generator=g, dtype=torch.float64)  # loss = Σ (out · w)
+    return x, w
+
+
+def _entry(rank: int, world: int, port: int, outdir: str, scenario: str) -> None:
+    """Spawned process body: init gloo, run the scenario, save results or the traceback."""
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            timeout=timedelta(seconds=5),
+        )
+        result = globals()[scenario](rank, world)
+        torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(outdir, f"rank{rank}.err"), "w") as fh:
+            fh.write(traceback.format_exc())
+        raise
+
+
+def _scenario_parity(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(_net())
+    out: dict = {"steps": []}
+    for step, sizes in enumerate(CASES[world]):
+        x, w = _step_data(step, sum(sizes))
+        lo = sum(sizes[:rank])
+        xr = x[lo : lo + sizes[rank]].clone().requires_grad_(True)
+        model.zero_grad()
+        y = model(xr)
+        (y * w[lo : lo + sizes[rank]]).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.module.named_parameters()}
+        out["steps"].append({"y": y.detach(), "dx": xr.grad.clone(), "grads": grads})
+    bn = model.module[1]
+    out["running"] = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+    # the batch-size check counts globally: one value in total across the group is an error on every rank
+    layer = SyncBatchNorm(FEATURES).double()
+    try:
+        layer(torch.randn(1 if rank == 0 else 0, FEATURES, dtype=torch.float64))
+        out["error"] = None
+    except ValueError as err:
+        out["error"] = str(err)
+    # eval mode: running statistics only, no collective (rank 1 skips it: a collective would hang)
+    if rank == 0:
+        layer.eval()
+        out["eval_ok"] = bool(torch.isfinite(layer(torch.randn(2, FEATURES, dtype=torch.float64))).all())
+    return out
+
+
+def _scenario_death(rank: int, world: int) -> dict:
+    dist.barrier()
+    if rank == 1:
+        os._exit(3)  # dies before the collective of the layer below
+    layer = SyncBatchNorm(FEATURES)
+    start = time.monotonic()
+    try:
+        layer(torch.randn(8, FEATURES))
+        return {"error": None, "elapsed": time.monotonic() - start}
+    except RuntimeError as err:
+        return {"error": str(err), "elapsed": time.monotonic() - start}
+
+
+def _launch(world: int, scenario: str, tmp_path, timeout: float = 60.0) -> dict[int, dict]:
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, str(tmp_path), scenario)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.join(max(0.1, deadline - time.monotonic()))
+    finally:
+        hung = [p for p in procs if p.is_alive()]
+        for p in hung:
+            p.kill()
+            p.join(5)
+    assert not hung, f"{len(hung)} process(es) still running after {timeout} s: a collective hung"
+    results = {}
+    for r in range(world):
+        path = tmp_path / f"rank{r}.pt"
+        if path.exists():
+            results[r] = torch.load(path, weights_only=False)
+        elif (tmp_path / f"rank{r}.err").exists():
+            results[r] = {"traceback": (tmp_path / f"rank{r}.err").read_text()}
+    return results
+
+
+def _reference(world: int) -> dict:
+    model = _net(bn=BatchNorm)
+    steps = []
+    for step, sizes in enumerate(CASES[world]):
+        x, w = _step_data(step, sum(sizes))
+        x = x.clone().requires_grad_(True)
+        model.zero_grad()
+        y = model(x)
+        (y * w).sum().backward()
+        steps.append({"y": y.detach(), "dx": x.grad.clone(),
+                      "grads": {n: p.grad.clone() for n, p in model.named_parameters()}})
+    bn = model[1]
+    return {"steps": steps, "running": (bn.running_mean, bn.running_var, bn.num_batches_tracked)}
+
+
+@gloo
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_sync_equals_single_process_on_concatenated_batch(world, tmp_path):
+    results = _launch(world, "_scenario_parity", tmp_path)
+    for r in range(world):
+        assert "traceback" not in results.get(r, {}), results.get(r, {}).get("traceback", f"rank {r} wrote nothing")
+    ref = _reference(world)
+    tol = {"rtol": 1e-5, "atol": 1e-8}
+    for step in range(len(CASES[world])):
+        want = ref["steps"][step]
+        y = torch.cat([results[r]["steps"][step]["y"] for r in range(world)])
+        dx = torch.cat([results[r]["steps"][step]["dx"] for r in range(world)])
+        torch.testing.assert_close(y, want["y"], **tol)
+        torch.testing.assert_close(dx, want["dx"], **tol)
+        for name, g in want["grads"].items():
+            for r in range(world):
+                # DDP averages the per-rank gradients; the reference sums over the whole batch
+                torch.testing.assert_close(results[r]["steps"][step]["grads"][name] * world, g, **tol)
+    for r in range(world):
+        rm, rv, nbt = results[r]["running"]
+        torch.testing.assert_close(rm, ref["running"][0], **tol)
+        torch.testing.assert_close(rv, ref["running"][1], **tol)
+        assert int(nbt) == int(ref["running"][2]) == len(CASES[world])
+        assert results[r]["error"] is not None and "got 1 for input of shape" in results[r]["error"]
+        assert f"summed over the {world} processes" in results[r]["error"]
+    assert results[0]["eval_ok"]
+
+
+@gloo
+@pytest.mark.slow
+def test_dead_process_makes_the_others_fail_clearly(tmp_path):
+    results = _launch(2, "_scenario_death", tmp_path, timeout=60.0)
+    assert 0 in results and "traceback" not in results[0], results.get(0)
+    err = results[0]["error"]
+    assert err is not None, "the surviving process finished a collective with a dead peer"
+    assert "SyncBatchNorm: the all_gather of batch statistics across the 2 processes" in err
+    assert "init_process_group(timeout=...)" in err
+    assert results[0]["elapsed"] < 5 + 20  # the configured 5 s timeout, plus slack for a loaded machine
+
+
+@pytest.mark.parametrize(
+    "shape, axis, mask",
+    [((6, 3), 1, None), ((4, 3, 5), 1, None), ((4, 5, 3), -1, "mask"), ((0, 3, 2), 1, None)],
+)
+def test_without_process_group_it_is_batchnorm(shape, axis, mask):
+    assert not dist.is_initialized()
+    x = torch.randn(shape)
+    m = (torch.arange(5) < torch.tensor([5, 2, 4, 1])[:, None]) if mask else None
+    ours, plain = SyncBatchNorm(3, axis=axis), BatchNorm(3, axis=axis)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y1, y2 = ours(x1, mask=m), plain(x2, mask=m)
+    assert torch.equal(y1, y2)
+    if x.numel():
+        y1.pow(2).sum().backward()
+        y2.pow(2).sum().backward()
+        assert torch.equal(x1.grad, x2.grad)
+        assert torch.equal(ours.weight.grad, plain.weight.grad)
+    assert torch.equal(ours.running_mean, plain.running_mean)
+    assert torch.equal(ours.running_var, plain.running_var)
+    assert int(ours.num_batches_tracked) == int(plain.num_batches_tracked)
+
+
+def test_without_process_group_errors_like_batchnorm():
+    with pytest.raises(ValueError, match=r"SyncBatchNorm expected more than 1 value per feature when training, got 1"):
+        SyncBatchNorm(3)(torch.randn(1, 3))
+
+
+def test_convert_to_sync_and_back_keeps_state():
+    model = _net(bn=nn.BatchNorm1d)
+    model(torch.randn(8, 2, LENGTH, dtype=torch.float64))
+    sync = batchnorm.convert(model, to=SyncBatchNorm, process_group=None)
+    assert isinstance(sync[1], SyncBatchNorm) and sync[1].process_group is None
+    back = batchnorm.convert(sync, to=nn.BatchNorm1d)
+    x = torch.randn(5, 2, LENGTH, dtype=torch.float64)
+    for m in (model, sync, back):
+        m.eval()
+    torch.testing.assert_close(sync(x), model(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(back(x), model(x), rtol=1e-12, atol=1e-12)
