@@ -40,6 +40,7 @@ class BatchNorm(nn.Module):
         eps: added to the variance for numerical stability.
         momentum: new-value weight of the running averages, or None for a cumulative average.
         affine: learn ``γ`` (``weight``, init 1) and ``β`` (``bias``, init 0).
+        bias: with ``affine=True``, False drops ``β`` (keyword-only, as in ``torch.nn.BatchNorm*d``).
         track_running_stats: keep ``running_mean``, ``running_var``, ``num_batches_tracked``.
         axis: the feature axis: 1 for ``(N, C, *)``, -1 for ``(N, *, C)``.
 
@@ -82,6 +83,7 @@ class BatchNorm(nn.Module):
         axis: int = 1,
         device: Any = None,
         dtype: Any = None,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -95,7 +97,10 @@ class BatchNorm(nn.Module):
         self.track_running_stats = track_running_stats
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -126,12 +131,13 @@ class BatchNorm(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}, axis={self.axis}"
+            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}, axis={self.axis}"
         )
 
     def _load_from_state_dict(
@@ -140,8 +146,11 @@ class BatchNorm(nn.Module):
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            # checkpoints older than version 2 have no num_batches_tracked; start it at 0 (as PyTorch)
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+            # checkpoints older than version 2 have no num_batches_tracked: keep the layer's own
+            # count (0 for a fresh layer), as torch.nn.BatchNorm*d does
+            own = self.num_batches_tracked
+            keep = own is not None and own.device.type != "meta"
+            state_dict[key] = own if keep else torch.tensor(0, dtype=torch.long)
         for name in ("weight", "bias", "running_mean", "running_var"):
             k = prefix + name
             own = getattr(self, name)
