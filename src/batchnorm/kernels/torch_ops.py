@@ -35,7 +35,9 @@ def _group_sum(t: torch.Tensor, x: torch.Tensor, axis: int, group_size: int | No
     if group_size is None:
         s = t.sum(_other_dims(x, axis, False)) if x.dim() > 1 else t
         return s.reshape(1, -1)
-    rows = t.sum(_other_dims(x, axis, True))  # (N, C): the two kept dims stay in order
+    dims = _other_dims(x, axis, True)
+    # (N, C): the two kept dims stay in order; 2-D input is already (N, C) (sum(dim=[]) would reduce all)
+    rows = t.sum(dims) if dims else t
     n = x.shape[0]
     index = torch.arange(n, device=x.device) // group_size
     out = rows.new_zeros(num_groups(n, group_size), rows.shape[1])
