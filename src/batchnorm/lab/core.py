@@ -98,3 +98,16 @@ def fmt(values: Sequence[float], digits: int = 3) -> str:
     """``"0.912 ± 0.004"`` from repeated measurements."""
     m, s = mean_std(values)
     return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] | None = None, squeeze: bool = True):
+    """``(figure, axes)`` like ``plt.subplots`` but without pyplot state (no GUI backend, nothing to close).
+
+    Experiments should draw with this so the report writer can save figures from any thread/backend.
+    Example: ``fig, ax = subplots(figsize=(5, 3)); ax.plot([0, 1]); Figure(fig, "a line")``.
+    """
+    from matplotlib.figure import Figure as _MplFigure
+
+    fig = _MplFigure(figsize=figsize or (4.2 * ncols, 3.2 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=squeeze)
+    return fig, axes
