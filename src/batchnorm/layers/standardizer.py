@@ -32,7 +32,8 @@ class Standardizer(nn.Module):
     ``sklearn.preprocessing.StandardScaler`` exactly. ``count, mean, m2`` are float64 buffers in the
     state dict, so a reloaded model keeps its scaling and can continue :meth:`partial_fit`. The
     output is computed in the centred form ``(x − mean) / scale`` in at least float32 (float64 for
-    float64 input), which stays accurate when ``|mean| ≫ std``; gradients flow to ``x`` only.
+    float64 input), with the float64 mean split into two terms of the compute dtype, so it stays
+    accurate when ``|mean| ≫ std`` (e.g. float32 data around 1e6); gradients flow to ``x`` only.
     ``mask`` selects which positions count toward the statistics (padding); the statistics are
     never updated by :meth:`forward`.
 
@@ -190,7 +191,7 @@ class Standardizer(nn.Module):
         constant = var <= self.count * _EPS64 * var + (self.count * self.mean * _EPS64) ** 2
         return torch.where(constant, torch.ones_like(var), torch.sqrt(var + self.eps))
 
-    def _map(self, x: torch.Tensor, name: str) -> tuple[int, torch.Tensor, torch.Tensor, torch.dtype]:
+    def _map(self, x: torch.Tensor, name: str) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]:
         x = _checks.check_input(x, name)
         ax = _checks.normalize_axis(self.axis, x.dim(), x.shape)
         _checks.check_features(x, ax, self.num_features, name)
@@ -202,17 +203,22 @@ class Standardizer(nn.Module):
         sd = _t.stat_dtype(x.dtype)
         shape = [1] * x.dim()
         shape[ax] = -1
-        mean = (self.mean if self.with_mean else torch.zeros_like(self.mean)).to(device=x.device, dtype=sd)
-        return ax, mean.reshape(shape), self.scale.to(device=x.device, dtype=sd).reshape(shape), sd
+        mean = (self.mean if self.with_mean else torch.zeros_like(self.mean)).to(x.device)
+        # the float64 mean as hi + lo in the compute dtype: x − hi is exact when x ≈ mean (Sterbenz),
+        # so a float32 input with |mean| ≫ std keeps its digits (one rounded float32 mean would not)
+        hi = mean.to(sd)
+        lo = (mean - hi.to(mean.dtype)).to(sd)
+        scale = self.scale.to(device=x.device, dtype=sd)
+        return ax, hi.reshape(shape), lo.reshape(shape), scale.reshape(shape), sd
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``y = (x − mean) / scale``; ``mask`` is validated for interface parity and changes nothing."""
-        ax, mean, scale, sd = self._map(x, "Standardizer")
+        ax, hi, lo, scale, sd = self._map(x, "Standardizer")
         _checks.mask_for(x, ax, mask)
         self.last_input_shape = tuple(x.shape)
-        return ((x.to(sd) - mean) / scale).to(x.dtype)
+        return ((x.to(sd) - hi - lo) / scale).to(x.dtype)
 
     def inverse_transform(self, y: torch.Tensor) -> torch.Tensor:
         """``x = y · scale + mean``, the inverse of :meth:`forward` (e.g. to report predictions in data units)."""
-        _, mean, scale, sd = self._map(y, "Standardizer.inverse_transform")
-        return (y.to(sd) * scale + mean).to(y.dtype)
+        _, hi, lo, scale, sd = self._map(y, "Standardizer.inverse_transform")
+        return (y.to(sd) * scale + lo + hi).to(y.dtype)
