@@ -5,7 +5,7 @@ the reduce/apply kernels, :mod:`batchnorm.layers` the modules, :mod:`batchnorm.r
 NumPy oracle.
 """
 
-from . import functional, reference
+from . import diagnostics, functional, reference
 from .functional import batch_norm, batch_stats
 from .layers import (
     AffineOnly,
@@ -41,6 +41,7 @@ __all__ = [
     "FrozenBatchNorm",
     "batch_norm",
     "batch_stats",
+    "diagnostics",
     "functional",
     "reference",
 ]
