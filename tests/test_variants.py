@@ -677,3 +677,65 @@ def test_failed_partial_fit_and_refused_ghost_batch_change_nothing():
     with pytest.raises(ValueError):
         g(torch.randn(5, 2))
     assert int(g.num_batches_tracked) == 0 and torch.equal(g.running_mean, torch.zeros(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# the core's parity harness (tests/harness.py): ranks 2-5, both axes, dtypes, channels-last, options
+# ---------------------------------------------------------------------------------------------
+from harness import CASES, make_pair, run_parity  # noqa: E402
+
+# the full table is the core's (test_parity.py); here every third case keeps this file fast while
+# still covering ranks 2-5, both axes, float32/float64/bfloat16, channels-last and the options
+SOME_CASES = CASES[::3]
+
+
+@pytest.mark.parametrize("case", SOME_CASES, ids=str)
+def test_harness_renorm_with_rmax1_dmax0_is_torch_batchnorm(case):
+    ours, ref = make_pair(case, bn.BatchRenorm, r_max=1.0, d_max=0.0)
+    run_parity(ours, ref, case)
+
+
+@pytest.mark.parametrize("case", CASES[1::3], ids=str)
+def test_harness_ghost_with_one_virtual_batch_is_torch_batchnorm(case):
+    ours, ref = make_pair(case, bn.GhostBatchNorm, virtual_batch_size=case.shape[0])
+    run_parity(ours, ref, case)
+
+
+class ChunkedTorchBN(torch.nn.Module):
+    """Ghost BN by its definition: torch's batch_norm on each virtual batch, running estimates by hand."""
+
+    def __init__(self, num_features, *, virtual_batch_size, eps, momentum, affine, track_running_stats, bias, dtype):
+        super().__init__()
+        self.vbs, self.eps, self.momentum, self.track = virtual_batch_size, eps, momentum, track_running_stats
+        self.weight = torch.nn.Parameter(torch.ones(num_features, dtype=dtype)) if affine else None
+        self.bias = torch.nn.Parameter(torch.zeros(num_features, dtype=dtype)) if affine and bias else None
+        self.running_mean = torch.zeros(num_features, dtype=dtype) if track_running_stats else None
+        self.running_var = torch.ones(num_features, dtype=dtype) if track_running_stats else None
+        self.num_batches_tracked = torch.tensor(0) if track_running_stats else None
+
+    def forward(self, x):
+        fbn = torch.nn.functional.batch_norm
+        if not self.training:  # inference: running estimates, or the whole batch's statistics
+            return fbn(x, self.running_mean, self.running_var, self.weight, self.bias, not self.track, 0.0, self.eps)
+        chunks = x.split(self.vbs, 0)
+        y = torch.cat([fbn(c, None, None, self.weight, self.bias, True, 0.0, self.eps) for c in chunks])
+        if self.track:
+            dims = [d for d in range(x.dim()) if d != 1]
+            wide = [c.detach().to(torch.promote_types(x.dtype, torch.float32)) for c in chunks]
+            mean = torch.stack([c.mean(dims) for c in wide]).mean(0)
+            var = torch.stack([c.var(dims, unbiased=True) for c in wide]).mean(0)
+            self.num_batches_tracked += 1
+            f = self.momentum if self.momentum is not None else 1.0 / int(self.num_batches_tracked)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), f)
+            self.running_var.lerp_(var.to(self.running_var.dtype), f)
+        return y
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.dtype != torch.bfloat16][::2], ids=str)
+def test_harness_ghost_equals_chunked_torch_batchnorm(case):
+    def ref_cls(c, **kw):
+        return ChunkedTorchBN(c, virtual_batch_size=2, **kw)
+
+    ours, ref = make_pair(case, bn.GhostBatchNorm, ref_cls=ref_cls, virtual_batch_size=2)
+    mask = torch.ones([s for d, s in enumerate(case.shape) if d != case.axis % len(case.shape)], dtype=torch.bool)
+    run_parity(ours, ref, case, forward_kwargs={"mask": mask})

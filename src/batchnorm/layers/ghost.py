@@ -32,7 +32,8 @@ class GhostBatchNorm(BatchNorm):
     batches (large-batch training, data-parallel steps with big per-device batches).
 
     Args:
-        num_features, eps, momentum, affine, track_running_stats, axis, device, dtype: as :class:`BatchNorm`.
+        num_features, eps, momentum, affine, track_running_stats, axis, device, dtype, bias: as
+            :class:`BatchNorm` (``bias=False`` keeps ``γ`` and drops ``β``).
         virtual_batch_size: rows of axis 0 per virtual batch, ≥ 2. The feature axis cannot be 0.
 
     Shape: input ``(N, C, *)`` (or C at ``axis`` ≠ 0), any rank ≥ 2; output the same.
@@ -60,6 +61,7 @@ class GhostBatchNorm(BatchNorm):
         axis: int = 1,
         device: Any = None,
         dtype: Any = None,
+        bias: bool = True,
     ) -> None:
         if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 2:
             raise ValueError(
@@ -70,7 +72,7 @@ class GhostBatchNorm(BatchNorm):
             raise ValueError(_axis0_message(axis, None))
         self.virtual_batch_size = virtual_batch_size
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, axis=axis, device=device, dtype=dtype
+            num_features, eps, momentum, affine, track_running_stats, axis=axis, device=device, dtype=dtype, bias=bias
         )
 
     def extra_repr(self) -> str:

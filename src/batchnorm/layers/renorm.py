@@ -88,7 +88,8 @@ class BatchRenorm(BatchNorm):
     variance, so a checkpoint has the :class:`BatchNorm` keys and nothing else.
 
     Args:
-        num_features, eps, momentum, affine, track_running_stats, axis, device, dtype: as :class:`BatchNorm`.
+        num_features, eps, momentum, affine, track_running_stats, axis, device, dtype, bias: as
+            :class:`BatchNorm` (``bias=False`` keeps ``γ`` and drops ``β``).
         r_max: ≥ 1; bound of the scale correction (1 → no scale correction). Paper: 3.
         d_max: ≥ 0; bound of the shift correction in units of σ (0 → none). Paper: 5.
         warmup_steps: training steps over which the limits ramp from (1, 0) to (r_max, d_max).
@@ -120,6 +121,7 @@ class BatchRenorm(BatchNorm):
         warmup_steps: int = 0,
         device: Any = None,
         dtype: Any = None,
+        bias: bool = True,
     ) -> None:
         self.r_max = _check_limit(
             r_max, "r_max", 1.0, "r bounds sigma_batch / sigma_running in [1/r_max, r_max]; r_max=1 disables the "
@@ -141,7 +143,7 @@ class BatchRenorm(BatchNorm):
             )
         self.warmup_steps = warmup_steps
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, axis=axis, device=device, dtype=dtype
+            num_features, eps, momentum, affine, track_running_stats, axis=axis, device=device, dtype=dtype, bias=bias
         )
 
     def extra_repr(self) -> str:
