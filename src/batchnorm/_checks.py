@@ -29,9 +29,17 @@ def check_input(x: object, name: str = "BatchNorm") -> torch.Tensor:
     return x
 
 
-def normalize_axis(axis: int, ndim: int, shape: tuple[int, ...] | None = None) -> int:
+def check_axis_type(axis: int) -> int:
     if isinstance(axis, bool) or not isinstance(axis, int):
-        raise TypeError(f"axis must be an int, got {type(axis).__name__}.")
+        raise TypeError(
+            f"axis must be an int, got {type(axis).__name__} {axis!r}. Pass the index of the feature axis: "
+            "axis=1 for (N, C, ...) inputs, axis=-1 for (N, ..., C) inputs."
+        )
+    return axis
+
+
+def normalize_axis(axis: int, ndim: int, shape: tuple[int, ...] | None = None) -> int:
+    check_axis_type(axis)
     if not -ndim <= axis < ndim:
         where = f" of shape {tuple(shape)}" if shape is not None else ""
         raise ValueError(
@@ -56,7 +64,8 @@ def check_momentum(momentum: float | None) -> float | None:
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(
             f"momentum must be None or a number in [0, 1], got {momentum!r}. It is the weight of the new batch "
-            "(PyTorch convention): a Keras/Flax momentum of 0.99 is momentum=0.01 here; None gives a cumulative average."
+            "(PyTorch convention): a Keras/Flax momentum of 0.99 is momentum=0.01 here; pass momentum=None for a "
+            "cumulative average."
         )
     return float(momentum)
 
@@ -65,14 +74,17 @@ def check_eps(eps: float) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (float(eps) > 0.0 and math.isfinite(eps)):
         raise ValueError(
             f"eps must be a finite number > 0, got {eps!r}. It keeps 1/sqrt(var + eps) finite for constant "
-            "features; the usual value is 1e-5 (1e-3 in Keras)."
+            "features: pass eps=1e-5 (PyTorch's default) or 1e-3 (Keras')."
         )
     return float(eps)
 
 
 def check_num_features(num_features: int, name: str = "BatchNorm") -> int:
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"{name} expected num_features to be a positive int, got {num_features!r}.")
+        raise ValueError(
+            f"{name} expected num_features to be a positive int, got {num_features!r}. Pass the size of the "
+            f"feature axis, e.g. {name}(64) for (N, 64, H, W) input."
+        )
     return num_features
 
 
@@ -82,7 +94,10 @@ def mask_for(x: torch.Tensor, axis: int, mask: torch.Tensor | None) -> torch.Ten
         return None
     expected = tuple(s for d, s in enumerate(x.shape) if d != axis)
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a boolean torch.Tensor of shape {expected}, got {type(mask).__name__}.")
+        raise TypeError(
+            f"mask must be a boolean torch.Tensor of shape {expected}, got {type(mask).__name__}. "
+            "Build it with torch.as_tensor(mask, dtype=torch.bool)."
+        )
     if mask.dtype != torch.bool:
         raise TypeError(
             f"mask must be a boolean tensor, got dtype {mask.dtype}. Pass mask.bool(), or build it with a "
@@ -95,11 +110,14 @@ def mask_for(x: torch.Tensor, axis: int, mask: torch.Tensor | None) -> torch.Ten
     if full != expected:
         raise ValueError(
             f"mask must have the shape of the input without the feature axis, {expected} (or broadcast to it), "
-            f"got {tuple(mask.shape)} for input of shape {tuple(x.shape)} with axis={axis}. A padding mask for "
-            "(N, C, L) input is (N, L); for (N, L, C) input with axis=-1 it is also (N, L)."
+            f"got {tuple(mask.shape)} for input of shape {tuple(x.shape)} with axis={axis}. Pass a mask without the "
+            "feature axis: a padding mask for (N, C, L) input is (N, L); for (N, L, C) input with axis=-1 it is also (N, L)."
         )
     if mask.device != x.device:
-        raise ValueError(f"mask is on {mask.device} but the input is on {x.device}; move it with mask.to(x.device).")
+        raise ValueError(
+            f"mask must be on the input's device ({x.device}), got a mask on {mask.device}. "
+            "Move it with mask.to(x.device)."
+        )
     return mask.expand(expected).unsqueeze(axis)
 
 
@@ -113,3 +131,32 @@ def too_few_values(n: int, shape: tuple[int, ...], masked: bool, name: str = "Ba
         f"estimates, use a larger batch, {renorm}"
         "or use a batch-independent norm such as torch.nn.GroupNorm or torch.nn.LayerNorm."
     )
+
+
+ACTIVATIONS = (None, "identity", "relu", "leaky_relu", "silu", "gelu", "sigmoid", "tanh")
+MEMORY_MODES = ("default", "save")
+
+
+def check_activation(activation: str | None, negative_slope: float, memory: str, name: str = "BatchNorm") -> None:
+    """Validate the fused activation and memory mode (memory="save" needs an invertible activation)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"{name} expected activation to be one of {ACTIVATIONS}, got {activation!r}. Pass one of those names, "
+            "or apply your activation after the layer."
+        )
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+        raise TypeError(f"{name} expected negative_slope to be a float, got {type(negative_slope).__name__}.")
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"{name} expected memory to be one of {MEMORY_MODES}, got {memory!r}.")
+    if memory == "save":
+        if activation not in (None, "identity", "leaky_relu"):
+            raise ValueError(
+                f"{name}: memory='save' recovers the normalized input from the output, so the activation must be "
+                f"invertible, got activation={activation!r}. Use activation='leaky_relu' (negative_slope > 0) or "
+                "None/'identity', or keep memory='default'."
+            )
+        if activation == "leaky_relu" and not negative_slope > 0:
+            raise ValueError(
+                f"{name}: memory='save' with leaky_relu needs negative_slope > 0 to invert it, got {negative_slope}. "
+                "Pass a positive negative_slope (e.g. 0.01), or use memory='default'."
+            )

@@ -90,9 +90,7 @@ class BatchNorm(nn.Module):
         self.num_features = _checks.check_num_features(num_features, type(self).__name__)
         self.eps = _checks.check_eps(eps)
         self.momentum = _checks.check_momentum(momentum)
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise TypeError(f"axis must be an int, got {type(axis).__name__}.")
-        self.axis = axis
+        self.axis = _checks.check_axis_type(axis)
         self.affine = affine
         self.track_running_stats = track_running_stats
         if affine:
@@ -181,6 +179,9 @@ class BatchNorm(nn.Module):
     def _validated(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         name = type(self).__name__
         x = _checks.check_input(x, name)
+        # eps and momentum are plain attributes that users do reassign (m.momentum = 0.01): re-check
+        _checks.check_eps(self.eps)
+        _checks.check_momentum(self.momentum)
         self._check_input_dim(x)
         axis = _checks.normalize_axis(self.axis, x.dim(), x.shape)
         _checks.check_features(x, axis, self.num_features, name)
