@@ -204,6 +204,21 @@ def test_renorm_warmup_ramps_limits_linearly_from_plain_bn(T, r_max, d_max):
     assert torch.equal(first(x), bn.BatchNorm(2, dtype=F64)(x))  # step 0 is plain BN
 
 
+def test_renorm_limits_assigned_between_steps_take_effect():
+    layer = bn.BatchRenorm(3, momentum=0.0, dtype=F64)
+    with torch.no_grad():
+        layer.running_mean.fill_(4.0)
+    x = torch.randn(6, 3, dtype=F64)
+    layer.r_max, layer.d_max = 1.0, 0.0  # "hold" phase of a hand-made schedule
+    assert torch.equal(layer(x), bn.BatchNorm(3, dtype=F64)(x))
+    layer.r_max, layer.d_max = 2.0, 0.25
+    ref = renorm_closed_form(
+        x, layer.weight, layer.bias, layer.running_mean, layer.running_var, axis=1, mask=None, eps=layer.eps,
+        r_max=2.0, d_max=0.25, momentum=0.0,
+    )[0]
+    torch.testing.assert_close(layer(x), ref, rtol=1e-12, atol=1e-12)
+
+
 def test_renorm_warmup_clock_is_num_batches_tracked_and_skips_nonfinite_batches():
     layer = bn.BatchRenorm(2, warmup_steps=10)
     layer(torch.randn(4, 2))

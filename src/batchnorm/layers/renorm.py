@@ -75,6 +75,9 @@ class BatchRenorm(BatchNorm):
     checkpoint with ``num_batches_tracked ≥ T`` starts fully relaxed). Batches with non-finite
     statistics do not advance ``num_batches_tracked`` and so do not advance the ramp.
     ``r_max`` and ``d_max`` must be finite when ``warmup_steps > 0``; without warm-up ``inf`` means no clamp.
+    For any other schedule (the paper holds plain BN for 5k steps, then relaxes), keep
+    ``warmup_steps=0`` and assign ``layer.r_max`` / ``layer.d_max`` from the training loop: they are
+    read at every training step.
 
     **track_running_stats=False** leaves nothing to correct toward: the layer is then plain
     :class:`BatchNorm` with batch statistics in training and evaluation.
