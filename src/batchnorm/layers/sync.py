@@ -138,9 +138,11 @@ class SyncBatchNorm(BatchNorm):
         process_group: Any = None,
         device: Any = None,
         dtype: Any = None,
+        bias: bool = True,
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, axis=axis, device=device, dtype=dtype
+            num_features, eps, momentum, affine, track_running_stats, axis=axis, device=device, dtype=dtype,
+            bias=bias,
         )
         self.process_group = process_group
         self._local: tuple[int, tuple[int, ...]] = (0, ())

@@ -31,7 +31,7 @@ def _source_config(m: nn.Module) -> dict:
     if isinstance(m, FrozenBatchNorm):
         return {"num_features": m.num_features, "eps": m.eps, "affine": True, "track_running_stats": True,
                 "axis": m.axis}
-    return {
+    cfg = {
         "num_features": m.num_features,
         "eps": m.eps,
         "momentum": m.momentum,
@@ -39,6 +39,9 @@ def _source_config(m: nn.Module) -> dict:
         "track_running_stats": m.track_running_stats,
         "axis": bn_axis(m),
     }
+    if m.affine and getattr(m, "bias", None) is None:
+        cfg["bias"] = False  # affine=True, bias=False (weight only)
+    return cfg
 
 
 def _tensor_of(m: nn.Module) -> torch.Tensor | None:
@@ -78,11 +81,13 @@ def _build(m: nn.Module, name: str, to: type, kwargs: dict) -> nn.Module:
     factory = {}
     if ref is not None:
         factory = {"device": ref.device, "dtype": ref.dtype}
-    args = {k: v for k, v in cfg.items() if accepts(k)}
+    args = {k: v for k, v in cfg.items() if accepts(k) and not (k == "bias" and not params)}
     args.update({k: v for k, v in factory.items() if accepts(k)})
     args.update(kwargs)
     num_features = args.pop("num_features")
     new = to(num_features, **args)
+    if cfg.get("bias") is False and isinstance(new, BatchNorm) and new.bias is not None:
+        new.register_parameter("bias", None)  # a variant without a bias= argument: drop β as the source had none
     if ref is not None:
         new = new.to(device=ref.device)
     _carry_state(m, new)
@@ -121,7 +126,7 @@ def _convert(model: nn.Module, to: type, kwargs: dict, select: Callable[[nn.Modu
             memo[id(module)] = new
             return new
         memo[id(module)] = module
-        for child_name, child in list(module.named_children()):
+        for child_name, child in list(module._modules.items()):  # not named_children(): it hides repeats
             if child is None:
                 continue
             replacement = visit(child, f"{prefix}.{child_name}" if prefix else child_name)
@@ -139,7 +144,7 @@ def convert(model: nn.Module, to: type = BatchNorm, **kwargs) -> nn.Module:
     layer of ours (:class:`~batchnorm.BatchNorm`, its variants, :class:`~batchnorm.FrozenBatchNorm`).
     ``to`` is one of our classes or torch's (``torch.nn.BatchNorm2d``, ``torch.nn.SyncBatchNorm``, ...).
 
-    Carried over: ``num_features, eps, momentum, affine, track_running_stats, axis`` (as far as ``to``
+    Carried over: ``num_features, eps, momentum, affine, track_running_stats, axis, bias`` (as far as ``to``
     accepts them; ``kwargs`` override them, e.g. ``process_group=`` or a variant's own settings),
     ``weight``, ``bias`` and their ``requires_grad``, ``running_mean``, ``running_var``,
     ``num_batches_tracked``, the train/eval mode, the device and the dtype. A FrozenBatchNorm source
