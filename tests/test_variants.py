@@ -403,6 +403,13 @@ def test_frozen_from_batchnorm_and_affine_false_checkpoints():
     a = bn.FrozenBatchNorm(3)
     a.load_state_dict(ref.state_dict())
     torch.testing.assert_close(a(x), ref(x))
+    nobias = torch.nn.BatchNorm2d(3, bias=False)
+    nobias(torch.randn(4, 3, 2, 2) * 2 + 1)
+    with torch.no_grad():
+        nobias.weight.uniform_(0.5, 1.5)
+    b = bn.FrozenBatchNorm(3)
+    b.load_state_dict(nobias.state_dict())
+    torch.testing.assert_close(b(x), nobias.eval()(x))
     torch.testing.assert_close(bn.FrozenBatchNorm.from_batchnorm(ref)(x), ref(x))
     ours = bn.BatchNorm(3, axis=-1, eps=1e-3)
     ours(torch.randn(5, 7, 3))
@@ -666,6 +673,7 @@ ERRORS = [
      r"expected finite values, got NaN or Inf in feature\(s\) \[1\].*left unchanged"),
     (lambda: bn.Standardizer(3).fit([("a", 1)]), TypeError, r"expected item 0 of the data to be a tensor"),
     (lambda: bn.Standardizer(3).fit(3), TypeError, r"expected a tensor or an iterable"),
+    (lambda: bn.Standardizer(3).fit(np.ones((4, 3))), TypeError, r"got ndarray\. Convert it with torch\.as_tensor\(data\)"),
     (lambda: bn.Standardizer(3, eps=-1), ValueError, r"eps to be a finite number >= 0, got -1"),
     (lambda: bn.Standardizer(3).partial_fit(torch.randn(4, 5)), ValueError, r"Standardizer\.partial_fit expected 3 features along axis 1"),
     (lambda: bn.AffineOnly(3)(torch.randn(4, 5)), ValueError, r"AffineOnly expected 3 features along axis 1"),

@@ -20,8 +20,8 @@ class FrozenBatchNorm(nn.Module):
     batch statistics would be noise (detectron2 and torchvision freeze the BN of pretrained backbones).
 
     Loads the state dict of a :class:`BatchNorm` or ``torch.nn.BatchNorm*d`` (``num_batches_tracked``
-    is accepted and dropped; a checkpoint of an ``affine=False`` layer, which has no ``weight`` and
-    ``bias``, loads with ``weight = 1`` and ``bias = 0``). :meth:`from_batchnorm` builds one from a
+    is accepted and dropped; a checkpoint of an ``affine=False`` (or ``bias=False``) layer, which has
+    no ``weight`` (``bias``), loads with ``weight = 1`` (``bias = 0``)). :meth:`from_batchnorm` builds one from a
     layer directly. ``mask`` is accepted for interface parity and changes nothing (no statistics).
 
     Shape:
@@ -64,10 +64,10 @@ class FrozenBatchNorm(nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
         state_dict.pop(prefix + "num_batches_tracked", None)
-        if prefix + "running_mean" in state_dict and prefix + "weight" not in state_dict and prefix + "bias" not in state_dict:
-            # an affine=False BatchNorm: its affine map is the identity
-            state_dict[prefix + "weight"] = torch.ones_like(self.weight)
-            state_dict[prefix + "bias"] = torch.zeros_like(self.bias)
+        if prefix + "running_mean" in state_dict:
+            # a BatchNorm with affine=False (or bias=False) has no weight (bias): γ = 1, β = 0
+            state_dict.setdefault(prefix + "weight", torch.ones_like(self.weight))
+            state_dict.setdefault(prefix + "bias", torch.zeros_like(self.bias))
         for name in ("weight", "bias", "running_mean", "running_var"):
             k = prefix + name
             if k in state_dict and tuple(state_dict[k].shape) != (self.num_features,):

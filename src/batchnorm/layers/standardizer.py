@@ -151,6 +151,11 @@ class Standardizer(nn.Module):
         self.reset()
         if isinstance(data, torch.Tensor):
             return self.partial_fit(data)
+        if hasattr(data, "__array__") and not isinstance(data, (tuple, list)):
+            raise TypeError(
+                f"Standardizer.fit expected a torch.Tensor or an iterable of tensors / (x, y) tuples, got "
+                f"{type(data).__name__}. Convert it with torch.as_tensor(data)."
+            )
         if not isinstance(data, Iterable):
             raise TypeError(
                 f"Standardizer.fit expected a tensor or an iterable of tensors / (x, y) tuples (e.g. a DataLoader), "
