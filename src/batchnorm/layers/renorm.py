@@ -26,6 +26,13 @@ class RenormCombine(F.Combine):
     ``r_max`` and ``d_max`` may be floats or 0-d tensors (the warm-up ramp, no host sync).
 
     Shape: running buffers ``(C,)``; ``mean, var`` and the returned ``r, d`` are ``(G, C)``.
+
+    Example::
+
+        >>> comb = RenormCombine(torch.zeros(2), torch.ones(2), 0.0, r_max=2.0, d_max=1.0)
+        >>> comb.correction(torch.tensor([[0.5, 3.0]]), torch.tensor([[9.0, 0.25]]))
+        (tensor([[2.0000, 0.5000]]), tensor([[0.5000, 1.0000]]))
+
     Reference: Ioffe, "Batch Renormalization", NeurIPS 2017, Algorithm 1.
     """
 
