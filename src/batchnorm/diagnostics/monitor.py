@@ -173,11 +173,14 @@ class Monitor:
         eps = float(getattr(module, "eps", 1e-5))
         shape = [1] * y.dim()
         shape[axis] = -1
-        ymean, yvar, _ = batch_stats(y, axis=axis, mask=m)
-        z = (y.to(ymean.dtype) - ymean.reshape(shape)) / yvar.sqrt().reshape(shape)
+        # the output's shape moments in float64: a float32 mean would carry a rounding error of
+        # ulp(β) into every deviation, which dominates when |γ| is small (a nearly collapsed feature)
+        y64 = y.to(torch.float64)
+        ymean, yvar, _ = batch_stats(y64, axis=axis, mask=m)
+        z = (y64 - ymean.reshape(shape)) / yvar.sqrt().reshape(shape)
         skew = batch_stats(z**3, axis=axis, mask=m)[0]
         kurt = batch_stats(z**4, axis=axis, mask=m)[0] - 3.0
-        relu_zero = batch_stats((y <= 0).to(ymean.dtype), axis=axis, mask=m)[0]
+        relu_zero = batch_stats((y <= 0).to(mean.dtype), axis=axis, mask=m)[0]
         # percentiles of one feature's input over the positions that count (Ioffe & Szegedy, Fig. 1)
         vals = x.select(axis, self.feature)
         if m is not None:
@@ -344,8 +347,8 @@ def monitor(
                                 train scales (1 = no gap)
     ``input_percentiles``       the ``percentiles`` of feature ``feature``'s input (Ioffe &
                                 Szegedy, Figure 1; numpy's linear interpolation)
-    ``output_skewness``         ``mean(z³)`` with ``z = (y − mean y) / std y``: BN fixes two
-                                moments, not the shape (NaN for a constant feature)
+    ``output_skewness``         ``mean(z³)`` with ``z = (y − mean y) / std y`` (float64): BN fixes
+                                two moments, not the shape (NaN for a constant feature)
     ``output_excess_kurtosis``  ``mean(z⁴) − 3`` (0 for a Gaussian)
     ``relu_zero_fraction``      fraction of outputs ``y ≤ 0``: what a following ReLU would zero
     ``collapsed``               indices of features with ``σ²_B < var_threshold`` (default: the
