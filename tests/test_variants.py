@@ -341,6 +341,18 @@ def test_ghost_eval_uses_running_stats_without_virtual_batches():
     torch.testing.assert_close(whole(x), torch.nn.functional.batch_norm(x, None, None, training=True))
 
 
+def test_ghost_nonfinite_virtual_batch_leaves_running_estimates_unchanged():
+    ghost = bn.GhostBatchNorm(2, 2)
+    ghost(torch.randn(6, 2))
+    before = {k: v.clone() for k, v in ghost.state_dict().items() if k != "weight" and k != "bias"}
+    x = torch.randn(6, 2)
+    x[5, 1] = float("inf")  # only the last virtual batch is bad
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        y = ghost(x)
+    assert all(torch.equal(before[k], ghost.state_dict()[k]) for k in before)
+    assert torch.isfinite(y[:4]).all()  # the other virtual batches are normalized as usual
+
+
 @settings(max_examples=20, deadline=None)
 @given(
     n=st.integers(2, 9),
