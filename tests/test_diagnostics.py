@@ -520,3 +520,38 @@ def test_describe_without_example_input_uses_last_seen_shapes():
 def test_describe_errors():
     with pytest.raises(TypeError, match="describe expected a torch.nn.Module model"):
         describe(torch.randn(3))
+
+
+LAYER_TYPES = [  # (builder, input shape, feature axis): every kind of BN-like layer the monitor hooks
+    (lambda: nn.BatchNorm2d(3), (4, 3, 2, 2), 1),
+    (lambda: nn.SyncBatchNorm(3), (4, 3, 5), 1),  # one process: behaves like BatchNorm in eval
+    (lambda: batchnorm.BatchNorm2d(3), (4, 3, 2, 2), 1),
+    (lambda: batchnorm.BatchNorm(3, axis=-1), (4, 5, 3), 2),
+    (lambda: batchnorm.BatchRenorm(3), (6, 3), 1),
+    (lambda: batchnorm.GhostBatchNorm(3, virtual_batch_size=2), (6, 3, 2), 1),
+    (lambda: batchnorm.FrozenBatchNorm(3, axis=-1), (4, 2, 3), 2),
+]
+
+
+# torch's SyncBatchNorm needs an initialized process group to train: eval only
+LAYER_CASES = [(b, s, a, t) for i, (b, s, a) in enumerate(LAYER_TYPES) for t in (True, False) if not (i == 1 and t)]
+
+
+@pytest.mark.parametrize("build,shape,axis,training", LAYER_CASES)
+def test_monitor_hooks_every_bn_like_layer(build, shape, axis, training):
+    layer = build()
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        layer.running_var.copy_(torch.tensor([2.0, 0.5, 1.0]))
+    model = nn.Sequential(layer).train(training)
+    x = torch.randn(shape) * 3
+    before_mean, before_var = layer.running_mean.clone(), layer.running_var.clone()
+    with monitor(model) as mon:
+        y = model(x)
+    exp = hand_stats(x, y, axis, None, before_mean, before_var, layer.eps, layer.weight.detach().numpy(), 0, (15, 50, 85))
+    got = {r["statistic"]: r["values"] for r in mon.records}
+    assert set(got) == set(STATISTICS)
+    assert all(r["layer"] == "0" and r["training"] is training for r in mon.records)
+    for stat in ("count", "batch_mean", "batch_var", "mean_gap", "var_ratio", "input_percentiles", "output_skewness",
+                 "output_excess_kurtosis", "relu_zero_fraction"):
+        np.testing.assert_allclose(np.array(got[stat], float), exp[stat], rtol=1e-4, atol=1e-5, err_msg=stat)
