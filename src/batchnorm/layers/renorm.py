@@ -68,7 +68,7 @@ class BatchRenorm(BatchNorm):
         y   = γ · ((x − μ_B) / σ_B · r + d) + β
 
     then the running estimates update exactly as in :class:`BatchNorm` (unbiased variance,
-    ``momentum`` = weight of the new batch, default 0.01 as in the paper's slow averages). When the
+    ``momentum`` = weight of the new batch, default 0.01: Keras' 0.99, torchrl's 0.01). When the
     clamps do not bind, ``y`` equals the inference output ``γ · (x − μ) / σ + β``, so training and
     inference agree; gradients still flow through ``μ_B`` and ``σ_B``. Evaluation is plain
     inference with the running estimates. The backward treats ``r`` and ``d`` as constants.
@@ -93,7 +93,8 @@ class BatchRenorm(BatchNorm):
     renorm averages (``renorm_mean``, ``renorm_stddev``, updated with ``renorm_momentum``) for
     ``r, d``, tracks the inference statistics as a moving standard deviation (its variance is
     ``moving_stddev² − eps``, averaged from biased batch variances), floors ``renorm_stddev`` at
-    ``sqrt(eps)``, takes ``rmin`` separately (default ``1/rmax``) and has no built-in warm-up.
+    ``sqrt(eps)``, takes ``rmin``, ``rmax``, ``dmax`` independently (unset = no clamp, the default)
+    and has no built-in warm-up.
     Here ``r, d`` use the same running mean/variance that inference uses, with the unbiased
     variance, so a checkpoint has the :class:`BatchNorm` keys and nothing else.
 
