@@ -534,6 +534,18 @@ def test_standardizer_state_dict_round_trip_and_resume():
     torch.testing.assert_close(loaded.m2, full.m2, rtol=1e-10, atol=0)
 
 
+def test_standardizer_buffer_dtype_and_module_casts():
+    data = torch.as_tensor(_wine())
+    sk = StandardScaler().fit(data.numpy())
+    s32 = bn.Standardizer(13, dtype=torch.float32).fit(_chunks(data, 7))
+    assert s32.mean.dtype == torch.float32 and s32(data.float()).dtype == torch.float32
+    np.testing.assert_allclose(s32.mean.double().numpy(), sk.mean_, rtol=1e-6)  # merged in float64, stored in float32
+    np.testing.assert_allclose(s32.scale.numpy(), sk.scale_, rtol=1e-6)
+    cast = bn.Standardizer(13).fit(data[:50]).float()  # a module cast casts the buffers, fitting still works
+    cast.partial_fit(data[50:])
+    np.testing.assert_allclose(cast.mean.double().numpy(), sk.mean_, rtol=1e-6)
+
+
 def test_standardizer_inside_a_model_on_channels_last_sequences_with_mask():
     x = torch.randn(6, 9, 4, dtype=F64) * torch.tensor([1.0, 10.0, 0.1, 3.0], dtype=F64) + 5
     lengths = torch.tensor([9, 3, 5, 9, 1, 7])
@@ -687,6 +699,7 @@ ERRORS = [
     (lambda: bn.Standardizer(3).fit(3), TypeError, r"expected a tensor or an iterable"),
     (lambda: bn.Standardizer(3).fit(np.ones((4, 3))), TypeError, r"got ndarray\. Convert it with torch\.as_tensor\(data\)"),
     (lambda: bn.Standardizer(3, eps=-1), ValueError, r"eps to be a finite number >= 0, got -1"),
+    (lambda: bn.Standardizer(3, dtype=torch.int64), TypeError, r"dtype to be a floating torch\.dtype.*got torch\.int64"),
     (lambda: bn.Standardizer(3).partial_fit(torch.randn(4, 5)), ValueError, r"Standardizer\.partial_fit expected 3 features along axis 1"),
     (lambda: bn.AffineOnly(3)(torch.randn(4, 5)), ValueError, r"AffineOnly expected 3 features along axis 1"),
     (lambda: bn.AffineOnly(3, axis=1.0), TypeError, r"axis must be an int, got float"),

@@ -29,7 +29,7 @@ class Standardizer(nn.Module):
 
     A feature is *constant* when ``var ≤ n·ε·var + (n·mean·ε)²`` (ε = float64 machine epsilon: the
     error bound of the two-pass variance), scikit-learn's rule, so ``eps=0`` (default) reproduces
-    ``sklearn.preprocessing.StandardScaler`` exactly. ``count, mean, m2`` are float64 buffers in the
+    ``sklearn.preprocessing.StandardScaler`` exactly. ``count, mean, m2`` are buffers (float64 by default) in the
     state dict, so a reloaded model keeps its scaling and can continue :meth:`partial_fit`. The
     output is computed in the centred form ``(x − mean) / scale`` in at least float32 (float64 for
     float64 input), with the float64 mean split into two terms of the compute dtype, so it stays
@@ -43,7 +43,9 @@ class Standardizer(nn.Module):
         with_mean: subtract the mean (False: only divide by the scale, as scikit-learn).
         with_std: divide by the standard deviation (False: only centre).
         eps: added to the variance before the square root (0 = scikit-learn parity).
-        device: of the buffers (always float64).
+        device: of the buffers.
+        dtype: of the buffers, float64 by default (recommended). Chunks are always reduced and merged
+            in float64; the merged statistics are then stored in this dtype.
 
     Shape: input any rank ≥ 2 with C at ``axis``; output the same shape and dtype.
 
@@ -74,6 +76,7 @@ class Standardizer(nn.Module):
         with_std: bool = True,
         eps: float = 0.0,
         device: Any = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.num_features = _checks.check_num_features(num_features, "Standardizer")
@@ -84,12 +87,18 @@ class Standardizer(nn.Module):
                 f"Standardizer expected eps to be a finite number >= 0, got {eps!r}. eps=0 matches scikit-learn's "
                 "StandardScaler (constant features get scale 1 anyway)."
             )
+        dtype = torch.float64 if dtype is None else dtype
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(
+                f"Standardizer expected dtype to be a floating torch.dtype for its statistics buffers, got {dtype!r}. "
+                "Leave it at None (float64, recommended: the statistics of a whole dataset need the digits)."
+            )
         self.axis = axis
         self.with_mean = bool(with_mean)
         self.with_std = bool(with_std)
         self.eps = float(eps)
         for name in ("count", "mean", "m2"):
-            self.register_buffer(name, torch.zeros(num_features, dtype=torch.float64, device=device))
+            self.register_buffer(name, torch.zeros(num_features, dtype=dtype, device=device))
         self.last_input_shape: tuple[int, ...] | None = None
 
     def extra_repr(self) -> str:
@@ -134,7 +143,8 @@ class Standardizer(nn.Module):
                 f"of shape {tuple(x.shape)}; the statistics were left unchanged. Impute or drop those values first, "
                 "or exclude their positions with mask=."
             )
-        n, mu, s = F.merge_stats(self.count, self.mean, self.m2, count, mean, m2)
+        f64 = torch.float64
+        n, mu, s = F.merge_stats(self.count.to(f64), self.mean.to(f64), self.m2.to(f64), count, mean, m2)
         self.count.copy_(n)
         self.mean.copy_(mu)
         self.m2.copy_(s)
@@ -184,16 +194,16 @@ class Standardizer(nn.Module):
 
     @property
     def var(self) -> torch.Tensor:
-        """Biased per-feature variance ``m2 / n`` (float64, ``(C,)``)."""
+        """Biased per-feature variance ``m2 / n`` (``(C,)``, the buffers' dtype)."""
         return self.m2 / self.count.clamp_min(1)
 
     @property
     def scale(self) -> torch.Tensor:
-        """Per-feature divisor: ``sqrt(var + eps)``, 1 for constant features or with ``with_std=False``."""
+        """Per-feature divisor: ``sqrt(var + eps)``, 1 for constant features or with ``with_std=False`` (float64)."""
         if not self.with_std:
-            return torch.ones_like(self.var)
-        var = self.var
-        constant = var <= self.count * _EPS64 * var + (self.count * self.mean * _EPS64) ** 2
+            return torch.ones_like(self.var, dtype=torch.float64)
+        var, n, mean = self.var.double(), self.count.double(), self.mean.double()
+        constant = var <= n * _EPS64 * var + (n * mean * _EPS64) ** 2
         return torch.where(constant, torch.ones_like(var), torch.sqrt(var + self.eps))
 
     def _map(self, x: torch.Tensor, name: str) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]:
