@@ -86,7 +86,8 @@ def internal_covariate_shift(
       replayed, so every forward sees the same state and the same dropout masks;
     * ``cos`` is NaN when ``G_i`` or ``G'_i`` is zero.
 
-    Gradients are taken with ``torch.autograd.grad``; the model is left exactly as found:
+    Cost: one forward and backward per reported layer, plus two. Gradients are taken with
+    ``torch.autograd.grad`` (no ``.backward()``, no optimizer); the model is left exactly as found:
     parameters, buffers (running statistics, ``num_batches_tracked``), ``.grad`` fields, training
     flags, plain attributes such as ``last_input_shape``, and the global RNG state.
 

@@ -358,7 +358,8 @@ def monitor(
 
     Statistics of ``y`` are those of the layer's output (``γ·x̂ + β``), so the skewness is that of
     ``x̂`` times the sign of ``γ`` and the kurtosis that of ``x̂``. GhostBatchNorm and SyncBatchNorm are
-    summarized over the whole local batch (not per ghost batch, not across processes).
+    summarized over the whole local batch (not per ghost batch, not across processes). A layer
+    called several times in one step (shared weights) gets one set of records per call, in call order.
 
     Memory is bounded: a record holds summaries (at most ``C`` numbers, ``len(percentiles)`` for the
     percentiles), never tensors, and at most ``max_steps`` recorded steps are kept. When a new step
