@@ -555,3 +555,15 @@ def test_monitor_hooks_every_bn_like_layer(build, shape, axis, training):
     for stat in ("count", "batch_mean", "batch_var", "mean_gap", "var_ratio", "input_percentiles", "output_skewness",
                  "output_excess_kurtosis", "relu_zero_fraction"):
         np.testing.assert_allclose(np.array(got[stat], float), exp[stat], rtol=1e-4, atol=1e-5, err_msg=stat)
+
+
+def test_monitor_without_running_estimates_and_after_an_exception():
+    model = nn.Sequential(nn.Linear(3, 4), batchnorm.BatchNorm(4, track_running_stats=False), nn.BatchNorm1d(4))
+    hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    with pytest.raises(RuntimeError, match="boom"), monitor(model) as mon:
+        model(torch.randn(8, 3))
+        raise RuntimeError("boom")
+    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks
+    stats = {layer: {r["statistic"] for r in mon.records if r["layer"] == layer} for layer in ("1", "2")}
+    assert stats["2"] == set(STATISTICS)
+    assert stats["1"] == set(STATISTICS) - {"running_mean", "running_var", "mean_gap", "var_ratio"}
