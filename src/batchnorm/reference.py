@@ -65,6 +65,8 @@ def forward_train(x, gamma=None, beta=None, eps=1e-5, axis=1, mask=None):
         >>> y, mean, var, n, _ = forward_train(x)
         >>> np.allclose(y.mean(0), 0) and n == 32
         True
+
+    Reference: Ioffe & Szegedy (2015), Algorithm 1.
     """
     x = np.asarray(x, dtype=np.float64)
     axis = axis % x.ndim
@@ -90,6 +92,15 @@ def forward_inference(x, mean, var, gamma=None, beta=None, eps=1e-5, axis=1):
     time batch normalization is an affine map per feature.
 
     Shape: x any rank ≥ 2 with C at ``axis``; mean, var, gamma, beta ``(C,)``; y like x.
+
+    Example::
+
+        >>> x = np.random.randn(4, 2, 5)
+        >>> y = forward_inference(x, mean=[1.0, -1.0], var=[4.0, 1.0], eps=0.0)
+        >>> np.allclose(y[:, 0], (x[:, 0] - 1.0) / 2.0)
+        True
+
+    Reference: Ioffe & Szegedy (2015), Algorithm 2.
     """
     x = np.asarray(x, dtype=np.float64)
     axis = axis % x.ndim
@@ -110,7 +121,20 @@ def backward(dy, cache: Cache):
         dβ = Σ_i dy_i                       dγ = Σ_i dy_i · x̂_i          (over all positions)
         dx_i = γ / sqrt(σ² + ε) · (dy_i − m_i/n · (Σ_j dy_j + x̂_i · Σ_j dy_j x̂_j))
 
+    (x̂ and dy are summed over *all* positions in dγ, dβ: masked positions are normalized too, so they
+    feed γ and β; only the statistics, and hence the correction term, come from counted positions.)
+
     Shape: dy like x; dgamma, dbeta ``(C,)``.
+
+    Example::
+
+        >>> x, dy = np.random.randn(6, 3), np.random.randn(6, 3)
+        >>> *_, cache = forward_train(x)
+        >>> dx, dgamma, dbeta = backward(dy, cache)
+        >>> np.allclose(dx.sum(0), 0) and np.allclose(dbeta, dy.sum(0))   # Σ dx = 0: the mean is removed
+        True
+
+    Reference: Ioffe & Szegedy (2015), Section 3 (the chain-rule expressions for ∂ℓ/∂x_i, ∂ℓ/∂γ, ∂ℓ/∂β).
     """
     dyf = _move(np.asarray(dy, dtype=np.float64), cache.axis)
     n = cache.mask.sum()
@@ -127,6 +151,19 @@ def update_running(running_mean, running_var, mean, var, count, momentum=0.1):
 
     ``running_mean ← (1 − momentum)·running_mean + momentum·mean`` and
     ``running_var ← (1 − momentum)·running_var + momentum·var·n/(n − 1)`` (unbiased). Returns the new pair.
+    ``momentum=None`` is not handled here: PyTorch's cumulative average is ``momentum = 1/k`` at the k-th batch.
+
+    Shape: running_mean, running_var, mean, var ``(C,)``; count a scalar (n > 1).
+
+    Example::
+
+        >>> rm, rv = update_running(np.zeros(2), np.ones(2), mean=np.array([1.0, 2.0]),
+        ...                         var=np.array([3.0, 3.0]), count=4, momentum=0.5)
+        >>> rm.tolist(), rv.tolist()            # 0.5·0 + 0.5·mean, 0.5·1 + 0.5·3·4/3
+        ([0.5, 1.0], [2.5, 2.5])
+
+    Reference: Ioffe & Szegedy (2015), Algorithm 2, steps 9–10 (unbiased variance ``m/(m−1)·E[σ²_B]``);
+    the moving average is PyTorch's ``torch.nn.BatchNorm*d``.
     """
     unbiased = np.asarray(var) * count / (count - 1)
     return (
