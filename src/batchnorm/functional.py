@@ -157,10 +157,15 @@ def update_running(
 
 
 class _TrainNorm(torch.autograd.Function):
-    """Normalize with batch statistics; analytic backward; double backward by re-tracing."""
+    """Normalize with batch statistics (+ fused activation); analytic backward; double backward by re-tracing.
+
+    With ``z = x̂ · kz + bz`` (``kz = γ·r``, ``bz = β + γ·d``; r, d = 1, 0 unless batch renorm) and
+    ``y = act(z)``. ``save=False`` keeps ``x`` for backward; ``save=True`` (memory="save", In-Place
+    ABN) keeps only ``y`` and recovers ``x̂ = (act⁻¹(y) − bz) / kz``.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, m, axis, eps, group_size, combine, backend):
+    def forward(ctx, x, weight, bias, m, axis, eps, group_size, combine, backend, activation, slope, save):
         ops = select(x, backend)
         count, mean, m2 = combine.stats(*ops.reduce(x, axis, m, group_size))
         var = m2 / count.clamp_min(1)
@@ -168,44 +173,64 @@ class _TrainNorm(torch.autograd.Function):
         corr = combine.correction(mean, var)
         r, d = corr if corr is not None else (None, None)
         w = weight.to(mean.dtype).reshape(1, -1) if weight is not None else torch.ones_like(mean[:1])
+        if save:  # |γ| < eps is used as ±eps (sign kept, sign(0) = +1) so x̂ = (z − bz) / kz stays finite
+            w = torch.where(w.abs() < eps, torch.where(w < 0, -eps, eps).to(w.dtype), w)
         b = bias.to(mean.dtype).reshape(1, -1) if bias is not None else torch.zeros_like(mean[:1])
-        wr = w * r if r is not None else w
-        scale = wr * invstd
-        shift = b - mean * scale + (w * d if d is not None else 0.0)
-        y = ops.apply(x, axis, scale, shift, group_size)
-        ctx.save_for_backward(x, weight, bias, m, mean, invstd, count, r, d)
-        ctx.cfg = (axis, eps, group_size, combine, backend)
+        kz = w * r if r is not None else w
+        bz = b + w * d if d is not None else b
+        scale = kz * invstd
+        shift = bz - mean * scale
+        y = ops.apply(x, axis, scale, shift, group_size, activation, slope)
+        if save:
+            ctx.save_for_backward(y, m, invstd, count, kz, bz, r, d)
+        else:
+            ctx.save_for_backward(x, weight, bias, m, mean, invstd, count, kz, bz, r, d)
+        ctx.cfg = (axis, eps, group_size, combine, backend, activation, slope, save)
+        ctx.param_dtypes = (
+            weight.dtype if weight is not None else None, bias.dtype if bias is not None else None
+        )
         ctx.mark_non_differentiable(mean, var, count)
         return y, mean, var, count
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar, _dcount):
-        x, weight, bias, m, mean, invstd, count, r, d = ctx.saved_tensors
-        axis, eps, group_size, combine, backend = ctx.cfg
+        axis, eps, group_size, combine, backend, activation, slope, save = ctx.cfg
+        if save:
+            t, m, invstd, count, kz, bz, r, d = ctx.saved_tensors
+            p, q = bz, 1.0 / kz
+        else:
+            t, weight, bias, m, mean, invstd, count, kz, bz, r, d = ctx.saved_tensors
+            p, q = mean, invstd
         if torch.is_grad_enabled():  # create_graph=True: differentiate the formula itself
-            return _double_backward(ctx, dy, x, weight, bias, m, r, d)
-        ops = select(x, backend)
+            if save:
+                raise NotImplementedError(
+                    "double backward (create_graph=True) is not available with memory='save': the input was "
+                    "not kept. Use memory='default' for gradient penalties."
+                )
+            return _double_backward(ctx, dy, t, weight, bias, m, r, d)
+        ops = select(t, backend)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        sum_dy, sum_dyx = ops.backward_reduce(dy, x, axis, mean, invstd, group_size)
+        kw = {"activation": activation, "negative_slope": slope, "zscale": kz, "zshift": bz, "from_output": save}
+        sum_dy, sum_dyx = ops.backward_reduce(dy, t, axis, p, q, group_size, **kw)
+        wdt, bdt = ctx.param_dtypes
         dweight = dbias = None
         if need_w:
             dw = sum_dyx * r if r is not None else sum_dyx
             if d is not None:
                 dw = dw + d * sum_dy
-            dweight = dw.sum(0).to(weight.dtype)
+            dweight = dw.sum(0).to(wdt)
         if need_b:
-            dbias = sum_dy.sum(0).to(bias.dtype)
+            dbias = sum_dy.sum(0).to(bdt)
         dx = None
         if need_x:
             sum_dy, sum_dyx = combine.grads(sum_dy, sum_dyx)
             n = count.clamp_min(1)
-            w = weight.to(mean.dtype).reshape(1, -1) if weight is not None else torch.ones_like(mean[:1])
-            k = (w * r if r is not None else w) * invstd
-            dx = ops.backward_apply(dy, x, axis, mean, invstd, k, sum_dy / n, sum_dyx / n, m, group_size)
-        return dx, dweight, dbias, None, None, None, None, None, None
+            k = kz * invstd
+            dx = ops.backward_apply(dy, t, axis, p, q, k, sum_dy / n, sum_dyx / n, m, group_size, **kw)
+        return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
 
 
-def _composite(x, weight, bias, m, axis, eps, group_size, r=None, d=None):
+def _composite(x, weight, bias, m, axis, eps, group_size, r=None, d=None, activation=None, slope=0.01):
     """The training forward as plain differentiable torch ops (used for double backward)."""
     count, mean, m2 = _t.reduce(x, axis, m, group_size)
     invstd = torch.rsqrt(m2 / count.clamp_min(1) + eps)
@@ -218,11 +243,11 @@ def _composite(x, weight, bias, m, axis, eps, group_size, r=None, d=None):
         xhat = xhat * weight.to(mean.dtype).reshape(shape)
     if bias is not None:
         xhat = xhat + bias.to(mean.dtype).reshape(shape)
-    return xhat.to(x.dtype)
+    return _t.act(xhat, activation, slope).to(x.dtype)
 
 
 def _double_backward(ctx, dy, x, weight, bias, m, r, d):
-    axis, eps, group_size, combine, _ = ctx.cfg
+    axis, eps, group_size, combine, _, activation, slope, _ = ctx.cfg
     if type(combine).stats is not Combine.stats:
         raise NotImplementedError(
             "double backward (create_graph=True) through synchronized batch statistics is not supported; "
@@ -230,9 +255,9 @@ def _double_backward(ctx, dy, x, weight, bias, m, r, d):
         )
     inputs = [(i, t) for i, t in enumerate((x, weight, bias)) if t is not None and ctx.needs_input_grad[i]]
     with torch.enable_grad():
-        y = _composite(x, weight, bias, m, axis, eps, group_size, r, d)
+        y = _composite(x, weight, bias, m, axis, eps, group_size, r, d, activation, slope)
         grads = torch.autograd.grad(y, [t for _, t in inputs], dy, create_graph=True, allow_unused=True)
-    out: list[torch.Tensor | None] = [None] * 9
+    out: list[torch.Tensor | None] = [None] * 12
     for (i, t), g in zip(inputs, grads):
         out[i] = g if g is not None else torch.zeros_like(t)
     return tuple(out)
@@ -256,26 +281,36 @@ def normalize(
     combine: Combine = _PLAIN,
     backend: str | None = None,
     name: str = "BatchNorm",
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    memory: str = "default",
 ) -> torch.Tensor:
     """The one code path behind every layer: validated input → reduce → combine → apply.
 
     ``axis`` must already be non-negative and checked. ``update=True`` updates the running buffers
-    from the combined batch statistics (see :func:`update_running`).
+    from the combined batch statistics (see :func:`update_running`). ``activation`` is fused into
+    apply (forward) and into the backward kernels; ``memory="save"`` (training only) keeps the
+    output instead of the input for backward (In-Place ABN, Rota Bulò et al. 2018). ``backend``
+    picks the kernel path (:func:`batchnorm.kernels.dispatch.select`).
     """
+    _checks.check_activation(activation, negative_slope, memory, name)
     m = _checks.mask_for(x, axis, mask)
     if not use_batch_stats:
         if running_mean is None or running_var is None:
             raise ValueError(f"{name} has no running estimates to normalize with (track_running_stats=False).")
-        return _eval_apply(x, weight, bias, running_mean, running_var, axis, eps, backend)
+        return _eval_apply(x, weight, bias, running_mean, running_var, axis, eps, backend, activation, negative_slope)
     if x.numel() == 0 and type(combine).stats is Combine.stats:
         # Empty batch: nothing to reduce; keep the graph connected (PyTorch does the same).
         if update and num_batches_tracked is not None:
             with torch.no_grad():
                 num_batches_tracked.add_(1)
-        return _eval_apply(x, weight, bias, torch.zeros(x.shape[axis]), torch.ones(x.shape[axis]), axis, -1.0, backend)
+        return _eval_apply(x, weight, bias, torch.zeros(x.shape[axis]), torch.ones(x.shape[axis]), axis, -1.0, backend,
+                           activation, negative_slope)
     if type(combine).stats is Combine.stats:
         _check_enough(x, axis, m, group_size, name)
-    y, mean, var, count = _TrainNorm.apply(x, weight, bias, m, axis, eps, group_size, combine, backend)
+    y, mean, var, count = _TrainNorm.apply(
+        x, weight, bias, m, axis, eps, group_size, combine, backend, activation, negative_slope, memory == "save"
+    )
     if update and running_mean is not None and running_var is not None:
         finite = update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
         if not torch.compiler.is_compiling() and not bool(finite):
@@ -323,9 +358,9 @@ def eval_scale_shift(weight, bias, running_mean, running_var, eps):
     return a.reshape(1, -1), b.reshape(1, -1)
 
 
-def _eval_apply(x, weight, bias, running_mean, running_var, axis, eps, backend):
+def _eval_apply(x, weight, bias, running_mean, running_var, axis, eps, backend, activation=None, slope=0.01):
     a, b = eval_scale_shift(weight, bias, running_mean.to(x.device), running_var.to(x.device), eps)
-    return select(x, backend).apply(x, axis, a, b, None)
+    return select(x, backend).apply(x, axis, a, b, None, activation, slope)
 
 
 def batch_norm(

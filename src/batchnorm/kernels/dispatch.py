@@ -1,4 +1,19 @@
-"""Choose the kernel path for a tensor: the one small function every caller goes through."""
+"""Choose the kernel path for a tensor: the one small function every caller goes through.
+
+Paths:
+
+* ``"torch"`` — :mod:`batchnorm.kernels.torch_ops`: any device, dtype and memory format.
+* ``"numba"`` — :mod:`batchnorm.kernels.ops` (numba kernels of :mod:`batchnorm.kernels.cpu` registered
+  as ``torch.ops.batchnorm.*``): CPU, float32/float64, memory dense in some dimension order
+  (contiguous, channels-last, any permutation of a contiguous tensor). Anything else still takes the
+  torch path, even when ``"numba"`` is forced.
+* ``"auto"`` (default) — numba for supported tensors of at least :data:`MIN_NUMEL` elements, torch
+  otherwise: below that size the fixed cost of a numba call (argument unboxing, thread launch) is
+  larger than the work.
+
+Force a path with the ``backend=`` argument of the layer/functions or the ``BATCHNORM_BACKEND``
+environment variable (the argument wins).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +24,20 @@ import torch
 
 from . import torch_ops
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "numba")
+#: Below this many elements "auto" uses the torch path (numba's per-call overhead dominates).
+MIN_NUMEL = 1 << 15
+
+try:  # numba is optional: without it every call takes the torch path
+    from . import cpu as _cpu
+    from . import ops as _ops
+except ImportError:  # pragma: no cover - exercised only without numba
+    _cpu = _ops = None  # type: ignore[assignment]
 
 
 def available() -> list[str]:
     """The kernel paths that can run here (tests run every one of them)."""
-    return ["torch"]
+    return ["torch"] + (["numba"] if _ops is not None else [])
 
 
 def select(x: torch.Tensor, backend: str | None = None) -> ModuleType:
@@ -23,7 +46,21 @@ def select(x: torch.Tensor, backend: str | None = None) -> ModuleType:
     ``backend`` (or the ``BATCHNORM_BACKEND`` environment variable) forces a path; ``"auto"``
     picks the fastest path that supports ``x``.
     """
-    choice = backend or os.environ.get("BATCHNORM_BACKEND", "auto")
+    choice = backend or os.environ.get("BATCHNORM_BACKEND") or "auto"
     if choice not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}.")
-    return torch_ops
+        raise ValueError(
+            f"backend must be one of {BACKENDS}, got {choice!r}. Pass backend='auto' (default), 'torch' or 'numba' "
+            "(argument or BATCHNORM_BACKEND environment variable)."
+        )
+    if choice == "torch":
+        return torch_ops
+    if _ops is None:
+        if choice == "numba":
+            raise ValueError(
+                "backend='numba' was requested but numba is not installed. Install it with `pip install numba` "
+                "(or `pip install batchnorm[fast]`), or use backend='auto' or 'torch'."
+            )
+        return torch_ops
+    if not _cpu.supports(x) or (choice == "auto" and x.numel() < MIN_NUMEL):
+        return torch_ops
+    return _ops

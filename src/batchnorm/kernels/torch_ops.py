@@ -12,6 +12,48 @@ broadcast by :func:`batchnorm._checks.mask_for` (size 1 along the feature axis),
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+#: Fused activations; the index is the code the numba kernels use. None means "identity".
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu", "gelu", "sigmoid", "tanh")
+#: Activations whose input can be recovered from their output (memory="save").
+INVERTIBLE = ("identity", "leaky_relu")
+
+
+def activation_code(activation: str | None) -> int:
+    """Index of ``activation`` in :data:`ACTIVATIONS` (None → identity)."""
+    return 0 if activation is None else ACTIVATIONS.index(activation)
+
+
+def act(z: torch.Tensor, activation: str | None, negative_slope: float = 0.01) -> torch.Tensor:
+    """The fused activation ``act(z)`` (gelu is the exact erf form, as ``torch.nn.GELU()``)."""
+    if activation is None or activation == "identity":
+        return z
+    if activation == "leaky_relu":
+        return F.leaky_relu(z, negative_slope)
+    return {"relu": torch.relu, "silu": F.silu, "gelu": F.gelu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}[
+        activation
+    ](z)
+
+
+def act_grad(z: torch.Tensor, activation: str | None, negative_slope: float = 0.01) -> torch.Tensor:
+    """``d act / dz`` at ``z`` (at 0, relu and leaky_relu take the left slope, as PyTorch)."""
+    if activation is None or activation == "identity":
+        return torch.ones_like(z)
+    if activation == "relu":
+        return (z > 0).to(z.dtype)
+    if activation == "leaky_relu":
+        return torch.where(z > 0, 1.0, negative_slope).to(z.dtype)
+    if activation == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    if activation == "gelu":
+        return 0.5 * (1 + torch.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * torch.exp(-0.5 * z * z)
+    if activation == "sigmoid":
+        s = torch.sigmoid(z)
+        return s * (1 - s)
+    th = torch.tanh(z)
+    return 1 - th * th
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -79,22 +121,63 @@ def reduce(
 
 
 def apply(
-    x: torch.Tensor, axis: int, scale: torch.Tensor, shift: torch.Tensor, group_size: int | None = None
+    x: torch.Tensor,
+    axis: int,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    group_size: int | None = None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
 ) -> torch.Tensor:
-    """``y = x · scale + shift`` per feature (and group), returned in x's dtype and memory format."""
+    """``y = act(x · scale + shift)`` per feature (and group), returned in x's dtype and memory format."""
     xs = x.to(scale.dtype)
     y = torch.addcmul(expand(shift, x, axis, group_size), xs, expand(scale, x, axis, group_size))
-    return y.to(x.dtype)
+    return act(y, activation, negative_slope).to(x.dtype)
+
+
+def _dz_xhat(dy, t, axis, p, q, group_size, activation, negative_slope, zscale, zshift, from_output):
+    """``(dz, x̂)``: ``dz = dy · act'(z)`` with ``z = x̂ · zscale + zshift``.
+
+    ``from_output=False``: ``t`` is the input, ``x̂ = (t − p) · q`` (p, q = mean, invstd).
+    ``from_output=True`` (memory-saving mode): ``t`` is the output ``y`` of an invertible activation,
+    ``z = act⁻¹(y)`` and ``x̂ = (z − p) · q`` (p, q = zshift, 1 / zscale).
+    """
+    sd = p.dtype
+    e = lambda v: expand(v, t, axis, group_size)  # noqa: E731
+    ts, dys = t.to(sd), dy.to(sd)
+    if from_output:
+        if activation == "leaky_relu":
+            neg = ~(ts > 0)
+            ts = torch.where(neg, ts / negative_slope, ts)
+            dys = torch.where(neg, dys * negative_slope, dys)
+        return dys, (ts - e(p)) * e(q)
+    xhat = (ts - e(p)) * e(q)
+    if activation is None or activation == "identity":
+        return dys, xhat
+    one = torch.ones_like(p[:1])
+    z = xhat * e(zscale if zscale is not None else one) + e(zshift if zshift is not None else one * 0)
+    return dys * act_grad(z, activation, negative_slope), xhat
 
 
 def backward_reduce(
-    dy: torch.Tensor, x: torch.Tensor, axis: int, mean: torch.Tensor, invstd: torch.Tensor, group_size: int | None
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    axis: int,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    group_size: int | None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    zscale: torch.Tensor | None = None,
+    zshift: torch.Tensor | None = None,
+    from_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Σ dy, Σ dy · x̂)`` per feature over *all* positions (masked ones included: they are normalized too)."""
-    sd = mean.dtype
-    dys = dy.to(sd)
-    xhat = (x.to(sd) - expand(mean, x, axis, group_size)) * expand(invstd, x, axis, group_size)
-    return _group_sum(dys, x, axis, group_size), _group_sum(dys * xhat, x, axis, group_size)
+    """``(Σ dz, Σ dz · x̂)`` per feature over *all* positions (masked ones included: they are normalized too).
+
+    ``dz = dy`` without activation; see :func:`_dz_xhat` for the fused activation and memory-saving forms.
+    """
+    dz, xhat = _dz_xhat(dy, x, axis, mean, invstd, group_size, activation, negative_slope, zscale, zshift, from_output)
+    return _group_sum(dz, x, axis, group_size), _group_sum(dz * xhat, x, axis, group_size)
 
 
 def backward_apply(
@@ -108,12 +191,17 @@ def backward_apply(
     mean_dy_xhat: torch.Tensor,
     m: torch.Tensor | None,
     group_size: int | None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    zscale: torch.Tensor | None = None,
+    zshift: torch.Tensor | None = None,
+    from_output: bool = False,
 ) -> torch.Tensor:
-    """``dx = k · (dy − m · (mean(dy) + x̂ · mean(dy · x̂)))``; ``m`` is 1 where a position counted."""
+    """``dx = k · (dz − m · (mean(dz) + x̂ · mean(dz · x̂)))``; ``m`` is 1 where a position counted."""
     sd = mean.dtype
     e = lambda v: expand(v, x, axis, group_size)  # noqa: E731
-    xhat = (x.to(sd) - e(mean)) * e(invstd)
+    dz, xhat = _dz_xhat(dy, x, axis, mean, invstd, group_size, activation, negative_slope, zscale, zshift, from_output)
     corr = e(mean_dy) + xhat * e(mean_dy_xhat)
     if m is not None:
         corr = corr * m.to(sd)
-    return (e(k) * (dy.to(sd) - corr)).to(x.dtype)
+    return (e(k) * (dz - corr)).to(x.dtype)

@@ -43,6 +43,15 @@ class BatchNorm(nn.Module):
         bias: with ``affine=True``, False drops ``β`` (keyword-only, as in ``torch.nn.BatchNorm*d``).
         track_running_stats: keep ``running_mean``, ``running_var``, ``num_batches_tracked``.
         axis: the feature axis: 1 for ``(N, C, *)``, -1 for ``(N, *, C)``.
+        activation: None, ``"identity"``, ``"relu"``, ``"leaky_relu"``, ``"silu"``, ``"gelu"`` (erf form),
+            ``"sigmoid"`` or ``"tanh"``, fused into the apply pass forward and backward:
+            ``BatchNorm(C, activation="relu")`` equals ``BatchNorm(C)`` followed by ``torch.relu``.
+        negative_slope: slope of ``leaky_relu`` for negative inputs.
+        memory: ``"default"`` keeps the input for backward; ``"save"`` (In-Place ABN, Rota Bulò et al.
+            2018; training with activation None/"identity"/"leaky_relu" only) keeps only the output and
+            recovers ``x̂ = (act⁻¹(y) − β) / γ``; a ``γ`` with ``|γ| < eps`` is used as ``±eps`` in that mode.
+        backend: kernel path, ``"auto"`` (default: numba on CPU for large float32/float64 tensors),
+            ``"torch"`` or ``"numba"``; None reads ``BATCHNORM_BACKEND``. See docs/kernels.md.
 
     Shape:
         Input ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``, ``(N, C, D, H, W)`` ... (any rank ≥ 2),
@@ -84,8 +93,17 @@ class BatchNorm(nn.Module):
         device: Any = None,
         dtype: Any = None,
         bias: bool = True,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
+        memory: str = "default",
+        backend: str | None = None,
     ) -> None:
         super().__init__()
+        _checks.check_activation(activation, negative_slope, memory, type(self).__name__)
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+        self.memory = memory
+        self.backend = backend
         factory = {"device": device, "dtype": dtype}
         self.num_features = _checks.check_num_features(num_features, type(self).__name__)
         self.eps = _checks.check_eps(eps)
@@ -136,6 +154,10 @@ class BatchNorm(nn.Module):
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}, axis={self.axis}"
+            + (f", activation={self.activation!r}" if self.activation is not None else "")
+            + (f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else "")
+            + (f", memory={self.memory!r}" if self.memory != "default" else "")
+            + (f", backend={self.backend!r}" if self.backend is not None else "")
         )
 
     def _load_from_state_dict(
@@ -211,6 +233,10 @@ class BatchNorm(nn.Module):
             group_size=self._group_size(x) if self.training else None,
             combine=self._combine(),
             name=type(self).__name__,
+            activation=getattr(self, "activation", None),
+            negative_slope=getattr(self, "negative_slope", 0.01),
+            memory=getattr(self, "memory", "default"),
+            backend=getattr(self, "backend", None),
         )
 
 
