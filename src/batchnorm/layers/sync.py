@@ -110,7 +110,8 @@ class SyncBatchNorm(BatchNorm):
     the latest after the process group's timeout). Runs on CPU with gloo; CUDA with NCCL is expected
     to work but is untested here. Double backward through synchronized statistics is not supported.
 
-    Args: as :class:`BatchNorm`, plus ``process_group`` (None: the default group).
+    Args: as :class:`BatchNorm` (other keyword options, such as a fused activation, are passed on to
+    it), plus ``process_group`` (None: the default group).
 
     Shape: as :class:`BatchNorm`: ``(N, C, *)`` or ``(N, *, C)`` with ``axis=-1``; ``N`` may differ
     between processes and may be 0.
@@ -139,10 +140,11 @@ class SyncBatchNorm(BatchNorm):
         device: Any = None,
         dtype: Any = None,
         bias: bool = True,
+        **options: Any,
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, axis=axis, device=device, dtype=dtype,
-            bias=bias,
+            bias=bias, **options,
         )
         self.process_group = process_group
         self._local: tuple[int, tuple[int, ...]] = (0, ())

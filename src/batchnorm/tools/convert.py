@@ -27,6 +27,9 @@ def bn_axis(module: nn.Module) -> int:
     return int(getattr(module, "axis", 1))
 
 
+_NOT_CARRIED = {"device", "dtype", "num_features"}
+
+
 def _source_config(m: nn.Module) -> dict:
     if isinstance(m, FrozenBatchNorm):
         return {"num_features": m.num_features, "eps": m.eps, "affine": True, "track_running_stats": True,
@@ -59,6 +62,8 @@ def _build(m: nn.Module, name: str, to: type, kwargs: dict) -> nn.Module:
     except (TypeError, ValueError):  # builtins without a signature: pass everything
         params = {}
     takes_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if takes_var_kw and issubclass(to, BatchNorm):  # a variant passing **options on to BatchNorm
+        params = {**inspect.signature(BatchNorm).parameters, **params}
     accepts = lambda key: not params or takes_var_kw or key in params  # noqa: E731
     label = f"layer '{name}'" if name else "the model"
     if cfg["axis"] != 1 and not accepts("axis"):
@@ -82,6 +87,19 @@ def _build(m: nn.Module, name: str, to: type, kwargs: dict) -> nn.Module:
     if ref is not None:
         factory = {"device": ref.device, "dtype": ref.dtype}
     args = {k: v for k, v in cfg.items() if accepts(k) and not (k == "bias" and not params)}
+    # options of `to` that the source layer also has (activation, virtual_batch_size, r_max, process_group, ...)
+    for key, p in params.items():
+        if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or key in args or key in kwargs or key in _NOT_CARRIED:
+            continue
+        if hasattr(m, key) and not callable(getattr(m, key)) and not isinstance(getattr(m, key), torch.Tensor):
+            args[key] = getattr(m, key)
+    activation = getattr(m, "activation", None)
+    if activation not in (None, "identity") and "activation" not in args and "activation" not in kwargs:
+        raise ValueError(
+            f"convert: {label} ({type(m).__name__}) has a fused activation={activation!r}, but {to.__name__} takes no "
+            "activation argument, so the converted model would compute something else. Convert it to a batchnorm "
+            "layer (which keeps activation=), or build the model with a separate activation module."
+        )
     args.update({k: v for k, v in factory.items() if accepts(k)})
     args.update(kwargs)
     num_features = args.pop("num_features")
@@ -146,15 +164,19 @@ def convert(model: nn.Module, to: type = BatchNorm, **kwargs) -> nn.Module:
 
     Carried over: ``num_features, eps, momentum, affine, track_running_stats, axis, bias`` (as far as ``to``
     accepts them; ``kwargs`` override them, e.g. ``process_group=`` or a variant's own settings),
-    ``weight``, ``bias`` and their ``requires_grad``, ``running_mean``, ``running_var``,
+    every other argument of ``to`` that the source layer has as an attribute of the same name (e.g.
+    ``activation``, ``virtual_batch_size``, ``r_max``, ``process_group``), ``weight``, ``bias`` and their
+    ``requires_grad``, ``running_mean``, ``running_var``,
     ``num_batches_tracked``, the train/eval mode, the device and the dtype. A FrozenBatchNorm source
     becomes a trainable layer with ``weight``/``bias`` from its buffers (``requires_grad=True``),
     ``num_batches_tracked = 0`` and ``momentum`` from ``kwargs`` (default of ``to``). A layer shared
     at several places of the model stays shared. A variant's own extra state (e.g. its settings) is
-    not carried: pass it in ``kwargs``. Forward hooks on replaced layers are not carried.
+    not carried when ``to`` has no such argument (pass it in ``kwargs``); a fused activation that ``to``
+    cannot express is a ValueError rather than a silent change. Forward hooks on replaced layers are not
+    carried.
 
-    Raises ValueError when a layer cannot be represented by ``to``: ``axis != 1`` into a torch class,
-    or ``track_running_stats=False`` into FrozenBatchNorm.
+    Raises ValueError when a layer cannot be represented by ``to``: ``axis != 1`` or a fused activation
+    into a torch class, or ``track_running_stats=False`` into FrozenBatchNorm.
 
     Shape: no effect on shapes. Note that torch's ``BatchNorm1d/2d/3d`` check the input rank, so
     ``to=torch.nn.BatchNorm2d`` only suits models whose BN layers all see 4-D inputs.

@@ -38,8 +38,28 @@ class _Unfoldable(Exception):
     pass
 
 
-def _affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode ``y = x · a + b`` of a BN-like layer as float64 ``(C,)`` tensors, or _Unfoldable."""
+_ACTS = {
+    "relu": lambda bn: nn.ReLU(),
+    "leaky_relu": lambda bn: nn.LeakyReLU(float(getattr(bn, "negative_slope", 0.01))),
+    "silu": lambda bn: nn.SiLU(),
+    "gelu": lambda bn: nn.GELU(),
+    "sigmoid": lambda bn: nn.Sigmoid(),
+    "tanh": lambda bn: nn.Tanh(),
+}
+
+
+def _activation(bn: nn.Module) -> nn.Module | None:
+    """The fused activation of one of our layers as a torch module (None: no activation)."""
+    name = getattr(bn, "activation", None)
+    if name in (None, "identity"):
+        return None
+    if name not in _ACTS:
+        raise _Unfoldable(f"its fused activation={name!r} has no torch module equivalent here")
+    return _ACTS[name](bn)
+
+
+def _affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor, nn.Module | None]:
+    """Eval-mode ``y = act(x · a + b)`` of a BN-like layer: float64 ``(C,)`` a, b and the activation module."""
     if isinstance(bn, FrozenBatchNorm):
         w, b, rm, rv = bn.weight, bn.bias, bn.running_mean, bn.running_var
     else:
@@ -55,12 +75,13 @@ def _affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     shift = -rm.detach().double() * a
     if b is not None:
         shift = shift + b.detach().double()
-    _verify(bn, a, shift)
-    return a, shift
+    act = _activation(bn)
+    _verify(bn, a, shift, act)
+    return a, shift, act
 
 
-def _verify(bn: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
-    """Check on a probe that the layer's eval output really is ``x · a + b`` (variants may differ)."""
+def _verify(bn: nn.Module, a: torch.Tensor, b: torch.Tensor, act: nn.Module | None) -> None:
+    """Check on a probe that the layer's eval output really is ``act(x · a + b)`` (variants may differ)."""
     c = a.numel()
     axis = int(getattr(bn, "axis", 1))
     ref = next(iter(bn.buffers()))
@@ -94,9 +115,12 @@ def _verify(bn: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
     view = [1] * x.dim()
     view[ax] = c
     expect = x.double() * a.to(x.device).reshape(view) + b.to(x.device).reshape(view)
+    if act is not None:
+        expect = act(expect)
     tol = 1e-5 if ref.dtype in (torch.float32, torch.float64) else 1e-2
     if not torch.allclose(y.double(), expect, rtol=tol, atol=tol * float(expect.abs().max().clamp_min(1))):
-        raise _Unfoldable("its eval output is not the affine map of its running statistics")
+        raise _Unfoldable("its eval output is not the affine map of its running statistics (a variant with other "
+                          "eval semantics)")
 
 
 def _feature_axis_is(bn: nn.Module, want: str, rank: int | None) -> bool:
@@ -179,9 +203,9 @@ def _padding(m: nn.Module) -> tuple[int, ...]:
     return tuple(m.padding)
 
 
-def _frozen_from(bn: nn.Module, a: torch.Tensor, b: torch.Tensor) -> FrozenBatchNorm:
+def _frozen_from(bn: nn.Module, act: nn.Module | None = None) -> nn.Module:
     ref = next(iter(bn.buffers()))
-    fz = FrozenBatchNorm(a.numel(), eps=float(bn.eps), axis=int(getattr(bn, "axis", 1)))
+    fz = FrozenBatchNorm(int(bn.num_features), eps=float(bn.eps), axis=int(getattr(bn, "axis", 1)))
     fz = fz.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else torch.float32)
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var"):
@@ -189,7 +213,7 @@ def _frozen_from(bn: nn.Module, a: torch.Tensor, b: torch.Tensor) -> FrozenBatch
             if isinstance(src, torch.Tensor):
                 getattr(fz, name).copy_(src.detach())
     fz.eval()
-    return fz
+    return fz if act is None else nn.Sequential(fz, act)
 
 
 # -- torch.fx path ---------------------------------------------------------------------------------
@@ -221,13 +245,14 @@ def _fold_fx(root: nn.Module, records: list[FoldRecord]) -> fx.GraphModule:
         name = node.target
         bn = modules[name]
         try:
-            a, b = _affine(bn)
+            a, b, act = _affine(bn)
         except _Unfoldable as why:
             records.append(FoldRecord(name, "skipped", None, str(why)))
             continue
         rank = _rank_of(bn)
         prev = node.args[0] if node.args else None
         extra_args = len(node.args) > 1 or bool(node.kwargs)
+        kept = f"; its fused activation is kept as {type(act).__name__}" if act is not None else ""
         # 1) into the conv / linear that feeds it, when that output feeds nothing else
         if isinstance(prev, fx.Node) and prev.op == "call_module":
             layer = modules[prev.target]
@@ -241,17 +266,25 @@ def _fold_fx(root: nn.Module, records: list[FoldRecord]) -> fx.GraphModule:
                 and getattr(layer, "weight", None) is not None
                 and layer.weight.shape[0 if not isinstance(layer, _CONVT) else 1] * (
                     layer.groups if isinstance(layer, _CONVT) else 1) == a.numel()
+                and (act is None or not extra_args)
             ):
                 _fold_into_previous(layer, a, b)
                 done.add(prev.target)
-                node.replace_all_uses_with(prev)
+                if act is None:
+                    node.replace_all_uses_with(prev)
+                else:  # the conv now computes the affine part; the activation stays as its own module
+                    act_name = _free_name(root, name + "_act")
+                    _set_submodule(root, act_name, act)
+                    with graph.inserting_after(node):
+                        act_node = graph.call_module(act_name, (prev,))
+                    node.replace_all_uses_with(act_node)
                 graph.erase_node(node)
                 records.append(FoldRecord(name, "folded_into_previous", prev.target,
-                                          f"{type(bn).__name__} after {type(layer).__name__}"))
+                                          f"{type(bn).__name__} after {type(layer).__name__}{kept}"))
                 continue
         # 2) into the linear / 1×1 conv it feeds, with nothing in between
         users = list(node.users)
-        if len(users) == 1 and not extra_args:
+        if len(users) == 1 and not extra_args and act is None:
             nxt = users[0]
             if nxt.op == "call_module" and nxt.args and nxt.args[0] is node and not nxt.kwargs:
                 layer = modules[nxt.target]
@@ -271,9 +304,13 @@ def _fold_fx(root: nn.Module, records: list[FoldRecord]) -> fx.GraphModule:
                                               f"{type(bn).__name__} before {type(layer).__name__}"))
                     continue
         # 3) everything else: a fixed affine map
+        if act is not None and extra_args:
+            records.append(FoldRecord(name, "skipped", None, "it is called with a mask and has a fused activation, "
+                                      "which no FrozenBatchNorm expresses"))
+            continue
         if name not in frozen:
-            frozen[name] = bn if isinstance(bn, FrozenBatchNorm) else _frozen_from(bn, a, b)
-        records.append(FoldRecord(name, "frozen", None, _why_not(node, modules, counts, bn, rank)))
+            frozen[name] = bn if isinstance(bn, FrozenBatchNorm) else _frozen_from(bn, act)
+        records.append(FoldRecord(name, "frozen", None, _why_not(node, modules, counts, bn, rank) + kept))
     for name, fz in frozen.items():
         if any(n.op == "call_module" and n.target == name for n in graph.nodes):
             _set_submodule(root, name, fz)
@@ -294,6 +331,14 @@ def _why_not(node: fx.Node, modules: dict, counts: dict, bn: nn.Module, rank: in
                 return f"'{prev.target}' is called more than once in the model"
             return f"its feature axis (axis={getattr(bn, 'axis', 1)}) is not the output feature axis of '{prev.target}'"
     return "no conv/linear producing its input alone, and no linear/1x1 conv consuming its output alone"
+
+
+def _free_name(root: nn.Module, name: str) -> str:
+    names = dict(root.named_modules())
+    candidate, i = name, 1
+    while candidate in names:
+        candidate, i = f"{name}{i}", i + 1
+    return candidate
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -320,7 +365,7 @@ def _fold_sequential(root: nn.Module, records: list[FoldRecord], error: str) -> 
                 continue
             qual = names[id(bn)]
             try:
-                a, b = _affine(bn)
+                a, b, act = _affine(bn)
             except _Unfoldable as why:
                 records.append(FoldRecord(qual, "skipped", None, str(why)))
                 handled.add(id(bn))
@@ -341,6 +386,7 @@ def _fold_sequential(root: nn.Module, records: list[FoldRecord], error: str) -> 
                 target, action = prev, "folded_into_previous"
             elif (
                 nxt is not None
+                and act is None
                 and occurrences.get(id(nxt), 0) == 1
                 and id(nxt) not in handled
                 and ((isinstance(nxt, nn.Linear) and _feature_axis_is(bn, "last", rank))
@@ -351,7 +397,7 @@ def _fold_sequential(root: nn.Module, records: list[FoldRecord], error: str) -> 
             handled.add(id(bn))
             if target is not None:
                 handled.add(id(target))
-                seq._modules[keys[i]] = nn.Identity()
+                seq._modules[keys[i]] = nn.Identity() if act is None else act
                 records.append(FoldRecord(qual, action, names[id(target)],
                                           f"adjacent in nn.Sequential '{seq_name}' (fx could not trace: {error})"))
             i += 1
@@ -360,12 +406,12 @@ def _fold_sequential(root: nn.Module, records: list[FoldRecord], error: str) -> 
         if not is_bn_like(m) or any(r.bn == qual for r in records):
             continue
         try:
-            a, b = _affine(m)
+            _, _, act = _affine(m)
         except _Unfoldable as why:
             records.append(FoldRecord(qual, "skipped", None, str(why)))
             continue
         if not isinstance(m, FrozenBatchNorm):
-            _set_submodule(root, qual, _frozen_from(m, a, b))
+            _set_submodule(root, qual, _frozen_from(m, act))
         records.append(FoldRecord(qual, "frozen", None,
                                   f"fx could not trace the model ({error}) and it is not next to a foldable "
                                   "conv/linear inside an nn.Sequential"))
