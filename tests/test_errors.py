@@ -221,3 +221,33 @@ def test_float16_overflowing_batch_is_finite() -> None:
         y = layer(x)
     assert torch.isfinite(y).all() and torch.isfinite(layer.running_var).all()
     assert batchnorm.batch_stats(x)[1].dtype == torch.float32
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_values_at_masked_positions_do_not_count(value, backend) -> None:
+    """Padding may hold garbage (NaN/Inf from a previous layer): masked-out positions never enter the
+    statistics, so the batch is accepted, the counted outputs are finite and equal those with clean padding."""
+    x = torch.randn(3, 5, 2)
+    mask = torch.arange(5) < torch.tensor([5, 3, 2])[:, None]
+    dirty = x.clone()
+    dirty[~mask] = value
+    clean_layer, dirty_layer = BatchNorm(2, axis=-1), BatchNorm(2, axis=-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y_dirty = dirty_layer(dirty, mask=mask)
+    y_clean = clean_layer(x, mask=mask)
+    torch.testing.assert_close(y_dirty[mask], y_clean[mask])
+    torch.testing.assert_close(dirty_layer.running_var, clean_layer.running_var)
+    assert int(dirty_layer.num_batches_tracked) == 1
+    # Gradients are those of the formula, in which every position's x̂ enters Σ dy·x̂ (masked positions
+    # are normalized too); IEEE gives 0·NaN = NaN, so backward needs finite padding, as documented.
+    # With finite garbage the gradient of the counted positions does not depend on the garbage:
+    x_big = x.clone()
+    x_big[~mask] = 1e6
+    grads = []
+    for xin in (x, x_big):
+        xr = xin.clone().requires_grad_(True)
+        dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)) * mask.unsqueeze(-1)
+        BatchNorm(2, axis=-1)(xr, mask=mask).backward(dy)  # a loss that ignores padding
+        grads.append(xr.grad)
+    torch.testing.assert_close(grads[0], grads[1])

@@ -111,11 +111,12 @@ def reduce(
     else:
         mf = m.to(xs.dtype)
         count = _group_sum(mf, x, axis, group_size).expand(-1, c)
-        total = _group_sum(xs * mf, x, axis, group_size)
+        # where, not a product: a NaN/Inf at a masked-out position must not count (NaN·0 = NaN)
+        total = _group_sum(torch.where(m, xs, 0.0), x, axis, group_size)
     mean = total / count.clamp_min(1)
     centred = xs - expand(mean, x, axis, group_size)
     if m is not None:
-        centred = centred * mf
+        centred = torch.where(m, centred, 0.0)
     m2 = _group_sum(centred * centred, x, axis, group_size)
     return count.contiguous(), mean, m2
 
@@ -198,10 +199,9 @@ def backward_apply(
     from_output: bool = False,
 ) -> torch.Tensor:
     """``dx = k · (dz − m · (mean(dz) + x̂ · mean(dz · x̂)))``; ``m`` is 1 where a position counted."""
-    sd = mean.dtype
     e = lambda v: expand(v, x, axis, group_size)  # noqa: E731
     dz, xhat = _dz_xhat(dy, x, axis, mean, invstd, group_size, activation, negative_slope, zscale, zshift, from_output)
     corr = e(mean_dy) + xhat * e(mean_dy_xhat)
     if m is not None:
-        corr = corr * m.to(sd)
+        corr = torch.where(m, corr, 0.0)  # masked positions: dx = k·dz even where x̂ is not finite
     return (e(k) * (dz - corr)).to(x.dtype)
