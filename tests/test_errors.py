@@ -104,6 +104,8 @@ CASES = [
     ("running-shape", lambda: batch_norm(torch.randn(4, 3), torch.zeros(4), torch.ones(3)), ValueError,
      r"batch_norm expected running_mean of shape \(3,\) for input of shape \(4, 3\) with axis=1, got \(4,\)\. "
      r"Pass per-feature tensors of length 3"),
+    ("momentum-none-no-counter", lambda: batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, momentum=None),
+     ValueError, r"batch_norm expected num_batches_tracked with momentum=None .*got None\. Pass num_batches_tracked="),
     ("weight-shape", lambda: batch_norm(torch.randn(4, 3), None, None, torch.ones(2)), ValueError,
      r"expected weight of shape \(3,\)"),
 ]

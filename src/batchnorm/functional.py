@@ -416,6 +416,11 @@ def batch_norm(
                 f"got {tuple(t.shape)}. Pass per-feature tensors of length {c}, or set axis= to the feature axis."
             )
     use_batch = training or running_mean is None or running_var is None
+    if momentum is None and training and running_mean is not None and num_batches_tracked is None:
+        raise ValueError(
+            "batch_norm expected num_batches_tracked with momentum=None (a cumulative average divides by it), "
+            "got None. Pass num_batches_tracked=torch.tensor(0) (updated in place), or a float momentum."
+        )
     return normalize(
         x, weight, bias, axis=ax, eps=eps, use_batch_stats=use_batch,
         running_mean=running_mean, running_var=running_var,
