@@ -203,6 +203,9 @@ FOLD_CASES = [
      {"1": ("folded_into_previous", "0"), "4": ("folded_into_previous", "3")}),
     ("frozen-input", lambda: seq(nn.Conv1d(3, 4, 3), FrozenBatchNorm(4)), (2, 3, 8),
      {"1": ("folded_into_previous", "0")}),
+    ("fused-activation", lambda: seq(nn.Conv1d(3, 4, 3), BatchNorm(4, activation="relu"), nn.Conv1d(4, 4, 1),
+                                     BatchNorm(4, activation="leaky_relu", negative_slope=0.2)), (3, 3, 8),
+     {"1": ("folded_into_previous", "0"), "3": ("folded_into_previous", "2")}),
     ("untraceable", Untraceable, (3, 2, 8),
      {"features.1": ("folded_into_previous", "features.0"), "features.3": ("folded_into_next", "features.4"),
       "lonely": ("frozen", None)}),
@@ -255,6 +258,28 @@ def test_fold_skips_batch_statistics_layers(build, reason):
         folded, records = fold(model, report=True)
     assert [(r.bn, r.action) for r in records] == [("1", "skipped")]
     assert type(folded.get_submodule("1")) is type(model[1])
+
+
+@pytest.mark.parametrize("traceable", [True, False])
+def test_fold_fused_activation_stays_a_module(traceable):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = seq(nn.Conv1d(3, 4, 3), BatchNorm(4, activation="gelu"), nn.ReLU(), BatchNorm(4, activation="silu"))
+
+        def forward(self, x):
+            if not traceable and x.sum() > 1e9:
+                x = -x
+            return self.body(x)
+
+    model = randomize(Net()).eval()
+    folded, records = fold(model, report=True)
+    assert [(r.bn, r.action) for r in records] == [("body.1", "folded_into_previous"), ("body.3", "frozen")]
+    assert all("fused activation is kept as" in r.reason for r in records) or not traceable
+    acts = {type(m).__name__ for m in folded.modules()}
+    assert {"GELU", "SiLU", "FrozenBatchNorm"} <= acts and "BatchNorm" not in acts
+    x = torch.randn(4, 3, 9)
+    assert rel_err(folded(x), model(x)) < 1e-5
 
 
 def test_fold_uses_recorded_rank_for_axis_one_after_linear():
@@ -525,6 +550,15 @@ def test_convert_keeps_shared_layers_shared_and_top_level():
 def test_convert_passes_variant_settings():
     out = convert(seq(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4)), to=GhostBatchNorm, virtual_batch_size=4)
     assert isinstance(out[1], GhostBatchNorm) and out[1].virtual_batch_size == 4
+    # options the source has and the target takes are carried (kwargs still win)
+    again = convert(out, to=GhostBatchNorm)
+    assert again[1].virtual_batch_size == 4
+    assert convert(out, to=GhostBatchNorm, virtual_batch_size=8)[1].virtual_batch_size == 8
+    fused = seq(BatchNorm(4, activation="leaky_relu", negative_slope=0.3))
+    sync = convert(fused, to=SyncBatchNorm)
+    assert sync[0].activation == "leaky_relu" and sync[0].negative_slope == 0.3
+    x = torch.randn(6, 4)
+    torch.testing.assert_close(sync(x), fused(x))
 
 
 @pytest.mark.parametrize(
@@ -535,6 +569,8 @@ def test_convert_passes_variant_settings():
         (seq(nn.BatchNorm1d(3, track_running_stats=False)), {"to": FrozenBatchNorm}, ValueError,
          r"has no running statistics \(track_running_stats=False\), so it cannot become a FrozenBatchNorm"),
         (seq(nn.BatchNorm1d(3)), {"to": BatchNorm(3)}, TypeError, "expected `to` to be an nn.Module class"),
+        (seq(BatchNorm(3, activation="relu")), {"to": nn.BatchNorm1d}, ValueError,
+         r"layer '0' \(BatchNorm\) has a fused activation='relu', but BatchNorm1d takes no activation argument"),
     ],
 )
 def test_convert_errors(model, kwargs, error, match):
@@ -545,3 +581,33 @@ def test_convert_errors(model, kwargs, error, match):
 def test_public_exports():
     for name in ("fold", "recalibrate", "convert", "freeze", "unfreeze", "SyncBatchNorm"):
         assert name in batchnorm.__all__ and getattr(batchnorm, name) is not None
+
+
+# -- documentation examples run ----------------------------------------------------------------------
+def _doc_cases():
+    import doctest
+    import importlib
+
+    # import_module: batchnorm.tools.fold etc. are shadowed by the functions of the same name
+    names = ("batchnorm.tools.fold", "batchnorm.tools.recalibrate", "batchnorm.tools.convert", "batchnorm.layers.sync")
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    return [t for n in names for t in finder.find(importlib.import_module(n)) if t.examples]
+
+
+DOC_CASES = _doc_cases()
+
+
+@pytest.mark.parametrize("test", DOC_CASES, ids=[t.name for t in DOC_CASES])
+def test_docstring_examples_run(test):
+    import doctest
+
+    test.globs = {"torch": torch, **{k: getattr(batchnorm, k) for k in batchnorm.__all__}}
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    failures = []
+    runner.run(test, out=failures.append)
+    assert runner.summarize(verbose=False).failed == 0, "".join(failures)
+
+
+def test_docstring_examples_found():
+    names = {t.name.rsplit(".", 1)[-1] for t in DOC_CASES}
+    assert {"fold", "recalibrate", "convert", "freeze", "unfreeze", "SyncBatchNorm"} <= names

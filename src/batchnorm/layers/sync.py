@@ -116,12 +116,15 @@ class SyncBatchNorm(BatchNorm):
     Shape: as :class:`BatchNorm`: ``(N, C, *)`` or ``(N, *, C)`` with ``axis=-1``; ``N`` may differ
     between processes and may be 0.
 
-    Example::
+    Example (in a script started with ``torchrun --nproc_per_node=2 train.py``, after
+    ``torch.distributed.init_process_group("gloo")``, convert a model and wrap it:
+    ``DistributedDataParallel(batchnorm.convert(model, to=batchnorm.SyncBatchNorm))``; see
+    ``examples/ddp_train.py``). Outside torch.distributed it is BatchNorm::
 
-        >>> # torchrun --nproc_per_node=2 train.py
-        >>> torch.distributed.init_process_group("gloo")
-        >>> model = batchnorm.convert(model, to=batchnorm.SyncBatchNorm)
-        >>> model = torch.nn.parallel.DistributedDataParallel(model)
+        >>> layer = SyncBatchNorm(8)
+        >>> x = torch.randn(4, 8, 10)
+        >>> torch.equal(layer(x), BatchNorm(8)(x))
+        True
 
     Reference: Ioffe & Szegedy (2015); synchronized BN as in Peng et al., "MegDet: A Large
     Mini-Batch Object Detector", CVPR 2018, and ``torch.nn.SyncBatchNorm``.

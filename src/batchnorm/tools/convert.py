@@ -183,10 +183,14 @@ def convert(model: nn.Module, to: type = BatchNorm, **kwargs) -> nn.Module:
 
     Example::
 
-        >>> model = torchvision_like_cnn()                      # torch.nn.BatchNorm2d inside
-        >>> ours = batchnorm.convert(model, to=batchnorm.BatchNorm)
-        >>> sync = batchnorm.convert(model, to=batchnorm.SyncBatchNorm)   # for DDP
-        >>> back = batchnorm.convert(ours, to=torch.nn.BatchNorm2d)
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+        >>> ours = convert(model, to=BatchNorm)
+        >>> type(ours[1]).__name__, type(model[1]).__name__       # the original is untouched
+        ('BatchNorm', 'BatchNorm2d')
+        >>> back = convert(ours, to=torch.nn.BatchNorm2d)
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> torch.allclose(back(x), model(x), atol=1e-6)
+        True
 
     Reference: ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` and timm's
     ``freeze_batch_norm_2d`` (the recursive converter pattern).
@@ -206,7 +210,15 @@ def freeze(model: nn.Module) -> nn.Module:
     eval-mode output, in training and evaluation alike; nothing is learned or updated any more.
     Layers without running statistics raise ValueError (see :func:`convert`).
 
-    Shape: unchanged. Example: ``frozen = batchnorm.freeze(backbone.eval())``.
+    Shape: unchanged.
+
+    Example::
+
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8)).eval()
+        >>> frozen = freeze(model)
+        >>> type(frozen[1]).__name__, len(list(frozen.parameters()))    # only the Linear learns
+        ('FrozenBatchNorm', 2)
+
     Reference: torchvision/detectron2 ``FrozenBatchNorm2d``; timm ``freeze_batch_norm_2d``.
     """
     return _convert(model, FrozenBatchNorm, {}, is_bn_like)
@@ -219,7 +231,15 @@ def unfreeze(model: nn.Module, to: type = BatchNorm, **kwargs) -> nn.Module:
     statistics, ``num_batches_tracked = 0``, and the mode of the frozen layer; other layers are not
     touched. ``unfreeze(freeze(m))`` gives the same eval outputs as ``m``.
 
-    Shape: unchanged. Example: ``model = batchnorm.unfreeze(model).train()``.
+    Shape: unchanged.
+
+    Example::
+
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), FrozenBatchNorm(8))
+        >>> thawed = unfreeze(model)
+        >>> type(thawed[1]).__name__, thawed[1].weight.requires_grad
+        ('BatchNorm', True)
+
     Reference: timm ``unfreeze_batch_norm_2d``.
     """
     return _convert(model, to, kwargs, lambda m: isinstance(m, FrozenBatchNorm))

@@ -461,10 +461,15 @@ def fold(model: nn.Module, report: bool = False):
 
     Example::
 
-        >>> fast = batchnorm.fold(model.eval())
-        >>> fast, records = batchnorm.fold(model.eval(), report=True)
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+        ...                       nn.BatchNorm1d(8 * 14 * 14), nn.Linear(8 * 14 * 14, 10)).eval()
+        >>> fast, records = fold(model, report=True)
         >>> [(r.bn, r.action, r.target) for r in records]
-        [('bn1', 'folded_into_previous', 'conv1'), ...]
+        [('1', 'folded_into_previous', '0'), ('4', 'folded_into_next', '5')]
+        >>> x = torch.randn(2, 3, 16, 16)
+        >>> torch.allclose(fast(x), model(x), rtol=1e-5, atol=1e-5)
+        True
 
     Reference: Jacob et al., "Quantization and Training of Neural Networks for Efficient
     Integer-Arithmetic-Only Inference", CVPR 2018 (BN folding); ``torch.fx.experimental.optimization.fuse``.

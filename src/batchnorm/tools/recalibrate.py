@@ -151,8 +151,14 @@ def recalibrate(
 
     Example::
 
-        >>> report = batchnorm.recalibrate(model, train_loader, num_batches=200)
-        >>> model.eval()  # now normalizes with the population statistics of 200 training batches
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), BatchNorm(8))
+        >>> data = [(torch.randn(n, 4) * 3 + 1, torch.zeros(n)) for n in (32, 32, 7)]  # (input, label)
+        >>> report = recalibrate(model, data, progress=False)
+        >>> report.recalibrated, report.counts, report.batches
+        (['1'], {'1': 71}, 3)
+        >>> h = torch.cat([model[0](x) for x, _ in data]).detach()
+        >>> torch.allclose(model[1].running_var, h.var(0), rtol=1e-4)   # exact population variance
+        True
 
     Reference: Y. Wu and J. Johnson, "Rethinking 'Batch' in BatchNorm", 2021 (precise BN); fvcore's
     ``update_bn_stats``; ``torch.optim.swa_utils.update_bn``; T. Chan, G. Golub and R. LeVeque,
