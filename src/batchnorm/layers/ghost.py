@@ -23,8 +23,8 @@ class GhostBatchNorm(BatchNorm):
 
     The running estimates update *once per forward*, with the plain mean over virtual batches of
     their means and of their unbiased variances (a shorter last batch weighs as much as a full one).
-    Evaluation uses the running estimates and no ghost batches (Keras 2 applied ghost batches at
-    inference too, TF issue #23050; that makes a sample's prediction depend on its batch neighbours).
+    Evaluation uses the running estimates and no ghost batches (tf.keras applied ghost batches at
+    inference too, TF issue #23050, which makes a sample's prediction depend on its batch neighbours).
     With ``track_running_stats=False`` evaluation normalizes with the statistics of the whole batch.
     ``virtual_batch_size ≥ N`` gives exactly :class:`BatchNorm`.
 
