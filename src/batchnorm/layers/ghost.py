@@ -46,7 +46,7 @@ class GhostBatchNorm(BatchNorm):
         tensor(1)
 
     Reference: E. Hoffer, I. Hubara and D. Soudry, "Train longer, generalize better: closing the
-    generalization gap in large batch training of neural networks", NeurIPS 2017 (Section 4).
+    generalization gap in large batch training of neural networks", NeurIPS 2017 (Ghost Batch Normalization).
     """
 
     def __init__(
