@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from harness import CASES, make_pair, run_parity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.datasets import load_wine
@@ -730,8 +731,6 @@ def test_failed_partial_fit_and_refused_ghost_batch_change_nothing():
 # ---------------------------------------------------------------------------------------------
 # the core's parity harness (tests/harness.py): ranks 2-5, both axes, dtypes, channels-last, options
 # ---------------------------------------------------------------------------------------------
-from harness import CASES, make_pair, run_parity  # noqa: E402
-
 # the full table is the core's (test_parity.py); here every third case keeps this file fast while
 # still covering ranks 2-5, both axes, float32/float64/bfloat16, channels-last and the options
 SOME_CASES = CASES[::3]
