@@ -563,6 +563,25 @@ def test_standardizer_inside_a_model_on_channels_last_sequences_with_mask():
     torch.testing.assert_close(s(x)[mask], torch.as_tensor(sk.transform(rows)), rtol=1e-9, atol=1e-9)
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 60),
+    c=st.integers(1, 4),
+    cuts=st.lists(st.integers(0, 60), max_size=6),
+    offset=st.sampled_from([0.0, -3.0, 1e4, 1e8]),
+    seed=st.integers(0, 2**16),
+)
+def test_standardizer_property_any_chunk_boundaries_give_numpy_moments(n, c, cuts, offset, seed):
+    data = np.random.default_rng(seed).normal(size=(n, c)) * np.linspace(0.1, 10, c) + offset
+    bounds = sorted({0, n, *[k for k in cuts if k <= n]})
+    s = bn.Standardizer(c).reset()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        s.partial_fit(torch.as_tensor(data[a:b]))
+    assert s.count.tolist() == [float(n)] * c
+    np.testing.assert_allclose(s.mean.numpy(), data.mean(0), rtol=1e-12, atol=1e-12 * (1 + abs(offset)))
+    np.testing.assert_allclose(s.var.numpy(), data.var(0), rtol=1e-7, atol=1e-9)
+
+
 def test_standardizer_large_offset_float32_stays_accurate():
     base = torch.randn(1000, 2, dtype=F64)
     x = (base + 1e6).float()
