@@ -133,6 +133,17 @@ def update_running(
     ``num_batches_tracked``, as in PyTorch. No host synchronisation happens here.
 
     Shape: running buffers ``(C,)``; ``mean, var, count`` are ``(G, C)``.
+
+    Example::
+
+        >>> rm, rv, nbt = torch.zeros(2), torch.ones(2), torch.tensor(0)
+        >>> ok = update_running(rm, rv, torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 3.0]]),
+        ...                     torch.tensor([[4.0, 4.0]]), momentum=0.5, num_batches_tracked=nbt)
+        >>> rm.tolist(), rv.tolist(), int(nbt)        # 0.5·mean, 0.5·1 + 0.5·3·4/3
+        ([0.5, 1.0], [2.5, 2.5], 1)
+
+    Reference: Ioffe & Szegedy (2015), Algorithm 2 (unbiased population variance); the moving
+    average and ``momentum=None`` are ``torch.nn.BatchNorm*d``'s.
     """
     with torch.no_grad():
         unbiased = var * count / (count - 1).clamp_min(1)
@@ -348,7 +359,19 @@ def _check_enough(x: torch.Tensor, axis: int, m: torch.Tensor | None, group_size
 
 
 def eval_scale_shift(weight, bias, running_mean, running_var, eps):
-    """Inference constants ``a = γ / sqrt(σ² + ε)``, ``b = β − μ · a`` as ``(1, C)`` (float32 or wider)."""
+    """Inference constants ``a = γ / sqrt(σ² + ε)``, ``b = β − μ · a``, so that eval-mode BN is ``y = a·x + b``.
+
+    Shape: weight, bias (or None), running_mean, running_var ``(C,)``; returns two ``(1, C)`` tensors in
+    float32 or wider (float64 for float64 buffers).
+
+    Example::
+
+        >>> a, b = eval_scale_shift(None, None, torch.tensor([1.0]), torch.tensor([4.0]), 0.0)
+        >>> a.tolist(), b.tolist()
+        ([[0.5]], [[-0.5]])
+
+    Reference: Ioffe & Szegedy (2015), Algorithm 2, step 11 (inference is a per-feature affine map).
+    """
     sd = _t.stat_dtype(running_mean.dtype)
     invstd = torch.rsqrt(running_var.to(sd) + eps) if eps >= 0 else torch.ones_like(running_var, dtype=sd)
     a = invstd * weight.to(sd) if weight is not None else invstd
