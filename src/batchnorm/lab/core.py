@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,10 @@ class Context:
     def bar(self, iterable: Iterable | None = None, *, total: int | None = None, desc: str = ""):
         """A tqdm progress bar that disappears when done (and is silent with ``progress=False``)."""
         return tqdm(iterable, total=total, desc=desc, leave=False, disable=not self.progress)
+
+    def quiet(self) -> Context:
+        """A copy of this context with progress bars off (for inner loops under an outer bar)."""
+        return replace(self, progress=False)
 
     @staticmethod
     def manual_seed(seed: int) -> torch.Generator:

@@ -37,8 +37,24 @@ EXPERIMENTS: list[tuple[str, str]] = [
     ("overhead", "batchnorm.lab.overhead"),
 ]
 
-#: intra-op threads for every experiment (results and timings comparable between runs)
-THREADS = 2
+#: intra-op threads for every experiment: the lab's models are tiny, so one thread is fastest and
+#: keeps results and timings comparable between runs (an experiment may change it and restore it)
+THREADS = 1
+
+
+def set_threads(n: int) -> None:
+    """``n`` threads for torch's intra-op pool and for numba's parallel kernels.
+
+    numba's default (one thread per core) makes a 2-core machine that is busy with other work
+    10-20× slower on the lab's small tensors (threads waiting on each other), so the lab pins it too.
+    """
+    torch.set_num_threads(n)
+    try:
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:  # numba is optional
+        pass
 
 
 def _names() -> list[str]:
@@ -66,7 +82,7 @@ def run_experiment(name: str, ctx: Context) -> tuple[Section, float]:
     start = time.perf_counter()
     try:
         mod = importlib.import_module(module)
-        torch.set_num_threads(THREADS)
+        set_threads(THREADS)
         ctx.manual_seed(ctx.seed)
         section = mod.run(ctx)
     except Exception as err:  # noqa: BLE001 - one broken experiment must not sink the report
