@@ -90,6 +90,14 @@ def _scenario_parity(rank: int, world: int) -> dict:
         out["steps"].append({"y": y.detach(), "dx": xr.grad.clone(), "grads": grads})
     bn = model.module[1]
     out["running"] = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+    # precise BN across processes: every rank recalibrates on its own shards, all get the global population
+    shards = []
+    for step, sizes in enumerate(CASES[world]):
+        x, _ = _step_data(step, sum(sizes))
+        lo = sum(sizes[:rank])
+        shards.append(x[lo : lo + sizes[rank]])
+    batchnorm.recalibrate(model.module, shards, progress=False)
+    out["recalibrated"] = (bn.running_mean.clone(), bn.running_var.clone())
     # the batch-size check counts globally: one value in total across the group is an error on every rank
     layer = SyncBatchNorm(FEATURES).double()
     try:
@@ -155,7 +163,12 @@ def _reference(world: int) -> dict:
         steps.append({"y": y.detach(), "dx": x.grad.clone(),
                       "grads": {n: p.grad.clone() for n, p in model.named_parameters()}})
     bn = model[1]
-    return {"steps": steps, "running": (bn.running_mean, bn.running_var, bn.num_batches_tracked)}
+    ref = {"steps": steps, "running": (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())}
+    # the population of the BN inputs of all batches: the train-mode BN input is the conv output
+    with torch.no_grad():
+        h = torch.cat([model[0](_step_data(s, sum(z))[0]) for s, z in enumerate(CASES[world])])
+    ref["recalibrated"] = (h.mean((0, 2)), h.transpose(0, 1).reshape(FEATURES, -1).var(1))
+    return ref
 
 
 @gloo
@@ -182,6 +195,8 @@ def test_sync_equals_single_process_on_concatenated_batch(world, tmp_path):
         torch.testing.assert_close(rm, ref["running"][0], **tol)
         torch.testing.assert_close(rv, ref["running"][1], **tol)
         assert int(nbt) == int(ref["running"][2]) == len(CASES[world])
+        torch.testing.assert_close(results[r]["recalibrated"][0], ref["recalibrated"][0], **tol)
+        torch.testing.assert_close(results[r]["recalibrated"][1], ref["recalibrated"][1], **tol)
         assert results[r]["error"] is not None and "got 1 for input of shape" in results[r]["error"]
         assert f"summed over the {world} processes" in results[r]["error"]
     assert results[0]["eval_ok"]

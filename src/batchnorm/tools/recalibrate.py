@@ -62,6 +62,34 @@ class _Accumulator:
             self.count, self.mean, self.m2 = F.merge_stats(self.count, self.mean, self.m2, count, mean, m2)
 
 
+def _merge_across_processes(layer: nn.Module, a: _Accumulator) -> None:
+    """For a synchronized layer in a process group of several: the population of all processes' data."""
+    import torch.distributed as dist
+
+    from ..layers.sync import SyncBatchNorm, _group_world
+
+    if not isinstance(layer, (SyncBatchNorm, nn.SyncBatchNorm)):
+        return
+    group = getattr(layer, "process_group", None)
+    world = _group_world(group)
+    if world <= 1:
+        return
+    c = layer.num_features
+    device = layer.running_mean.device
+    local = torch.zeros(4, c, dtype=torch.float64, device=device)
+    if a.count is not None:
+        local[0], local[1], local[2] = a.count.to(device), a.mean.to(device), a.m2.to(device)
+    local[3] = float(a.max_calls)
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local, group=group)
+    g = torch.stack(gathered)
+    n = g[:, 0].sum(0)
+    mean = (g[:, 0] * g[:, 1]).sum(0) / n.clamp_min(1)
+    m2 = g[:, 2].sum(0) + (g[:, 0] * (g[:, 1] - mean) ** 2).sum(0)
+    a.max_calls = int(g[:, 3].max())  # every process makes the same choice
+    a.count, a.mean, a.m2 = (n, mean, m2) if float(n.min()) > 0 else (None, None, None)
+
+
 def _pick_input(batch: Any, input_key: str | int | Callable | None) -> Any:
     if callable(input_key):
         return input_key(batch)
@@ -134,7 +162,10 @@ def recalibrate(
     shared layer: its inputs come from different distributions), keeps its old statistics and is
     listed in ``report.skipped`` with a warning. ``FrozenBatchNorm`` layers and layers with
     ``track_running_stats=False`` are left alone. Works for every variant (ghost, renorm, masked):
-    the population statistics are what evaluation normalizes with.
+    the population statistics are what evaluation normalizes with. Synchronized layers
+    (:class:`~batchnorm.SyncBatchNorm`, ``torch.nn.SyncBatchNorm``) inside an initialized process
+    group merge their populations across the group, so every process ends with the statistics of
+    all processes' data; then every process must call ``recalibrate`` with the same number of batches.
 
     Args:
         model: any module; changed in place.
@@ -232,6 +263,8 @@ def recalibrate(
         for m, mode in modes.items():
             m.training = mode
 
+    for name, m in layers.items():
+        _merge_across_processes(m, acc[name])
     for name, m in layers.items():
         a = acc[name]
         if a.max_calls > 1:
