@@ -49,10 +49,14 @@ class RenormCombine(F.Combine):
             sigma = torch.sqrt(self.running_var.to(device=mean.device, dtype=sd) + self.eps)
             r = torch.sqrt(var + self.eps) / sigma
             d = (mean - self.running_mean.to(device=mean.device, dtype=sd)) / sigma
-            r_max = torch.as_tensor(self.r_max, dtype=sd, device=mean.device)
-            d_max = torch.as_tensor(self.d_max, dtype=sd, device=mean.device)
-            r = torch.minimum(torch.maximum(r, 1.0 / r_max), r_max)
-            d = torch.minimum(torch.maximum(d, -d_max), d_max)
+            if isinstance(self.r_max, torch.Tensor) or isinstance(self.d_max, torch.Tensor):
+                r_max = torch.as_tensor(self.r_max, dtype=sd, device=mean.device)
+                d_max = torch.as_tensor(self.d_max, dtype=sd, device=mean.device)
+                r = torch.minimum(torch.maximum(r, 1.0 / r_max), r_max)
+                d = torch.minimum(torch.maximum(d, -d_max), d_max)
+            else:  # plain floats: two fused clamps, no tensors to build
+                r = r.clamp(1.0 / self.r_max, self.r_max)
+                d = d.clamp(-self.d_max, self.d_max)
         return r, d
 
 
