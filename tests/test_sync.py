@@ -115,7 +115,8 @@ def _scenario_parity(rank: int, world: int) -> dict:
 def _scenario_death(rank: int, world: int) -> dict:
     dist.barrier()
     if rank == 1:
-        os._exit(3)  # dies before the collective of the layer below
+        time.sleep(1.0)  # let rank 0 enter the all_gather first: the peer dies while it waits
+        os._exit(3)
     layer = SyncBatchNorm(FEATURES)
     start = time.monotonic()
     try:
@@ -234,6 +235,26 @@ def test_without_process_group_it_is_batchnorm(shape, axis, mask):
     assert torch.equal(ours.running_mean, plain.running_mean)
     assert torch.equal(ours.running_var, plain.running_var)
     assert int(ours.num_batches_tracked) == int(plain.num_batches_tracked)
+
+
+@gloo
+def test_group_of_one_process_is_batchnorm():
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timedelta(seconds=10)
+    )
+    try:
+        x = torch.randn(5, 3, 4)
+        ours, plain = SyncBatchNorm(3), BatchNorm(3)
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y1, y2 = ours(x1), plain(x2)
+        y1.pow(3).sum().backward()
+        y2.pow(3).sum().backward()
+        assert torch.equal(y1, y2) and torch.equal(x1.grad, x2.grad)
+        assert torch.equal(ours.running_var, plain.running_var)
+        assert type(ours._combine()) is batchnorm.functional.Combine  # no collective at all
+    finally:
+        dist.destroy_process_group()
+    assert not dist.is_initialized()
 
 
 def test_without_process_group_errors_like_batchnorm():
