@@ -268,6 +268,8 @@ def test_convert_to_sync_and_back_keeps_state():
     sync = batchnorm.convert(model, to=SyncBatchNorm, process_group=None)
     assert isinstance(sync[1], SyncBatchNorm) and sync[1].process_group is None
     back = batchnorm.convert(sync, to=nn.BatchNorm1d)
+    torch_spelling = SyncBatchNorm.convert_sync_batchnorm(model)
+    assert isinstance(torch_spelling[1], SyncBatchNorm) and isinstance(model[1], nn.BatchNorm1d)
     x = torch.randn(5, 2, LENGTH, dtype=torch.float64)
     for m in (model, sync, back):
         m.eval()

@@ -152,6 +152,16 @@ class SyncBatchNorm(BatchNorm):
         self.process_group = process_group
         self._local: tuple[int, tuple[int, ...]] = (0, ())
 
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group: Any = None) -> torch.nn.Module:
+        """``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` spelling of ``batchnorm.convert(module, to=cls)``.
+
+        Returns a new model (the original is untouched; torch's version converts in place).
+        """
+        from ..tools.convert import convert
+
+        return convert(module, to=cls, process_group=process_group)
+
     def _validated(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         x, axis = super()._validated(x)
         # remember positions per feature of this process's batch: the global empty-batch check needs it
