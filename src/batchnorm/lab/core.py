@@ -115,3 +115,12 @@ def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] | N
     fig = _MplFigure(figsize=figsize or (4.2 * ncols, 3.2 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=squeeze)
     return fig, axes
+
+
+def num(value: float, spec: str = ".3f", missing: str = "n/a") -> str:
+    """Format one number for prose, or ``missing`` when it is NaN/inf (e.g. every run diverged).
+
+    Example: ``num(0.91234) == "0.912"``, ``num(float("nan"), missing="diverged") == "diverged"``.
+    """
+    v = float(value)
+    return format(v, spec) if math.isfinite(v) else missing

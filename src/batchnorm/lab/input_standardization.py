@@ -30,7 +30,7 @@ from .. import functional as F
 from ..layers import BatchNorm, Standardizer
 from ..tools import fold
 from . import data, models, train
-from .core import Context, Figure, Section, Table, fmt, mean_std, subplots
+from .core import Context, Figure, Section, Table, fmt, mean_std, num, subplots
 
 NAME = "input-bn-vs-standardization"
 TITLE = "1. Batch norm at the input versus standardizing the data"
@@ -114,6 +114,7 @@ def run(ctx: Context) -> Section:
     loss: dict = {ds: {k: {lr: [] for lr in lrs} for k, *_ in CONFIGS} for ds in DATASETS}
     inspect: dict = {ds: {k: [] for k in BN_KEYS} for ds in DATASETS}
     scales: dict[str, list[float]] = {}
+    n_test: dict[str, int] = {}
     total = len(DATASETS) * len(CONFIGS) * len(lrs) * len(seeds)
     with ctx.bar(total=total, desc=NAME) as bar:
         for ds in DATASETS:
@@ -121,6 +122,7 @@ def run(ctx: Context) -> Section:
                 x, y, xt, yt = data.tabular(ds, seed=seed)
                 n_classes = int(y.max()) + 1
                 scales.setdefault(ds, x.std(0, unbiased=False).tolist())
+                n_test[ds] = len(xt)
                 for key, _label, kind, bs in CONFIGS:
                     best = None
                     for lr in lrs:
@@ -169,6 +171,7 @@ def run(ctx: Context) -> Section:
                 "best_test_acc": mean_std([v for v in acc[ds][key][blr] if not math.isnan(v)]) if blr else None,
                 "diverged_runs": sum(math.isnan(v) for lr in lrs for v in acc[ds][key][lr]),
             }
+        res_ds["n_test"] = n_test[ds]
         results["datasets"][ds] = res_ds
         sc = scales[ds]
         tables.append(Table(
@@ -264,14 +267,24 @@ def _answer(results: dict, lrs: list[float]) -> str:
             return tuple(res[key]["best_test_acc"]) if res[key]["best_test_acc"] else (math.nan, math.nan)
 
         s, bnv, raw, b4, s4 = best("standardizer"), best("bn"), best("raw"), best("bn-b4"), best("standardizer-b4")
-        tie = abs(bnv[0] - s[0]) <= max(bnv[1], s[1], 0.01)
+        # a difference smaller than the seed spread or one binomial std of the test accuracy is a tie
+        noise = math.sqrt(max(s[0] * (1 - s[0]), 0.0) / res["n_test"]) if not math.isnan(s[0]) else 0.0
+        tie = abs(bnv[0] - s[0]) <= max(bnv[1], s[1], noise)
         raw_div = res["raw"]["diverged_runs"]
         n_runs = len(lrs) * len(res["raw"]["test_acc"][str(lrs[0])])
+        if math.isnan(bnv[0]) or math.isnan(s[0]):
+            verdict = "not comparable: one of them diverged at every rate"
+        elif tie:
+            verdict = "indistinguishable within the seed spread and test-set noise"
+        else:
+            verdict = "BN better" if bnv[0] > s[0] else "Standardizer better"
+        raw_txt = ("raw features diverged at every rate" if math.isnan(raw[0]) else
+                   f"raw features reached {num(raw[0])} at their best rate and diverged in {raw_div} of {n_runs} runs")
         parts.append(
-            f"{ds}: input BN (batch 32) reached {bnv[0]:.3f} test accuracy against {s[0]:.3f} for the Standardizer "
-            f"({'indistinguishable within the seed spread' if tie else ('BN better' if bnv[0] > s[0] else 'Standardizer better')}); "
-            f"raw features reached {raw[0]:.3f} at their best rate and diverged in {raw_div} of {n_runs} runs. "
-            f"With batch 4, input BN reached {b4[0]:.3f} vs {s4[0]:.3f} for the Standardizer at the same batch size."
+            f"{ds}: input BN (batch 32) reached {num(bnv[0], missing='nothing (diverged)')} test accuracy against "
+            f"{num(s[0], missing='nothing (diverged)')} for the Standardizer ({verdict}); {raw_txt}. With batch 4, "
+            f"input BN reached {num(b4[0], missing='nothing (diverged)')} vs {num(s4[0], missing='nothing (diverged)')} "
+            "for the Standardizer at the same batch size."
         )
     ins = [results["datasets"][ds][k].get("inspect") for ds in results["datasets"] for k in BN_KEYS]
     ins = [i for i in ins if i]

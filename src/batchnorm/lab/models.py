@@ -261,6 +261,8 @@ class SeqNet(nn.Module):
             x = lin(x)
             x = norm(x, mask=mask) if mask is not None and isinstance(norm, (BatchNorm, AffineOnly)) else norm(x)
             x = act(x)
+            if mask is not None:  # padded steps must not leak into real ones through the temporal mix
+                x = x * mask.to(x.dtype).unsqueeze(-1)
             if i == 0:
                 x = x + self.mix(x.movedim(-1, 1)).movedim(1, -1)
         if mask is None:

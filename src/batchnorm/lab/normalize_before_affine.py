@@ -33,7 +33,7 @@ from torch import nn
 from .. import functional as F
 from ..layers import AffineOnly
 from . import data, models, train
-from .core import Context, Figure, Section, Table, fmt, mean_std, subplots
+from .core import Context, Figure, Section, Table, fmt, mean_std, num, subplots
 
 NAME = "why-normalize-before-affine"
 TITLE = "2. Why normalize before the affine map γx + β?"
@@ -392,8 +392,8 @@ def _answer(results: dict, lrs: list[float], ks: list[float], labels: dict[str, 
         f"{', '.join(f'{k:g}' for k in ks)} changes the logits by {', '.join(f'{m:.1e}' for m, _ in sp['bn']['output_change'])} "
         f"(relative) and the gradient norm by factors {', '.join(f'{m:.3f}' for m, _ in sp['bn']['grad_ratio'])} "
         f"(1/k), and the gradient is orthogonal to the weight (|cos| ≤ {sp['bn']['cos_w_grad_max']:.0e}); with γx + β "
-        f"the logits change by {', '.join(f'{m:.2f}' for m, _ in sp['affine']['output_change'])} and the gradient by "
-        f"{', '.join(f'{m:.3f}' for m, _ in sp['affine']['grad_ratio'])}. "
+        f"the logits change by {', '.join(num(m, '.2g') for m, _ in sp['affine']['output_change'])} and the gradient by "
+        f"{', '.join(num(m) for m, _ in sp['affine']['grad_ratio'])}. "
         + ("The loss of a BN network does not depend on the scale of the weights before it, so a gradient step only "
            "rotates them and (being orthogonal) grows their norm." if invariant else
            "Here the BN logits did change measurably with the weight scale (ε is not negligible against these "
@@ -402,20 +402,22 @@ def _answer(results: dict, lrs: list[float], ks: list[float], labels: dict[str, 
     d = results.get("dynamics", {})
     if "bn" in d:
         bn_g = np.mean(d["bn"]["weight_growth"])
-        bn_e, bn_l = np.nanmean(d["bn"]["early_rel_step"]), np.nanmean(d["bn"]["late_rel_step"])
+        bn_e, bn_l = _nanmean(d["bn"]["early_rel_step"]), _nanmean(d["bn"]["late_rel_step"])
         parts.append(
-            f"At lr=1 the BN layer's weight norm grew {bn_g:.2f}× and its relative step fell from {bn_e:.3f} to "
-            f"{bn_l:.3f}: the effective learning rate lr/‖W‖² adjusts itself. AffineOnly: weight growth "
-            f"{np.mean(d['affine']['weight_growth']):.2f}×, relative step {np.nanmean(d['affine']['late_rel_step']):.4f} "
-            f"late in training, {d['affine']['diverged']} diverged run(s)."
+            f"At lr=1 the BN layer's weight norm grew {num(bn_g, '.2f')}× and its relative step went from "
+            f"{num(bn_e)} to {num(bn_l)}: the effective learning rate lr/‖W‖² adjusts itself. AffineOnly: weight growth "
+            f"{num(_nanmean(d['affine']['weight_growth']), '.2f')}×, relative step "
+            f"{num(_nanmean(d['affine']['late_rel_step']), '.1e')} late in training, {d['affine']['diverged']} diverged "
+            f"run(s); no normalization with He init: relative step {num(_nanmean(d['none-he']['late_rel_step']), '.1e')}, "
+            f"{d['none-he']['diverged']} diverged run(s)."
         )
     c = results.get("continuation", {})
     if c:
         bits = []
         for lr, r in c.items():
             a, b = r["bn"], r["affine-twin"]
-            fa = "diverged" if a["diverged"] else f"{np.nanmean(a['train_loss']):.3f}"
-            fb = "diverged" if b["diverged"] and all(map(math.isnan, b["train_loss"])) else f"{np.nanmean(b['train_loss']):.3f}"
+            fa = num(_nanmean(a["train_loss"]), missing="nothing (diverged)")
+            fb = num(_nanmean(b["train_loss"]), missing="nothing (diverged)")
             bits.append(f"at lr={lr} the BN net reached training loss {fa} and its twin {fb}"
                         + (f" ({b['diverged']} run(s) diverged)" if b["diverged"] else ""))
         parts.append(
@@ -425,3 +427,9 @@ def _answer(results: dict, lrs: list[float], ks: list[float], labels: dict[str, 
             "batch mean and along x̂, which γx + β cannot do."
         )
     return "\n\n".join(parts)
+
+
+def _nanmean(values) -> float:
+    """Mean of the finite values (NaN when there are none, without numpy's warning)."""
+    ok = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return float(np.mean(ok)) if ok else math.nan

@@ -1,0 +1,312 @@
+"""The lab: `batchnorm lab --quick` end to end (the CI smoke run), the report files, the CLI, and the shared
+models / training loop the experiments build on.
+
+The quick lab runs once per session (module-scoped fixture, in a subprocess so its thread settings
+do not leak into other tests); every other check reads its output.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchnorm.lab import core, models, run, train
+from batchnorm.lab.report import write_report
+
+NAMES = [name for name, _ in run.EXPERIMENTS]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _lab(out: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "batchnorm", "lab", *args, "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("labq")
+    proc = _lab(out, "--quick")
+    return out, proc
+
+
+def _strict_json(path: Path):
+    def refuse(token):
+        raise ValueError(f"non-finite number {token} in {path}")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+def _numbers(obj):
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _numbers(v)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the quick lab, end to end
+
+
+@pytest.mark.slow
+def test_quick_lab_runs_every_experiment(quick):
+    out, proc = quick
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("report.html", "report.md", "results.json"):
+        assert (out / name).stat().st_size > 0
+    for name in NAMES:
+        assert re.search(rf"\] {re.escape(name)} done in [0-9.]+ s", proc.stdout), name
+
+
+@pytest.mark.slow
+def test_every_section_is_complete(quick):
+    out, _ = quick
+    results = _strict_json(out / "results.json")
+    assert list(results["sections"]) == NAMES
+    page = (out / "report.html").read_text(encoding="utf-8")
+    md = (out / "report.md").read_text(encoding="utf-8")
+    for name, sec in results["sections"].items():
+        assert "error" not in sec["results"], (name, sec["results"].get("error"))
+        assert sec["question"].strip().endswith("?"), name
+        assert len(sec["answer"]) > 80, name
+        assert sec["tables"] and all(t["rows"] for t in sec["tables"]), name
+        assert sec["figures"], name
+        assert f"<section id='{name}'>" in page
+        assert f"## {sec['title']}" in md
+        for word in ("Question.", "Setup.", "Answer."):
+            assert page.count(word) >= len(NAMES)
+
+
+@pytest.mark.slow
+def test_every_figure_is_embedded_and_written(quick):
+    out, _ = quick
+    results = _strict_json(out / "results.json")
+    page = (out / "report.html").read_text(encoding="utf-8")
+    md = (out / "report.md").read_text(encoding="utf-8")
+    embedded = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    n_figures = sum(len(s["figures"]) for s in results["sections"].values())
+    assert len(embedded) == n_figures >= len(NAMES)
+    for b64 in embedded:
+        assert base64.b64decode(b64).startswith(PNG)
+    files = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", md)
+    assert len(files) == n_figures
+    for f in files:
+        assert (out / f).read_bytes().startswith(PNG)
+    # self-contained: no external resource, no script
+    assert not re.search(r"(src|href)=['\"]https?:", page)
+    assert "<script" not in page
+
+
+@pytest.mark.slow
+def test_numbers_are_finite(quick):
+    out, _ = quick
+    results = _strict_json(out / "results.json")  # refuses NaN/Infinity tokens
+    for name, sec in results["sections"].items():
+        nums = list(_numbers(sec["results"]))
+        assert nums, f"{name} reports no numbers"
+        assert all(math.isfinite(v) for v in nums)
+    for path in ("report.html", "report.md"):
+        text = (out / path).read_text(encoding="utf-8")
+        assert not re.search(r"(?<![A-Za-z])(nan|inf)(?![A-Za-z])", text, re.IGNORECASE), path
+
+
+@pytest.mark.slow
+def test_same_seed_same_numbers(quick, tmp_path):
+    """Rerunning an experiment with the same --seed/--seeds reproduces its results exactly."""
+    out, _ = quick
+    proc = _lab(tmp_path, "hidden-layer-statistics", "--quick")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = _strict_json(out / "results.json")["sections"]["hidden-layer-statistics"]["results"]
+    again = _strict_json(tmp_path / "results.json")["sections"]["hidden-layer-statistics"]["results"]
+    assert again == first
+
+
+# ---------------------------------------------------------------------------------------------------
+# the report renders in a browser
+
+
+def _chromium() -> str | None:
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(quick, tmp_path):
+    out, _ = quick
+    shot = tmp_path / "report.png"
+    cmd = [
+        _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+        f"--screenshot={shot}", "--window-size=1280,4000", (out / "report.html").resolve().as_uri(),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert shot.exists() and shot.read_bytes().startswith(PNG), proc.stderr[-2000:]
+    # the page has no script: any console message or uncaught error means something is broken
+    bad = [line for line in proc.stderr.splitlines() if "Uncaught" in line or ":CONSOLE(" in line]
+    assert not bad, bad
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(str(shot))
+    assert pixels.std() > 0.01  # not a blank page
+
+
+# ---------------------------------------------------------------------------------------------------
+# the command line and the report writer (fast)
+
+
+def test_list_names_every_experiment_in_issue_order(capsys):
+    assert run.main(["--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == NAMES
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["no-such-experiment"], r"unknown experiment\(s\) no-such-experiment; expected names from: input-bn"),
+        (["--seeds", "0"], r"--seeds must be >= 1, got 0"),
+    ],
+)
+def test_bad_arguments_say_what_to_do(argv, message, capsys, tmp_path):
+    assert run.main([*argv, "--out", str(tmp_path)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_a_broken_experiment_becomes_a_failed_section(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(run, "EXPERIMENTS", [("broken", "batchnorm.lab.no_such_module")])
+    assert run.main(["broken", "--quick", "--out", str(tmp_path), "--no-progress"]) == 1
+    results = _strict_json(tmp_path / "results.json")
+    assert "ModuleNotFoundError" in results["sections"]["broken"]["results"]["error"]
+    assert "The experiment failed" in (tmp_path / "report.html").read_text(encoding="utf-8")
+
+
+def test_report_writer_tables_figures_and_json(tmp_path):
+    fig, ax = core.subplots()
+    ax.plot([0, 1], [1, 0], label="line")
+    ax.set_title("t")
+    sec = core.Section(
+        name="demo", title="Demo", question="Does it work?", setup="a <b>setup</b> & more", answer="Yes.",
+        tables=[core.Table(["a", "b"], [["x|y", 0.1234567], [True, 12]], caption="cap")],
+        figures=[core.Figure(fig, "a figure")], results={"v": [1.0, float("nan")], "t": torch.tensor([2.0])},
+    )
+    ctx = core.Context(seeds=2, quick=True)
+    paths = write_report([sec], tmp_path, ctx=ctx, timings={"demo": 1.5}, total_seconds=1.5)
+    page = paths[0].read_text(encoding="utf-8")
+    assert "a &lt;b&gt;setup&lt;/b&gt; &amp; more" in page  # escaped, not injected
+    assert "<td>0.1235</td>" in page and "<td>yes</td>" in page
+    assert "x\\|y" in paths[1].read_text(encoding="utf-8")  # pipes escaped in Markdown tables
+    data = _strict_json(paths[2])
+    assert data["sections"]["demo"]["results"] == {"v": [1.0, None], "t": [2.0]}
+    assert data["settings"]["seeds"] == 2 and data["timings"] == {"demo": 1.5}
+
+
+@pytest.mark.parametrize(
+    "full, quick_value, is_quick, expected",
+    [(100, 10, False, 100), (100, 10, True, 10)],
+)
+def test_context_budget_and_seeds(full, quick_value, is_quick, expected):
+    ctx = core.Context(seeds=3, quick=is_quick, seed=5)
+    assert ctx.budget(full, quick_value) == expected
+    assert ctx.seed_values() == [5, 6, 7]
+    assert ctx.quiet().progress is False and ctx.progress is True
+
+
+@pytest.mark.parametrize("values, mean, std", [([1.0, 3.0], 2.0, math.sqrt(2.0)), ([4.0], 4.0, 0.0)])
+def test_mean_std_against_closed_form(values, mean, std):
+    assert core.mean_std(values) == pytest.approx((mean, std))
+
+
+# ---------------------------------------------------------------------------------------------------
+# shared models and the training loop
+
+ARCHS = [
+    ("mlp", lambda norm: models.MLP(40, [16, 16], 10, norm=norm), (8, 1, 40)),
+    ("cnn", lambda norm: models.CNN1d(1, 10, width=8, depth=2, norm=norm), (8, 1, 40)),
+    ("seq", lambda norm: models.SeqNet(1, 10, hidden=8, depth=2, norm=norm, channels_first=True), (8, 1, 40)),
+]
+
+
+@pytest.mark.parametrize("norm", sorted(models.NORMS))
+@pytest.mark.parametrize("arch, build, shape", ARCHS, ids=[a[0] for a in ARCHS])
+def test_every_norm_fits_every_model(arch, build, shape, norm):
+    model = build(norm)
+    out = model(torch.randn(*shape))
+    assert out.shape == (shape[0], 10)
+    out.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    # linear layers keep a bias exactly when the norm has no learnable shift
+    first = next(m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d)))
+    assert (first.bias is not None) == (norm in ("none", "bn-noaffine"))
+
+
+@pytest.mark.parametrize("axis, shape", [(1, (6, 4, 5)), (-1, (6, 5, 4))])
+@pytest.mark.parametrize("norm", ["groupnorm", "layernorm", "torch-bn"])
+def test_channels_first_modules_accept_channels_last(norm, axis, shape):
+    layer = models.make_norm(norm, 4, axis)
+    x = torch.randn(*shape)
+    y = layer(x)
+    moved = x if axis == 1 else x.movedim(-1, 1)
+    ref = models.make_norm(norm, 4, 1)(moved)
+    torch.testing.assert_close(y if axis == 1 else y.movedim(-1, 1), ref)
+
+
+def test_unknown_norm_says_what_to_pass():
+    with pytest.raises(ValueError, match=r"unknown norm 'batchnorm': expected one of .*'bn'.* or a callable"):
+        models.make_norm("batchnorm", 4)
+
+
+def test_seqnet_mask_ignores_padding():
+    net = models.SeqNet(3, 2, hidden=4, norm="bn").train()
+    x = torch.randn(4, 6, 3)
+    mask = torch.arange(6)[None, :] < torch.tensor([6, 4, 3, 5])[:, None]
+    y1 = net(x, mask=mask)
+    x2 = x.clone()
+    x2[~mask] = 1e3  # garbage in padded steps
+    torch.testing.assert_close(net(x2, mask=mask), y1)
+
+
+def test_fit_trains_and_flags_divergence():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 5, generator=gen)
+    y = (x[:, 0] > 0).long()
+    ctx = core.Context(progress=False)
+    model = train.seeded(ctx, 0, lambda: models.MLP(5, [16], 2, norm="bn"))
+    hist = train.fit(model, (x, y), ctx=ctx, lr=0.1, seed=0, steps=60, batch_size=32, eval_data=(x, y))
+    assert not hist.diverged and hist.final_train_acc > 0.9 and len(hist.losses) == 60
+    model = train.seeded(ctx, 0, lambda: models.MLP(5, [16], 2, norm="none"))
+    hist = train.fit(model, (x * 1e4, y), ctx=ctx, lr=10.0, seed=0, steps=60, batch_size=32)
+    assert hist.diverged and math.isnan(hist.final_train_loss)
+
+
+def test_fit_is_deterministic_for_a_seed():
+    x, y = torch.randn(128, 5), torch.randint(0, 2, (128,))
+    ctx = core.Context(progress=False)
+    runs = [train.fit(train.seeded(ctx, 3, lambda: models.MLP(5, [8], 2)), (x, y), ctx=ctx, lr=0.1, seed=3, steps=10,
+                      batch_size=16).losses for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_evaluate_train_mode_leaves_running_stats_alone():
+    model = models.MLP(5, [8], 2, norm="bn")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train.evaluate(model, torch.randn(64, 5), torch.randint(0, 2, (64,)), train_mode=True)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
