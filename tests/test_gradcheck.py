@@ -168,3 +168,37 @@ def test_low_precision_grads_close_to_float64(dtype, backend) -> None:
     tol = {torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
     for a, b in zip(grads[dtype], grads[torch.float64]):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+FUNC_CASES = [((6, 3), 1), ((3, 3, 4), 1), ((3, 4, 3), -1), ((2, 3, 2, 3), 1)]
+
+
+@pytest.mark.parametrize("shape, axis", FUNC_CASES)
+def test_torch_func_transforms_match_torch(shape, axis) -> None:
+    """torch.func.grad / jacrev / vmap work in training mode (batch statistics), as with torch's layer."""
+    from torch.func import functional_call, grad, jacrev, vmap
+
+    c = shape[axis]
+    ours = BatchNorm(c, axis=axis, track_running_stats=False).double()
+    ref = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}[len(shape)](
+        c, track_running_stats=False, dtype=torch.float64)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    to_ref = (lambda t: t.movedim(axis, 1)) if axis != 1 else (lambda t: t)
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+
+    def loss(p, module, inp):
+        return functional_call(module, p, (inp,)).pow(3).sum()
+
+    g, gr = grad(loss)(params, ours, x), grad(loss)(params, ref, to_ref(x))
+    for k in params:
+        torch.testing.assert_close(g[k], gr[k])
+    def ref_ours_layout(t):  # torch's layer seen in our layout
+        y = ref(to_ref(t))
+        return y.movedim(1, axis) if axis != 1 else y
+
+    gx = grad(lambda t: functional_call(ours, params, (t,)).pow(3).sum())(x)
+    gxr = grad(lambda t: ref_ours_layout(t).pow(3).sum())(x)
+    torch.testing.assert_close(gx, gxr)
+    torch.testing.assert_close(jacrev(ours)(x[:2]), jacrev(ref_ours_layout)(x[:2]))
+    xs = torch.stack([x, x * 3 - 1])
+    torch.testing.assert_close(vmap(ours)(xs), vmap(ref_ours_layout)(xs))

@@ -257,6 +257,22 @@ def _composite(x, weight, bias, m, axis, eps, group_size, r=None, d=None, activa
     return _t.act(xhat, activation, slope).to(x.dtype)
 
 
+def _functorch_active() -> bool:
+    """True inside a torch.func transform (grad, vmap, jacrev, ...)."""
+    level = getattr(torch._C._functorch, "maybe_current_level", None)
+    return level is not None and level() is not None
+
+
+def _traced_train(x, weight, bias, m, axis, eps, group_size, combine, activation, slope):
+    """The training forward through :func:`_composite` (autograd differentiates it), with its statistics."""
+    count, mean, m2 = _t.reduce(x, axis, m, group_size)
+    mean, var = mean.detach(), (m2 / count.clamp_min(1)).detach()
+    corr = combine.correction(mean, var)
+    r, d = corr if corr is not None else (None, None)
+    y = _composite(x, weight, bias, m, axis, eps, group_size, r, d, activation, slope)
+    return y, mean, var, count
+
+
 def _double_backward(ctx, dy, x, weight, bias, m, r, d):
     axis, eps, group_size, combine, _, activation, slope, _ = ctx.cfg
     if type(combine).stats is not Combine.stats:
@@ -319,9 +335,14 @@ def normalize(
                            activation, negative_slope)
     if type(combine).stats is Combine.stats:
         _check_enough(x, axis, m, group_size, name)
-    y, mean, var, count = _TrainNorm.apply(
-        x, weight, bias, m, axis, eps, group_size, combine, backend, activation, negative_slope, memory == "save"
-    )
+    if _functorch_active() and type(combine).stats is Combine.stats:
+        # torch.func transforms (grad, jacrev, vmap, ...) cannot run an autograd.Function written with a
+        # ctx-taking forward: there, trace the same formula with plain differentiable torch ops.
+        y, mean, var, count = _traced_train(x, weight, bias, m, axis, eps, group_size, combine, activation, negative_slope)
+    else:
+        y, mean, var, count = _TrainNorm.apply(
+            x, weight, bias, m, axis, eps, group_size, combine, backend, activation, negative_slope, memory == "save"
+        )
     if update and running_mean is not None and running_var is not None:
         finite = update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
         if not torch.compiler.is_compiling() and not bool(finite):
