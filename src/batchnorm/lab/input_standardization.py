@@ -305,9 +305,7 @@ def _answer(results: dict, lrs: list[float]) -> str:
                 f"But that map is not the dataset's standardization: on wine the running mean is off by {m32:.3f} σ "
                 f"on average with batch 32 and {m4:.3f} σ with batch 4, the running variance by {100 * v32:.1f}% and "
                 f"{100 * v4:.1f}%. {_why(w['bn']['inspect'])} With affine γ, β the learned scale a·σ also moves away "
-                "from 1 (table). So input BN is a workable, learned "
-                "preprocessing whose inference statistics are noisy estimates; fitting a Standardizer once on the "
-                "training set gives the exact statistics, no train/eval difference and no dependence on batch size."
+                "from 1 (table). " + _verdict(results)
             )
     return "\n\n".join(parts)
 
@@ -327,3 +325,30 @@ def _why(ins: dict) -> str:
         f"{init_m:.1e} σ), so the remaining error is the sampling noise of an exponential average over the last "
         "few batches, which grows as the batch shrinks."
     )
+
+
+def _verdict(results: dict) -> str:
+    """The overall conclusion, decided by how input BN compared with the Standardizer on each data set."""
+    worse, tied, better = [], [], []
+    for ds, res in results["datasets"].items():
+        s, b = res["standardizer"]["best_test_acc"], res["bn"]["best_test_acc"]
+        if not s or not b:
+            continue
+        noise = math.sqrt(max(s[0] * (1 - s[0]), 0.0) / res["n_test"])
+        gap = b[0] - s[0]
+        (tied if abs(gap) <= max(s[1], b[1], noise) else better if gap > 0 else worse).append(ds)
+    common = ("Either way the Standardizer uses the exact training-set statistics, behaves identically in training "
+              "and evaluation and does not depend on the batch size.")
+    if worse and not better:
+        return (f"Input BN trained worse than the Standardizer on {', '.join(worse)}"
+                + (f" and matched it on {', '.join(tied)}" if tied else "")
+                + ": it can stand in for standardization, at a cost. " + common)
+    if better and not worse:
+        return (f"Input BN did better than the Standardizer on {', '.join(better)}"
+                + (f" and matched it on {', '.join(tied)}" if tied else "")
+                + " (its batch noise and learned γ, β can act as a regularizer), contrary to the advice in the seed "
+                  "answers. " + common)
+    if tied and not worse and not better:
+        return "Input BN matched the Standardizer on every data set: it is a workable replacement. " + common
+    return (f"Mixed: better on {', '.join(better) or 'none'}, worse on {', '.join(worse) or 'none'}, tied on "
+            f"{', '.join(tied) or 'none'}. " + common)
