@@ -230,3 +230,16 @@ def test_channels_last_input_grad_is_channels_last(backend: str) -> None:
     assert y.is_contiguous(memory_format=torch.channels_last)
     y.backward(torch.randn_like(y))
     assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize(
+    "case",
+    [Case((16, 8, 16, 16)), Case((16, 8, 16, 16), channels_last=True), Case((32, 64, 20), axis=-1, momentum=None),
+     Case((8, 4, 8, 8, 8), dtype=torch.float64)],
+    ids=str,
+)
+def test_parity_realistic_sizes_default_backend(case: Case, monkeypatch) -> None:
+    """Sizes where the default ("auto") dispatch picks the fast path: still torch's numbers."""
+    monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
+    ours, ref = make_pair(case)
+    run_parity(ours, ref, case)
