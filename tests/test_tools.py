@@ -161,6 +161,32 @@ class SharedConv(nn.Module):
         return self.bn(self.conv(x)) + self.conv(x)
 
 
+class TiedWeights(nn.Module):
+    """Two convs share one weight Parameter: folding a BN into one would change the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv1d(3, 3, 1)
+        self.b = nn.Conv1d(3, 3, 1)
+        self.b.weight = self.a.weight
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.bn(self.a(x)) + self.b(x)
+
+
+class ReadsWeight(nn.Module):
+    """forward reads the conv's weight directly (a get_attr in the graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 3, 3, padding=1)
+        self.bn = BatchNorm(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv.weight.sum()
+
+
 class Untraceable(nn.Module):
     """Control flow on values: torch.fx cannot trace it; the Sequential pairs are still folded."""
 
@@ -174,6 +200,20 @@ class Untraceable(nn.Module):
         if h.sum() > 0:
             h = h * 2
         return self.lonely(h)
+
+
+class TiedSequential(nn.Module):
+    """Untraceable (control flow); inside a plain Sequential, the conv's weight is tied to another module's."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv1d(3, 3, 1), nn.BatchNorm1d(3))
+        self.twin = nn.Conv1d(3, 3, 1)
+        self.twin.weight = self.body[0].weight
+
+    def forward(self, x):
+        y = self.body(x)
+        return y + self.twin(x) if x.sum() > -1e9 else y
 
 
 FOLD_CASES = [
@@ -198,6 +238,9 @@ FOLD_CASES = [
     ("linear-axis-last", SeqModel, (3, 7, 6), {"bn": ("folded_into_previous", "proj")}),
     ("conv-output-reused", Twice, (2, 3, 8), {"bn": ("frozen", None)}),
     ("shared-conv", SharedConv, (2, 3, 8), {"bn": ("frozen", None)}),
+    ("tied-weights", TiedWeights, (2, 3, 8), {"bn": ("frozen", None)}),
+    ("reads-weight", ReadsWeight, (2, 3, 8), {"bn": ("frozen", None)}),
+    ("tied-fallback", TiedSequential, (2, 3, 8), {"body.1": ("frozen", None)}),
     ("ghost-and-renorm", lambda: seq(nn.Conv1d(3, 4, 3), GhostBatchNorm(4, 2), nn.ReLU(), nn.Conv1d(4, 4, 1),
                                      BatchRenorm(4)), (4, 3, 8),
      {"1": ("folded_into_previous", "0"), "4": ("folded_into_previous", "3")}),

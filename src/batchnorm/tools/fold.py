@@ -224,6 +224,25 @@ class _Tracer(fx.Tracer):
         return is_bn_like(m) or super().is_leaf_module(m, qualname)
 
 
+def _shared_tensors(root: nn.Module) -> set[int]:
+    """ids of parameters owned by more than one module (tied weights): folding would change both."""
+    owners: dict[int, int] = {}
+    for _, p in root.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    return {k for k, v in owners.items() if v > 1}
+
+
+def _exclusive(layer: nn.Module, shared: set[int], graph: fx.Graph | None = None, name: str = "") -> bool:
+    """The layer's weight/bias are its own and the graph reads them nowhere else (no get_attr)."""
+    if any(id(p) in shared for p in (layer.weight, layer.bias) if p is not None):
+        return False
+    if graph is not None:
+        for node in graph.nodes:
+            if node.op == "get_attr" and (node.target == name or str(node.target).startswith(name + ".")):
+                return False
+    return True
+
+
 def _call_counts(graph: fx.Graph) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in graph.nodes:
@@ -237,6 +256,7 @@ def _fold_fx(root: nn.Module, records: list[FoldRecord]) -> fx.GraphModule:
     graph = tracer.trace(root)
     modules = dict(root.named_modules())
     counts = _call_counts(graph)
+    shared = _shared_tensors(root)
     done: set[str] = set()
     frozen: dict[str, nn.Module] = {}
     for node in list(graph.nodes):
@@ -267,6 +287,7 @@ def _fold_fx(root: nn.Module, records: list[FoldRecord]) -> fx.GraphModule:
                 and layer.weight.shape[0 if not isinstance(layer, _CONVT) else 1] * (
                     layer.groups if isinstance(layer, _CONVT) else 1) == a.numel()
                 and (act is None or not extra_args)
+                and _exclusive(layer, shared, graph, prev.target)
             ):
                 _fold_into_previous(layer, a, b)
                 done.add(prev.target)
@@ -295,6 +316,7 @@ def _fold_fx(root: nn.Module, records: list[FoldRecord]) -> fx.GraphModule:
                     and counts.get(nxt.target, 0) == 1
                     and nxt.target not in done
                     and layer.weight.shape[1] * (layer.groups if ok_conv else 1) == a.numel()
+                    and _exclusive(layer, shared, graph, nxt.target)
                 ):
                     _fold_into_next(layer, a, b)
                     done.add(nxt.target)
@@ -310,7 +332,7 @@ def _fold_fx(root: nn.Module, records: list[FoldRecord]) -> fx.GraphModule:
             continue
         if name not in frozen:
             frozen[name] = bn if isinstance(bn, FrozenBatchNorm) else _frozen_from(bn, act)
-        records.append(FoldRecord(name, "frozen", None, _why_not(node, modules, counts, bn, rank) + kept))
+        records.append(FoldRecord(name, "frozen", None, _why_not(node, modules, counts, bn, rank, shared) + kept))
     for name, fz in frozen.items():
         if any(n.op == "call_module" and n.target == name for n in graph.nodes):
             _set_submodule(root, name, fz)
@@ -320,7 +342,7 @@ def _fold_fx(root: nn.Module, records: list[FoldRecord]) -> fx.GraphModule:
     return gm
 
 
-def _why_not(node: fx.Node, modules: dict, counts: dict, bn: nn.Module, rank: int | None) -> str:
+def _why_not(node: fx.Node, modules: dict, counts: dict, bn: nn.Module, rank: int | None, shared: set[int]) -> str:
     prev = node.args[0] if node.args else None
     if isinstance(prev, fx.Node) and prev.op == "call_module":
         layer = modules[prev.target]
@@ -329,6 +351,8 @@ def _why_not(node: fx.Node, modules: dict, counts: dict, bn: nn.Module, rank: in
                 return f"the output of '{prev.target}' is also used elsewhere; folding would change that use"
             if counts.get(prev.target, 0) != 1:
                 return f"'{prev.target}' is called more than once in the model"
+            if not _exclusive(layer, shared, node.graph, prev.target):
+                return f"the weights of '{prev.target}' are tied to another layer or read elsewhere in forward"
             return f"its feature axis (axis={getattr(bn, 'axis', 1)}) is not the output feature axis of '{prev.target}'"
     return "no conv/linear producing its input alone, and no linear/1x1 conv consuming its output alone"
 
@@ -352,10 +376,11 @@ def _fold_sequential(root: nn.Module, records: list[FoldRecord], error: str) -> 
     for _, m in root.named_modules(remove_duplicate=False):
         occurrences[id(m)] = occurrences.get(id(m), 0) + 1
     names = {id(m): n for n, m in root.named_modules()}
+    shared = _shared_tensors(root)
     handled: set[int] = set()
     for seq_name, seq in list(root.named_modules()):
-        if not isinstance(seq, nn.Sequential):
-            continue
+        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
+            continue  # a subclass with its own forward may use its children in any order
         keys = list(seq._modules.keys())
         i = 0
         while i < len(keys):
@@ -380,6 +405,7 @@ def _fold_sequential(root: nn.Module, records: list[FoldRecord], error: str) -> 
                 and isinstance(prev, (*_CONV, *_CONVT, nn.Linear))
                 and occurrences.get(id(prev), 0) == 1
                 and id(prev) not in handled
+                and _exclusive(prev, shared)
                 and _feature_axis_is(bn, "last" if isinstance(prev, nn.Linear) else "channel", rank)
             ):
                 _fold_into_previous(prev, a, b)
@@ -389,6 +415,7 @@ def _fold_sequential(root: nn.Module, records: list[FoldRecord], error: str) -> 
                 and act is None
                 and occurrences.get(id(nxt), 0) == 1
                 and id(nxt) not in handled
+                and _exclusive(nxt, shared)
                 and ((isinstance(nxt, nn.Linear) and _feature_axis_is(bn, "last", rank))
                      or (_is_pointwise_conv(nxt) and _feature_axis_is(bn, "channel", rank)))
             ):
