@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchnorm import BatchNorm, batch_norm, batch_stats, reference
 from batchnorm.functional import update_running
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
+# the `backend` fixture only sets an environment variable, identical for every example
+PER_BACKEND = settings(SETTINGS, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @st.composite
@@ -49,9 +51,9 @@ def _t(a):
     return None if a is None else torch.as_tensor(a, dtype=torch.float64)
 
 
-@SETTINGS
+@PER_BACKEND
 @given(problems())
-def test_forward_train_matches_reference(p) -> None:
+def test_forward_train_matches_reference(backend, p) -> None:
     x, axis, mask, gamma, beta, eps = p
     y_ref, mean_ref, var_ref, n_ref, _ = reference.forward_train(x, gamma, beta, eps=eps, axis=axis, mask=mask)
     mask_t = None if mask is None else torch.as_tensor(mask)
@@ -79,9 +81,9 @@ def test_forward_inference_matches_reference(p, low_precision) -> None:
     np.testing.assert_allclose(y.double().numpy(), y_ref, rtol=tol, atol=tol * (1 + np.abs(x).max() / rv.min() ** 0.5))
 
 
-@SETTINGS
+@PER_BACKEND
 @given(problems())
-def test_backward_matches_reference(p) -> None:
+def test_backward_matches_reference(backend, p) -> None:
     x, axis, mask, gamma, beta, eps = p
     _, _, _, _, cache = reference.forward_train(x, gamma, beta, eps=eps, axis=axis, mask=mask)
     rng = np.random.default_rng(7)
@@ -100,9 +102,9 @@ def test_backward_matches_reference(p) -> None:
     np.testing.assert_allclose(b.grad.numpy(), dbeta_ref, rtol=1e-10, atol=1e-10 * scale)
 
 
-@SETTINGS
+@PER_BACKEND
 @given(problems(masked=True), st.sampled_from([0.1, 0.5, 1.0, 0.0]), st.integers(1, 3))
-def test_update_running_matches_reference_over_steps(p, momentum, steps) -> None:
+def test_update_running_matches_reference_over_steps(backend, p, momentum, steps) -> None:
     x, axis, mask, _, _, eps = p
     layer = BatchNorm(x.shape[axis], eps=eps, momentum=momentum, axis=axis).double()
     rm, rv = np.zeros(x.shape[axis]), np.ones(x.shape[axis])
