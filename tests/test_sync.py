@@ -98,6 +98,33 @@ def _scenario_parity(rank: int, world: int) -> dict:
         shards.append(x[lo : lo + sizes[rank]])
     batchnorm.recalibrate(model.module, shards, progress=False)
     out["recalibrated"] = (bn.running_mean.clone(), bn.running_var.clone())
+    # options and masks go through the same path: channels-last, fused activation, memory="save", a padding mask
+    sizes = CASES[world][0]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(sum(sizes), 5, 3, generator=g, dtype=torch.float64) * 2 + 1
+    dy = torch.randn(sum(sizes), 5, 3, generator=g, dtype=torch.float64)
+    mask = torch.arange(5) < torch.randint(1, 6, (sum(sizes), 1), generator=g)
+    opts = {"axis": -1, "activation": "leaky_relu", "negative_slope": 0.2, "memory": "save"}
+    sync, single = SyncBatchNorm(3, **opts).double(), BatchNorm(3, **opts).double()
+    with torch.no_grad():
+        sync.weight.copy_(torch.tensor([0.5, 1.5, -2.0]))
+        single.weight.copy_(sync.weight)
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    xr = x[lo:hi].clone().requires_grad_(True)
+    y = sync(xr, mask=mask[lo:hi])
+    (y * dy[lo:hi]).sum().backward()
+    xa = x.clone().requires_grad_(True)
+    ya = single(xa, mask=mask)
+    (ya * dy).sum().backward()
+    wgrad = sync.weight.grad.clone()
+    dist.all_reduce(wgrad)
+    out["options_diff"] = max(
+        float((y - ya[lo:hi]).abs().max()) if hi > lo else 0.0,
+        float((xr.grad - xa.grad[lo:hi]).abs().max()) if hi > lo else 0.0,
+        float((wgrad - single.weight.grad).abs().max()),
+        float((sync.running_var - single.running_var).abs().max()),
+        float((sync.running_mean - single.running_mean).abs().max()),
+    )
     # the batch-size check counts globally: one value in total across the group is an error on every rank
     layer = SyncBatchNorm(FEATURES).double()
     try:
@@ -201,6 +228,8 @@ def test_sync_equals_single_process_on_concatenated_batch(world, tmp_path):
         assert results[r]["error"] is not None and "got 1 for input of shape" in results[r]["error"]
         assert f"summed over the {world} processes" in results[r]["error"]
     assert results[0]["eval_ok"]
+    for r in range(world):
+        assert results[r]["options_diff"] < 1e-10
 
 
 @gloo
