@@ -216,6 +216,13 @@ class TiedSequential(nn.Module):
         return y + self.twin(x) if x.sum() > -1e9 else y
 
 
+def with_ours() -> nn.Module:
+    """Non-BN layers of this package around a foldable pair: fx must keep them as leaves, not trace them."""
+    scaler = batchnorm.Standardizer(3)
+    scaler.partial_fit(torch.randn(16, 3, 8) * 3 + 1)
+    return seq(scaler, nn.Conv1d(3, 4, 3), BatchNorm(4), batchnorm.AffineOnly(4))
+
+
 FOLD_CASES = [
     # (id, builder, input shape, {bn: (action, target)})
     ("conv1d", lambda: seq(nn.Conv1d(3, 5, 3), nn.BatchNorm1d(5)), (4, 3, 9), {"1": ("folded_into_previous", "0")}),
@@ -249,6 +256,8 @@ FOLD_CASES = [
     ("fused-activation", lambda: seq(nn.Conv1d(3, 4, 3), BatchNorm(4, activation="relu"), nn.Conv1d(4, 4, 1),
                                      BatchNorm(4, activation="leaky_relu", negative_slope=0.2)), (3, 3, 8),
      {"1": ("folded_into_previous", "0"), "3": ("folded_into_previous", "2")}),
+    ("with-other-layers-of-ours", lambda: with_ours(), (3, 3, 8),
+     {"2": ("folded_into_previous", "1")}),
     ("untraceable", Untraceable, (3, 2, 8),
      {"features.1": ("folded_into_previous", "features.0"), "features.3": ("folded_into_next", "features.4"),
       "lonely": ("frozen", None)}),
@@ -279,6 +288,12 @@ def test_fold_matches_eval_outputs_and_reports(case, dtype):
         assert torch.equal(v, before[k]), k
     assert all(not isinstance(m, FrozenBatchNorm) or isinstance(build().get_submodule(n), FrozenBatchNorm)
                for n, m in model.named_modules() if n)
+
+
+def test_fold_traces_models_with_other_layers_of_ours():
+    model = randomize(with_ours()).eval()
+    folded, records = fold(model, report=True)
+    assert isinstance(folded, torch.fx.GraphModule) and "fx could not trace" not in records[0].reason
 
 
 def test_fold_untraceable_reports_why():

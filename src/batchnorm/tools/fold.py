@@ -218,10 +218,12 @@ def _frozen_from(bn: nn.Module, act: nn.Module | None = None) -> nn.Module:
 
 # -- torch.fx path ---------------------------------------------------------------------------------
 class _Tracer(fx.Tracer):
-    """Keep BN-like layers (ours are Python code with branches) as leaves of the graph."""
+    """Keep BN-like layers and every other layer of this package (Python code with input checks and
+    branches that fx cannot trace) as leaves of the graph."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_bn_like(m) or super().is_leaf_module(m, qualname)
+        ours = type(m).__module__.startswith("batchnorm.")
+        return is_bn_like(m) or ours or super().is_leaf_module(m, qualname)
 
 
 def _shared_tensors(root: nn.Module) -> set[int]:
