@@ -27,6 +27,7 @@ wherever ``NUMBA_CACHE_DIR`` points).
 from __future__ import annotations
 
 import math
+import sys
 
 import numba
 import numpy as np
@@ -122,7 +123,11 @@ def _merge_into(acc, s, c, n, mu, m2):
     acc[s, c, 0] = tot
 
 
-@njit(parallel=True, cache=True)
+# Reductions may reorder their float64 sums ("reassoc") so LLVM vectorizes them; nothing else is relaxed.
+_REASSOC = {"reassoc"}
+
+
+@njit(parallel=True, cache=True, fastmath=_REASSOC)
 def _reduce_rows(x, m, has_mask, seg, acc):
     """B > 1: per (a, c) row exact stats, merged per segment. seg[s] = (a0, a1, c0, c1)."""
     B = x.shape[2]
@@ -156,38 +161,56 @@ def _reduce_rows(x, m, has_mask, seg, acc):
                 _merge_into(acc, s, c, n, mu, m2)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=_REASSOC)
 def _reduce_cols(x, m, has_mask, seg, acc, block):
-    """B == 1: blocks of rows reduced with loops over contiguous features, merged per segment."""
+    """B == 1 (x is (A, C)): blocks of rows reduced with loops over contiguous features, merged per segment.
+
+    Segments cover whole rows (all C features), so the count is one scalar per block (the mask is per row).
+    """
     C = x.shape[1]
     for s in prange(seg.shape[0]):
-        a0, a1, c0, c1 = seg[s, 0], seg[s, 1], seg[s, 2], seg[s, 3]
+        a0, a1 = seg[s, 0], seg[s, 1]
         tot = np.zeros(C)
+        sq = np.zeros(C)
+        mean = np.zeros(C)
         m2 = np.zeros(C)
+        n_acc = 0.0
         for r0 in range(a0, a1, block):
             r1 = min(r0 + block, a1)
             n = 0.0
-            for c in range(c0, c1):
+            for c in range(C):
                 tot[c] = 0.0
-                m2[c] = 0.0
+                sq[c] = 0.0
             for a in range(r0, r1):
                 if has_mask and not m[a, 0]:
                     continue
                 n += 1.0
-                for c in range(c0, c1):
-                    tot[c] += x[a, c, 0]
+                for c in range(C):
+                    tot[c] += x[a, c]
             if n == 0:
                 continue
-            for c in range(c0, c1):
-                tot[c] /= n
+            inv_n = 1.0 / n
+            for c in range(C):
+                tot[c] *= inv_n
             for a in range(r0, r1):
                 if has_mask and not m[a, 0]:
                     continue
-                for c in range(c0, c1):
-                    d = x[a, c, 0] - tot[c]
-                    m2[c] += d * d
-            for c in range(c0, c1):
-                _merge_into(acc, s, c, n, tot[c], m2[c])
+                for c in range(C):
+                    d = x[a, c] - tot[c]
+                    sq[c] += d * d
+            # Chan merge of the block (n, tot, sq) into the segment (n_acc, mean, m2), vectorized over C
+            new_n = n_acc + n
+            f = n / new_n
+            g = n_acc * n / new_n
+            for c in range(C):
+                d = tot[c] - mean[c]
+                mean[c] += d * f
+                m2[c] += sq[c] + d * d * g
+            n_acc = new_n
+        for c in range(C):
+            acc[s, c, 0] = n_acc
+            acc[s, c, 1] = mean[c]
+            acc[s, c, 2] = m2[c]
 
 
 @njit(cache=True)
@@ -228,26 +251,26 @@ def _apply_rows(x, y, scale, shift, rpg, code, slope):
 
 @njit(parallel=True, cache=True)
 def _apply_cols(x, y, scale, shift, rpg, code, slope):
-    """B == 1: y[a, :] = act(x[a, :] · scale[g, :] + shift[g, :])."""
-    A, C = x.shape[0], x.shape[1]
+    """B == 1 (x, y are (A, C)): y[a, :] = act(x[a, :] · scale[g, :] + shift[g, :])."""
+    A, C = x.shape
     for a in prange(A):
         g = a // rpg
         if code == 0:
             for c in range(C):
-                y[a, c, 0] = x[a, c, 0] * scale[g, c] + shift[g, c]
+                y[a, c] = x[a, c] * scale[g, c] + shift[g, c]
         elif code == 1:
             for c in range(C):
-                z = x[a, c, 0] * scale[g, c] + shift[g, c]
-                y[a, c, 0] = z if z > 0 else z * 0
+                z = x[a, c] * scale[g, c] + shift[g, c]
+                y[a, c] = max(z, z * 0)
         else:
             for c in range(C):
-                y[a, c, 0] = _act(x[a, c, 0] * scale[g, c] + shift[g, c], code, slope)
+                y[a, c] = _act(x[a, c] * scale[g, c] + shift[g, c], code, slope)
 
 
 # --------------------------------------------------------------------------------------------
 # backward
 # --------------------------------------------------------------------------------------------
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=_REASSOC)
 def _bwd_reduce(dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc):
     """acc[s, c] += (Σ dz, Σ dz · x̂) over segment s (all positions, masked ones included)."""
     B = t.shape[2]
@@ -263,6 +286,12 @@ def _bwd_reduce(dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc):
                         d = dy[a, c, b]
                         s1 += d
                         s2 += d * ((t[a, c, b] - pc) * qc)
+                elif code == 1 and not inv:
+                    for b in range(B):
+                        xh = (t[a, c, b] - pc) * qc
+                        d = dy[a, c, b] if xh * kc + bc > 0 else 0.0
+                        s1 += d
+                        s2 += d * xh
                 else:
                     for b in range(B):
                         dz, xh = _dz_xhat(dy[a, c, b], t[a, c, b], pc, qc, kc, bc, code, slope, inv)
@@ -272,56 +301,83 @@ def _bwd_reduce(dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc):
                 acc[s, c, 1] += s2
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=_REASSOC)
 def _bwd_reduce_cols(dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc):
-    """B == 1 variant of :func:`_bwd_reduce` with loops over contiguous features."""
+    """B == 1 variant of :func:`_bwd_reduce` ((A, C) arrays, whole-row segments, loops over features)."""
+    C = t.shape[1]
     for s in prange(seg.shape[0]):
-        c0, c1 = seg[s, 2], seg[s, 3]
+        s1 = np.zeros(C)
+        s2 = np.zeros(C)
         for a in range(seg[s, 0], seg[s, 1]):
             g = a // rpg
             if code == 0 and not inv:
-                for c in range(c0, c1):
-                    d = dy[a, c, 0]
-                    acc[s, c, 0] += d
-                    acc[s, c, 1] += d * ((t[a, c, 0] - p[g, c]) * q[g, c])
+                for c in range(C):
+                    d = dy[a, c]
+                    s1[c] += d
+                    s2[c] += d * ((t[a, c] - p[g, c]) * q[g, c])
+            elif code == 1 and not inv:
+                for c in range(C):
+                    xh = (t[a, c] - p[g, c]) * q[g, c]
+                    d = dy[a, c] if xh * kz[g, c] + bz[g, c] > 0 else 0.0
+                    s1[c] += d
+                    s2[c] += d * xh
             else:
-                for c in range(c0, c1):
-                    dz, xh = _dz_xhat(dy[a, c, 0], t[a, c, 0], p[g, c], q[g, c], kz[g, c], bz[g, c], code, slope, inv)
-                    acc[s, c, 0] += dz
-                    acc[s, c, 1] += dz * xh
+                for c in range(C):
+                    dz, xh = _dz_xhat(dy[a, c], t[a, c], p[g, c], q[g, c], kz[g, c], bz[g, c], code, slope, inv)
+                    s1[c] += dz
+                    s2[c] += dz * xh
+        for c in range(C):
+            acc[s, c, 0] = s1[c]
+            acc[s, c, 1] = s2[c]
 
 
 @njit(parallel=True, cache=True)
-def _bwd_apply(dy, t, dx, p, q, kz, bz, k, mdz, mdzx, m, has_mask, rpg, code, slope, inv):
-    """dx = k · (dz − m · (mean(dz) + x̂ · mean(dz · x̂)))."""
-    A, C, B = t.shape
-    if B == 1:
-        for a in prange(A):
-            g = a // rpg
-            on = (not has_mask) or m[a, 0] != 0
+def _bwd_apply_cols(dy, t, dx, p, q, kz, bz, k, mdz, mdzx, u, v, m, has_mask, rpg, code, slope, inv):
+    """B == 1 variant of :func:`_bwd_apply` on (A, C) arrays."""
+    A, C = t.shape
+    for a in prange(A):
+        g = a // rpg
+        on = 1.0 if (not has_mask) or m[a, 0] != 0 else 0.0
+        if code == 0 and not inv:
             for c in range(C):
-                dz, xh = _dz_xhat(dy[a, c, 0], t[a, c, 0], p[g, c], q[g, c], kz[g, c], bz[g, c], code, slope, inv)
-                corr = mdz[g, c] + xh * mdzx[g, c] if on else 0.0
-                dx[a, c, 0] = k[g, c] * (dz - corr)
-        return
+                dx[a, c] = k[g, c] * dy[a, c] - on * (u[g, c] * t[a, c] + v[g, c])
+        else:
+            for c in range(C):
+                dz, xh = _dz_xhat(dy[a, c], t[a, c], p[g, c], q[g, c], kz[g, c], bz[g, c], code, slope, inv)
+                dx[a, c] = k[g, c] * (dz - on * (mdz[g, c] + xh * mdzx[g, c]))
+
+
+@njit(parallel=True, cache=True)
+def _bwd_apply(dy, t, dx, p, q, kz, bz, k, mdz, mdzx, u, v, m, has_mask, rpg, code, slope, inv):
+    """B > 1: dx = k · (dz − m · (mean(dz) + x̂ · mean(dz · x̂))).
+
+    Without activation this is ``dx = k·dy − m·(u·t + v)`` with per-feature ``u = k·mean(dz·x̂)·q`` and
+    ``v = k·mean(dz) − u·p``: one multiply-add per element.
+    """
+    A, C, B = t.shape
     for r in prange(A * C):
         a = r // C
         c = r - a * C
         g = a // rpg
         pc, qc, kc, bc = p[g, c], q[g, c], kz[g, c], bz[g, c]
-        kk, m1, m2 = k[g, c], mdz[g, c], mdzx[g, c]
+        kk, m1, m2, uc, vc = k[g, c], mdz[g, c], mdzx[g, c], u[g, c], v[g, c]
         if code == 0 and not inv and not has_mask:
-            # dx = k·dy − k·m1 − k·m2·q·(t − p)  → one multiply-add per element
-            u = kk * m2 * qc
-            v = kk * m1 - u * pc
             for b in range(B):
-                dx[a, c, b] = kk * dy[a, c, b] - u * t[a, c, b] - v
+                dx[a, c, b] = kk * dy[a, c, b] - (uc * t[a, c, b] + vc)
+        elif code == 0 and not inv:
+            for b in range(B):
+                on = 1.0 if m[a, b] != 0 else 0.0
+                dx[a, c, b] = kk * dy[a, c, b] - on * (uc * t[a, c, b] + vc)
+        elif code == 1 and not inv and not has_mask:
+            for b in range(B):
+                xh = (t[a, c, b] - pc) * qc
+                d = dy[a, c, b] if xh * kc + bc > 0 else 0.0
+                dx[a, c, b] = kk * (d - (m1 + xh * m2))
         else:
             for b in range(B):
                 dz, xh = _dz_xhat(dy[a, c, b], t[a, c, b], pc, qc, kc, bc, code, slope, inv)
-                on = (not has_mask) or m[a, b] != 0
-                corr = m1 + xh * m2 if on else 0.0
-                dx[a, c, b] = kk * (dz - corr)
+                on = 1.0 if (not has_mask) or m[a, b] != 0 else 0.0
+                dx[a, c, b] = kk * (dz - on * (m1 + xh * m2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,16 +422,21 @@ def _view(x: torch.Tensor, axis: int, group_size: int | None) -> _View | None:
     return _View(perm, ax, A, x.shape[axis], B, rows)
 
 
+def _shape(v: _View) -> tuple[int, ...]:
+    return (v.A, v.C) if v.B == 1 else (v.A, v.C, v.B)
+
+
 def _np(t: torch.Tensor, v: _View) -> np.ndarray:
-    return t.detach().permute(v.perm).reshape(v.A, v.C, v.B).numpy()
+    """The canonical array: (A, C, B), or (A, C) when B == 1 (feature axis innermost)."""
+    return t.detach().permute(v.perm).reshape(_shape(v)).numpy()
 
 
 def _like(t: torch.Tensor, x: torch.Tensor, v: _View) -> np.ndarray:
-    """``t`` (x-shaped, e.g. dy) as an (A, C, B) array in x's memory order (copy only if it differs)."""
+    """``t`` (x-shaped, e.g. dy) as a canonical array in x's memory order (copy only if it differs)."""
     tp = t.detach().permute(v.perm)
     if not tp.is_contiguous():
         tp = tp.contiguous()
-    return tp.reshape(v.A, v.C, v.B).numpy()
+    return tp.reshape(_shape(v)).numpy()
 
 
 def _mask(m: torch.Tensor | None, x: torch.Tensor, axis: int, v: _View) -> np.ndarray:
@@ -399,13 +460,55 @@ def _segments(v: _View, group_size: int | None) -> tuple[np.ndarray, np.ndarray,
     for g in range(G):
         a0, a1 = g * rpg, min(v.A, (g + 1) * rpg)
         pa = max(1, min(a1 - a0, want))
-        pc = max(1, min(v.C, -(-want // pa)))
+        # B == 1 kernels loop over all features of a row (vectorized); B > 1 may also split features
+        pc = 1 if v.B == 1 else max(1, min(v.C, -(-want // pa)))
         for i in range(pa):
             r0, r1 = a0 + (a1 - a0) * i // pa, a0 + (a1 - a0) * (i + 1) // pa
             for j in range(pc):
                 segs.append((r0, r1, v.C * j // pc, v.C * (j + 1) // pc))
                 groups.append(g)
     return np.asarray(segs, dtype=np.int64).reshape(-1, 4), np.asarray(groups, dtype=np.int64), G
+
+
+_HUGE = 4 << 20  # outputs at least this large get transparent-huge-page advice
+_MADV_HUGEPAGE = 14
+
+
+def _madvise():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.madvise
+        fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        fn.restype = ctypes.c_int
+        return fn
+    except (OSError, AttributeError):  # pragma: no cover - non-Linux
+        return None
+
+
+_MADVISE = _madvise() if sys.platform.startswith("linux") else None
+
+
+def empty_like(x: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like(x)`` (same layout); large buffers are advised to use transparent huge pages.
+
+    Fresh large allocations are fresh pages, and first-touch page faults can cost more than the
+    kernel that writes them (4 KiB faults; about 1.5 ns per byte on the benchmark VM). ``madvise
+    (MADV_HUGEPAGE)`` on the untouched buffer lets the kernel fault it in 2 MiB pages instead. It only
+    concerns memory this module allocates for its own outputs; ``THP_MEM_ALLOC_ENABLE=1`` does the
+    same for every PyTorch allocation.
+    """
+    y = torch.empty_like(x)
+    nbytes = y.untyped_storage().nbytes()
+    if _MADVISE is not None and nbytes >= _HUGE:
+        page = 4096
+        start = y.untyped_storage().data_ptr()
+        lo = (start + page - 1) // page * page
+        hi = (start + nbytes) // page * page
+        if hi > lo:
+            _MADVISE(lo, hi - lo, _MADV_HUGEPAGE)
+    return y
 
 
 def _per_group(v: torch.Tensor, G: int, C: int, dtype: torch.dtype) -> np.ndarray:
@@ -423,7 +526,9 @@ def reduce(x: torch.Tensor, axis: int, m: torch.Tensor | None = None, group_size
     acc = np.zeros((seg.shape[0], v.C, 3))
     ma = _mask(m, x, axis, v)
     if v.B == 1:
-        _reduce_cols(xa, ma, m is not None, seg, acc, max(4, min(256, 4096 // max(v.C, 1))))
+        # blocks of rows that stay in L2 (256 KiB) between the two passes
+        block = max(8, min(512, (1 << 18) // (v.C * x.element_size())))
+        _reduce_cols(xa, ma, m is not None, seg, acc, block)
     else:
         _reduce_rows(xa, ma, m is not None, seg, acc)
     out = torch.from_numpy(_merge_segments(acc, seg_group, G)).to(_t.stat_dtype(x.dtype))
@@ -437,7 +542,7 @@ def apply(x, axis, scale, shift, group_size=None, activation=None, negative_slop
     if v is None or torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):
         return _t.apply(x, axis, scale, shift, group_size, activation, negative_slope)
     G = -(-v.A // _rpg(v, group_size))
-    y = torch.empty_like(x)
+    y = empty_like(x)
     if not y.permute(v.perm).is_contiguous():
         y = x.detach().clone()  # preserve x's layout exactly (empty_like may differ for odd size-1 strides)
     ya = _np(y, v)
@@ -474,8 +579,11 @@ def backward_reduce(dy, x, axis, mean, invstd, group_size, activation=None, nega
     fn = _bwd_reduce_cols if v.B == 1 else _bwd_reduce
     fn(dya, ta, pa, qa, kz, bz, seg, _rpg(v, group_size), _t.activation_code(activation),
        float(negative_slope), bool(from_output), acc)
-    sums = np.zeros((G, v.C, 2))
-    np.add.at(sums, seg_group, acc)
+    if G == 1:
+        sums = acc.sum(0)[None]
+    else:
+        sums = np.zeros((G, v.C, 2))
+        np.add.at(sums, seg_group, acc)
     out = torch.from_numpy(sums).to(mean.dtype)
     return out[..., 0].contiguous(), out[..., 1].contiguous()
 
@@ -488,11 +596,16 @@ def backward_apply(dy, x, axis, mean, invstd, k, mean_dy, mean_dy_xhat, m, group
         return _t.backward_apply(dy, x, axis, mean, invstd, k, mean_dy, mean_dy_xhat, m, group_size, activation,
                                  negative_slope, zscale, zshift, from_output)
     v, G, dya, ta, pa, qa, kz, bz = args
-    dx = torch.empty_like(x)
+    dx = empty_like(x)
     if not dx.permute(v.perm).is_contiguous():
         dx = x.detach().clone()
-    C = v.C
-    _bwd_apply(dya, ta, _np(dx, v), pa, qa, kz, bz, _per_group(k, G, C, x.dtype), _per_group(mean_dy, G, C, x.dtype),
-               _per_group(mean_dy_xhat, G, C, x.dtype), _mask(m, x, axis, v), m is not None,
-               _rpg(v, group_size), _t.activation_code(activation), float(negative_slope), bool(from_output))
+    C, sd = v.C, mean.dtype
+    kk = k.to(sd).expand(G, C)
+    u = kk * mean_dy_xhat.to(sd).expand(G, C) * invstd.to(sd).expand(G, C)
+    w = kk * mean_dy.to(sd).expand(G, C) - u * mean.to(sd).expand(G, C)
+    fn = _bwd_apply_cols if v.B == 1 else _bwd_apply
+    fn(dya, ta, _np(dx, v), pa, qa, kz, bz, _per_group(k, G, C, x.dtype), _per_group(mean_dy, G, C, x.dtype),
+       _per_group(mean_dy_xhat, G, C, x.dtype), _per_group(u, G, C, x.dtype), _per_group(w, G, C, x.dtype),
+       _mask(m, x, axis, v), m is not None, _rpg(v, group_size), _t.activation_code(activation),
+       float(negative_slope), bool(from_output))
     return dx
