@@ -340,6 +340,30 @@ def test_fold_fused_activation_stays_a_module(traceable):
     assert rel_err(folded(x), model(x)) < 1e-5
 
 
+@pytest.mark.parametrize("bn_cls", [nn.BatchNorm1d, BatchNorm])
+def test_fold_example_input_fixes_the_rank(bn_cls):
+    # BN(axis=1) on the (N, L, C) output of a Linear with L == C normalizes L: folding into the Linear would be
+    # wrong. torch's layer records no rank, so only example_input can tell.
+    model = randomize(seq(nn.Linear(4, 5), bn_cls(5))).eval()
+    x = torch.randn(3, 5, 4)
+    folded, records = fold(model, report=True, example_input=x)
+    assert records[0].action == "frozen"
+    assert rel_err(folded(x), model(x)) < 1e-5
+    flat = torch.randn(6, 4)
+    _, records = fold(model, report=True, example_input=(flat,))
+    assert records[0].action == "folded_into_previous"
+
+
+def test_fold_example_input_checks_the_result(monkeypatch):
+    import importlib
+
+    fold_mod = importlib.import_module("batchnorm.tools.fold")
+    monkeypatch.setattr(fold_mod, "_fold_into_previous", lambda layer, a, b: None)  # a broken fold
+    model = randomize(seq(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4))).eval()
+    with pytest.warns(UserWarning, match=r"fold: on example_input the folded model differs from the original by"):
+        fold(model, example_input=torch.randn(2, 3, 8))
+
+
 def test_fold_uses_recorded_rank_for_axis_one_after_linear():
     # BatchNorm(axis=1) after a Linear on (N, L, C) normalizes L, not the Linear's features: never fold it
     model = seq(nn.Linear(4, 5), BatchNorm(5)).eval()

@@ -126,6 +126,8 @@ def _verify(bn: nn.Module, a: torch.Tensor, b: torch.Tensor, act: nn.Module | No
 def _feature_axis_is(bn: nn.Module, want: str, rank: int | None) -> bool:
     """Does the BN normalize the channel axis (``want="channel"``, axis 1) or the last axis (``"last"``)?"""
     axis = int(getattr(bn, "axis", 1))
+    if rank == -1:  # the layer saw inputs of several ranks: no single feature axis to rely on
+        return False
     if rank is not None:
         axis = axis % rank
         return axis == 1 if want == "channel" else axis == rank - 1
@@ -136,9 +138,35 @@ def _feature_axis_is(bn: nn.Module, want: str, rank: int | None) -> bool:
     return axis in (-1, 1)
 
 
-def _rank_of(bn: nn.Module) -> int | None:
+def _rank_of(bn: nn.Module, name: str, ranks: dict[str, int]) -> int | None:
+    """The rank of the layer's input: seen on ``example_input``, else recorded by our layers, else unknown."""
+    if name in ranks:
+        return ranks[name]
     shape = getattr(bn, "last_input_shape", None)
     return len(shape) if shape else None
+
+
+def _observe_ranks(model: nn.Module, example_input) -> dict[str, int]:
+    """Run a copy of the model once and record every BN-like layer's input rank (-1: it saw several)."""
+    probe = copy.deepcopy(model)
+    ranks: dict[str, int] = {}
+    hooks = []
+    for name, m in probe.named_modules():
+        if is_bn_like(m):
+            def hook(_m, args, _name=name):
+                if args and isinstance(args[0], torch.Tensor):
+                    r = args[0].dim()
+                    ranks[_name] = r if ranks.get(_name, r) == r else -1
+            hooks.append(m.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        _call(probe, example_input)
+    for h in hooks:
+        h.remove()
+    return ranks
+
+
+def _call(model: nn.Module, example_input):
+    return model(*example_input) if isinstance(example_input, tuple) else model(example_input)
 
 
 # -- folding math (float64, written back in the layer's dtype) -------------------------------------
@@ -253,7 +281,7 @@ def _call_counts(graph: fx.Graph) -> dict[str, int]:
     return counts
 
 
-def _fold_fx(root: nn.Module, records: list[FoldRecord]) -> fx.GraphModule:
+def _fold_fx(root: nn.Module, records: list[FoldRecord], ranks: dict[str, int]) -> fx.GraphModule:
     tracer = _Tracer()
     graph = tracer.trace(root)
     modules = dict(root.named_modules())
@@ -271,7 +299,7 @@ def _fold_fx(root: nn.Module, records: list[FoldRecord]) -> fx.GraphModule:
         except _Unfoldable as why:
             records.append(FoldRecord(name, "skipped", None, str(why)))
             continue
-        rank = _rank_of(bn)
+        rank = _rank_of(bn, name, ranks)
         prev = node.args[0] if node.args else None
         extra_args = len(node.args) > 1 or bool(node.kwargs)
         kept = f"; its fused activation is kept as {type(act).__name__}" if act is not None else ""
@@ -373,7 +401,7 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 # -- fallback: adjacent pairs inside nn.Sequential ---------------------------------------------------
-def _fold_sequential(root: nn.Module, records: list[FoldRecord], error: str) -> nn.Module:
+def _fold_sequential(root: nn.Module, records: list[FoldRecord], error: str, ranks: dict[str, int]) -> nn.Module:
     occurrences: dict[int, int] = {}
     for _, m in root.named_modules(remove_duplicate=False):
         occurrences[id(m)] = occurrences.get(id(m), 0) + 1
@@ -398,7 +426,7 @@ def _fold_sequential(root: nn.Module, records: list[FoldRecord], error: str) -> 
                 handled.add(id(bn))
                 i += 1
                 continue
-            rank = _rank_of(bn)
+            rank = _rank_of(bn, qual, ranks)
             prev = seq._modules[keys[i - 1]] if i > 0 else None
             nxt = seq._modules[keys[i + 1]] if i + 1 < len(keys) else None
             target = None
@@ -447,7 +475,7 @@ def _fold_sequential(root: nn.Module, records: list[FoldRecord], error: str) -> 
     return root
 
 
-def fold(model: nn.Module, report: bool = False):
+def fold(model: nn.Module, report: bool = False, *, example_input=None):
     r"""An inference copy of ``model`` with eval-mode batch norm folded into its neighbours.
 
     In evaluation mode a BN layer is the per-feature affine map ``BN(z) = a ⊙ z + b`` with
@@ -469,9 +497,9 @@ def fold(model: nn.Module, report: bool = False):
     BN layers in training mode, or with ``track_running_stats=False``, normalize with batch
     statistics and are left as they are (action ``"skipped"``, with a warning). Each fold is checked
     on a probe input first, so a variant whose eval output is not that affine map is frozen or
-    skipped rather than folded wrongly. The feature rank is read from ``last_input_shape`` (our
-    layers record it) when the model has run once; otherwise ``axis=1`` after a ``Linear`` is taken to
-    mean ``(N, C)`` input. If ``torch.fx`` cannot trace the model (data-dependent control flow),
+    skipped rather than folded wrongly. The rank of each BN's input is taken from ``example_input``
+    when given (one forward of a copy), else from ``last_input_shape`` (our layers record it once the
+    model has run), else ``axis=1`` after a ``Linear`` is taken to mean ``(N, C)`` input. If ``torch.fx`` cannot trace the model (data-dependent control flow),
     adjacent pairs inside ``nn.Sequential`` containers are folded instead and every other BN is
     frozen; the records say so. In that fallback a layer used directly elsewhere in ``forward`` as
     well cannot be detected: keep such models traceable.
@@ -483,6 +511,9 @@ def fold(model: nn.Module, report: bool = False):
     Args:
         model: the model; put it in eval mode first (``model.eval()``).
         report: also return the list of :class:`FoldRecord` (what went into what, and why not).
+        example_input: optional input (a tuple is unpacked as ``model(*example_input)``): fixes every
+            BN's input rank, and the folded output is compared with the original on it (a warning if
+            they differ by more than round-off).
 
     Returns: the folded model, or ``(folded, records)`` with ``report=True``.
 
@@ -503,17 +534,29 @@ def fold(model: nn.Module, report: bool = False):
     Reference: Jacob et al., "Quantization and Training of Neural Networks for Efficient
     Integer-Arithmetic-Only Inference", CVPR 2018 (BN folding); ``torch.fx.experimental.optimization.fuse``.
     """
+    ranks = _observe_ranks(model, example_input) if example_input is not None else {}
     root = copy.deepcopy(model)
     records: list[FoldRecord] = []
     try:
-        result: nn.Module = _fold_fx(root, records)
+        result: nn.Module = _fold_fx(root, records, ranks)
     except Exception as err:  # fx cannot trace (control flow on values, unsupported ops, ...)
         records.clear()
         root = copy.deepcopy(model)
         msg = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        result = _fold_sequential(root, records, msg)
+        result = _fold_sequential(root, records, msg, ranks)
     skipped = [r for r in records if r.action == "skipped"]
     if skipped:
         lines = "; ".join(f"'{r.bn}': {r.reason}" for r in skipped)
         warnings.warn(f"fold: {len(skipped)} BN layer(s) were left unchanged: {lines}.", stacklevel=2)
+    if example_input is not None and not any(m.training for m in model.modules()):
+        with torch.no_grad():
+            want, got = _call(copy.deepcopy(model), example_input), _call(result, example_input)
+        if isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and want.is_floating_point():
+            err = float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30))
+            tol = 1e-5 if want.dtype in (torch.float32, torch.float64) else 1e-2
+            if not err <= tol:
+                warnings.warn(
+                    f"fold: on example_input the folded model differs from the original by {err:.2e} (relative, max); "
+                    "expected round-off only. Use the unfolded model and report this model.", stacklevel=2
+                )
     return (result, records) if report else result
