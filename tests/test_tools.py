@@ -430,7 +430,7 @@ def test_recalibrate_equals_population_statistics(fmt):
     for bn, mean, var in ((model.bn1, m1, v1), (model.bn2, m2, v2)):
         torch.testing.assert_close(bn.running_mean, mean, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(bn.running_var, var, rtol=1e-10, atol=1e-10)
-        assert int(bn.num_batches_tracked) == 4
+        assert int(bn.num_batches_tracked) == 0  # counts training steps; recalibration is not one
     # not the mean of per-batch variances (that misses the spread of the batch means)
     naive = torch.stack([model.fc1(b).var(0) for b in batches]).mean(0)
     assert not torch.allclose(naive, model.bn1.running_var, rtol=1e-3)
@@ -439,6 +439,13 @@ def test_recalibrate_equals_population_statistics(fmt):
         assert torch.equal(v, params[k]) and v.grad is None
     assert not any(m.training for m in model.modules())
     assert model.bn1.momentum == 0.3 and model.bn2.momentum == 0.1
+
+
+def test_recalibrate_keeps_renorm_warmup_clock():
+    model = TwoBN(bn1=BatchRenorm(6, warmup_steps=100)).double()
+    model(torch.randn(8, 5, dtype=torch.float64))  # one training step: the clock reads 1
+    recalibrate(model, [torch.randn(8, 5, dtype=torch.float64) for _ in range(3)], progress=False)
+    assert int(model.bn1.num_batches_tracked) == 1 and int(model.bn2.num_batches_tracked) == 1
 
 
 def test_recalibrate_num_batches_and_restores_train_mode():

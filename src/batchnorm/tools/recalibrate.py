@@ -152,13 +152,12 @@ def recalibrate(
     then sets ``running_mean = μ`` and ``running_var = σ²`` (unbiased, like every running variance
     here). Batches are weighted by their sample count, so an uneven last batch counts exactly as much
     as it should; this is *not* the mean of per-batch variances (which misses the spread of the batch
-    means). Each layer sees the activations produced by the (already recalibrated-in-spirit) training
-    forward: the running estimates are kept fixed during the pass and written only at the end.
+    means). The running estimates are kept fixed during the pass (``momentum`` is 0 meanwhile; batch
+    renorm reads them in training) and written only at the end.
 
-    Afterwards every module's train/eval mode and every layer's ``momentum`` are as before;
-    ``num_batches_tracked`` is set to the number of batches the layer saw (as
-    ``torch.optim.swa_utils.update_bn``), so a later ``momentum=None`` cumulative average continues
-    from the recalibrated estimate. A layer that never ran, or ran more than once in one forward (a
+    Afterwards every module's train/eval mode and every layer's ``momentum`` are as before, and
+    ``num_batches_tracked`` is unchanged: it counts training steps, which recalibration is not (and
+    it is batch renorm's warm-up clock, which must not be reset). A layer that never ran, or ran more than once in one forward (a
     shared layer: its inputs come from different distributions), keeps its old statistics and is
     listed in ``report.skipped`` with a warning. ``FrozenBatchNorm`` layers and layers with
     ``track_running_stats=False`` are left alone. Works for every variant (ghost, renorm, masked):
@@ -281,8 +280,6 @@ def recalibrate(
         with torch.no_grad():
             m.running_mean.copy_(a.mean.to(m.running_mean.dtype))
             m.running_var.copy_((a.m2 / (n - 1)).to(m.running_var.dtype))
-            if m.num_batches_tracked is not None:
-                m.num_batches_tracked.fill_(report.batches)
         report.recalibrated.append(name)
         report.counts[name] = int(n.min())
     problems = {k: v for k, v in report.skipped.items() if "left unchanged" in v}
