@@ -243,3 +243,24 @@ def test_parity_realistic_sizes_default_backend(case: Case, monkeypatch) -> None
     monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
     ours, ref = make_pair(case)
     run_parity(ours, ref, case)
+
+
+@pytest.mark.parametrize("case", [Case((6, 3, 4)), Case((4, 3, 2, 3), momentum=None, dtype=torch.float64)], ids=str)
+def test_runtime_flag_and_momentum_changes_like_torch(case: Case, backend: str) -> None:
+    """Patterns from real code: toggle ``track_running_stats`` on a built layer (AdaBN-style: stops updates,
+    eval still uses the stored estimates), then re-calibrate with ``momentum=None`` + reset (precise BN)."""
+    ours, ref = make_pair(case)
+    run_parity(ours, ref, case, seed=0)
+    for m in (ours, ref):
+        m.track_running_stats = False
+    run_parity(ours, ref, case, seed=1)  # training does not update; eval uses the old estimates
+    for m in (ours, ref):
+        m.track_running_stats = True
+        m.momentum = None
+        m.reset_running_stats()
+    run_parity(ours, ref, case, seed=2)
+    for m in (ours, ref):
+        m.running_mean = m.running_var = None  # what torch.func.replace_all_batch_norm_modules_ does
+        m.num_batches_tracked = None
+        m.track_running_stats = False
+    run_parity(ours, ref, case, seed=3)  # now batch statistics in eval too

@@ -30,7 +30,9 @@ class BatchNorm(nn.Module):
     ``momentum`` is the weight of the *new* batch (PyTorch's convention; Keras' 0.99 is 0.01 here);
     ``momentum=None`` uses ``1 / num_batches_tracked``, a cumulative average. Evaluation normalizes
     with the running estimates, unless ``track_running_stats=False``, in which case there are no
-    running estimates and batch statistics are used in both modes.
+    running estimates and batch statistics are used in both modes. (As in PyTorch, it is the absence
+    of the buffers that selects batch statistics in eval: setting ``layer.track_running_stats = False``
+    on a built layer only stops the updates, and eval keeps using the stored estimates.)
 
     A training batch whose statistics are not finite leaves the running estimates and
     ``num_batches_tracked`` unchanged (with a warning); its output is still computed.
@@ -211,7 +213,9 @@ class BatchNorm(nn.Module):
         return x, axis
 
     def _use_batch_stats(self) -> bool:
-        return self.training or not self.track_running_stats or self.running_mean is None
+        # As torch.nn.BatchNorm*d: eval uses batch statistics only when there are no running buffers;
+        # flipping ``track_running_stats`` to False on a built layer stops the updates, nothing more.
+        return self.training or self.running_mean is None or self.running_var is None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Normalize ``x``; ``mask`` selects the positions that count toward the statistics."""
