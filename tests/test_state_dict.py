@@ -215,3 +215,18 @@ def test_instances_of_nn_module_and_parameters_registered(cls) -> None:
     assert isinstance(layer, nn.Module)
     assert sum(p.numel() for p in layer.parameters()) == 6
     assert all(p.requires_grad for p in layer.parameters())
+
+
+def test_torch_fuse_conv_bn_eval_accepts_our_layer() -> None:
+    """torch.nn.utils.fusion reads weight/bias/running stats/eps by name: it works on ours as on torch's."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    conv = nn.Conv2d(3, 4, 3).eval()
+    ours = BatchNorm2d(4)
+    ours(torch.randn(8, 4, 5, 5) * 3 + 1)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 2)
+        ours.bias.uniform_(-1, 1)
+    ours.eval()
+    x = torch.randn(2, 3, 7, 7)
+    torch.testing.assert_close(fuse_conv_bn_eval(conv, ours)(x), ours(conv(x)), rtol=1e-5, atol=1e-5)
