@@ -142,3 +142,15 @@ def test_output_float32_close_to_float64_truth() -> None:
     y32 = batch_norm(x64.float(), None, None, training=True)
     y64 = batch_norm(x64, None, None, training=True)
     torch.testing.assert_close(y32.double(), y64, rtol=0, atol=5e-6)
+
+
+def test_empty_chunks_are_the_merge_identity() -> None:
+    """batch_stats of nothing is (0, 0, count 0), so merging an empty chunk changes nothing (no NaN)."""
+    x = torch.randn(10, 3, dtype=torch.float64) + 5
+    mean, var, n = batch_stats(x)
+    for empty in (torch.randn(0, 3, dtype=torch.float64), batch_stats(x, mask=torch.zeros(10, dtype=torch.bool))):
+        e_mean, e_var, e_n = batch_stats(empty) if isinstance(empty, torch.Tensor) else empty
+        assert torch.equal(e_n, torch.zeros(3, dtype=e_n.dtype))
+        assert torch.equal(e_mean, torch.zeros(3, dtype=e_mean.dtype)) and torch.equal(e_var, torch.zeros(3, dtype=e_var.dtype))
+        m_n, m_mean, m_m2 = merge_stats(n, mean, var * n, e_n, e_mean, e_var * e_n)
+        assert torch.equal(m_n, n) and torch.equal(m_mean, mean) and torch.equal(m_m2, var * n)

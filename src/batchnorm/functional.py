@@ -90,7 +90,9 @@ def batch_stats(
 
     ``mean_c = Σ_i m_i x_ic / n_c``, ``var_c = Σ_i m_i (x_ic − mean_c)² / n_c`` (two passes: no
     ``E[x²] − E[x]²`` cancellation), ``n_c = Σ_i m_i``, where ``i`` runs over every position of every
-    axis except ``axis`` and ``m`` is the mask (all true if None).
+    axis except ``axis`` and ``m`` is the mask (all true if None). A feature with no counted value
+    (empty input, all-false mask) gets ``mean = var = 0`` with ``count = 0``, not NaN: that is the
+    identity of :func:`merge_stats`, so empty chunks merge harmlessly; check ``count`` before using it.
 
     Shape:
         x: ``(..., C, ...)`` with C at ``axis``; mask: x's shape without ``axis`` (broadcastable).
