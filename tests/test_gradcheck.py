@@ -202,3 +202,26 @@ def test_torch_func_transforms_match_torch(shape, axis) -> None:
     torch.testing.assert_close(jacrev(ours)(x[:2]), jacrev(ref_ours_layout)(x[:2]))
     xs = torch.stack([x, x * 3 - 1])
     torch.testing.assert_close(vmap(ours)(xs), vmap(ref_ours_layout)(xs))
+
+
+@pytest.mark.parametrize("shape, axis", [((6, 3), 1), ((3, 3, 4), 1), ((3, 4, 3), -1), ((2, 3, 2, 3), 1)])
+def test_gradient_penalty_matches_torch(shape, axis, backend) -> None:
+    """A WGAN-GP style penalty ‖∂L/∂x‖² differentiated w.r.t. x, γ and β: same numbers as torch's layer."""
+    c = shape[axis]
+    ours = BatchNorm(c, axis=axis).double()
+    ref = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}[len(shape)](c).double()
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 2)
+        ref.bias.uniform_(-1, 1)
+        ours.weight.copy_(ref.weight)
+        ours.bias.copy_(ref.bias)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    results = []
+    for module, inp in ((ours, x), (ref, x.movedim(axis, 1))):
+        xi = inp.clone().requires_grad_(True)
+        out = module(xi)
+        (gx,) = torch.autograd.grad(out.pow(3).sum(), xi, create_graph=True)
+        grads = torch.autograd.grad(gx.pow(2).sum(), (xi, module.weight, module.bias))
+        results.append((grads[0].movedim(1, axis) if module is ref else grads[0], grads[1], grads[2]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
