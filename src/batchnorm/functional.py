@@ -194,8 +194,8 @@ class _TrainNorm(torch.autograd.Function):
         scale = kz * invstd
         shift = bz - mean * scale
         y = ops.apply(x, axis, scale, shift, group_size, activation, slope)
-        if save:
-            ctx.save_for_backward(y, m, invstd, count, kz, bz, r, d)
+        if save:  # the count is the same for every feature (masks have no feature axis): keep one column
+            ctx.save_for_backward(y, m, invstd, count[:, :1].clone(), kz, bz, r, d)
         else:
             ctx.save_for_backward(x, weight, bias, m, mean, invstd, count, kz, bz, r, d)
         ctx.cfg = (axis, eps, group_size, combine, backend, activation, slope, save)

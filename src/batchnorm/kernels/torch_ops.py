@@ -43,7 +43,7 @@ def act_grad(z: torch.Tensor, activation: str | None, negative_slope: float = 0.
     if activation == "relu":
         return (z > 0).to(z.dtype)
     if activation == "leaky_relu":
-        return torch.where(z > 0, 1.0, negative_slope).to(z.dtype)
+        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, negative_slope))
     if activation == "silu":
         s = torch.sigmoid(z)
         return s * (1 + z * (1 - s))

@@ -1,0 +1,70 @@
+"""torch.compile and torch.export with our layer inside (numba path through the torch.library custom ops).
+
+Kept small: compiling is slow on 2 cores (the module runs one compile for train + eval and one export).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from batchnorm.kernels import dispatch
+
+pytestmark = pytest.mark.skipif("numba" not in dispatch.available(), reason="numba is not installed")
+
+
+def _model(activation=None):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        batchnorm.BatchNorm(8, activation=activation, backend="numba"),
+        nn.Conv2d(8, 4, 1),
+    )
+
+
+def test_compile_train_and_eval_match_eager():
+    eager, compiled_src = _model("relu"), _model("relu")
+    compiled = torch.compile(compiled_src)
+    x = torch.randn(4, 3, 6, 6)
+    g = torch.randn(4, 4, 6, 6)
+    for _ in range(2):  # train steps: outputs, gradients and running statistics
+        y_e, y_c = eager(x), compiled(x)
+        torch.testing.assert_close(y_c, y_e, rtol=1e-4, atol=1e-5)
+        y_e.backward(g)
+        y_c.backward(g)
+    for pe, pc in zip(eager.parameters(), compiled_src.parameters()):
+        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled_src[1].running_var, eager[1].running_var)
+    assert int(compiled_src[1].num_batches_tracked) == 2
+    eager.eval()
+    compiled_src.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+def test_export_eval_model_contains_our_op_and_matches():
+    model = _model("silu").eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 5, 5)
+    ep = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert any("batchnorm.apply" in t for t in targets), targets
+    x2 = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(ep.module()(x2), model(x2))
+
+
+def test_fake_impls_give_output_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(10, 4, 3)
+        count, mean, m2 = torch.ops.batchnorm.reduce(x, 1, None, 3)
+        assert count.shape == mean.shape == m2.shape == (4, 4)
+        y = torch.ops.batchnorm.apply(x, 1, torch.empty(1, 4), torch.empty(1, 4), None, "relu", 0.01)
+        assert y.shape == x.shape
+        s1, s2 = torch.ops.batchnorm.backward_reduce(x, x, 1, mean, mean, 3, "identity", 0.01, None, None, False)
+        assert s1.shape == s2.shape == (4, 4)
