@@ -30,7 +30,7 @@ EXPERIMENTS: list[tuple[str, str]] = [
     ("input-bn-vs-standardization", "batchnorm.lab.input_standardization"),
     ("why-normalize-before-affine", "batchnorm.lab.normalize_before_affine"),
     ("is-it-gaussian", "batchnorm.lab.gaussian"),
-    ("internal-covariate-shift", "batchnorm.lab.covariate_shift"),
+    ("internal-covariate-shift", "batchnorm.lab.ics"),
     ("hidden-layer-statistics", "batchnorm.lab.hidden_stats"),
     ("batch-size", "batchnorm.lab.batch_size"),
     ("test-time-statistics", "batchnorm.lab.test_time"),

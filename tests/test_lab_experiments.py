@@ -1,0 +1,188 @@
+"""Fast tests of the building blocks of lab experiments 4, 6, 7 and 8 (ics, batch_size, test_time, overhead)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from batchnorm.lab import batch_size, ics, models, overhead, run, test_time
+from batchnorm.tools.recalibrate import recalibrate
+
+
+@pytest.mark.parametrize(
+    "name, module",
+    [("internal-covariate-shift", "batchnorm.lab.ics"), ("batch-size", "batchnorm.lab.batch_size"),
+     ("test-time-statistics", "batchnorm.lab.test_time"), ("overhead", "batchnorm.lab.overhead")],
+)
+def test_registered_in_issue_order(name, module):
+    names = [n for n, _ in run.EXPERIMENTS]
+    assert dict(run.EXPERIMENTS)[name] == module
+    assert names.index(name) == {"internal-covariate-shift": 3, "batch-size": 5, "test-time-statistics": 6,
+                                 "overhead": 7}[name]
+
+
+@pytest.mark.parametrize("mod", [ics, batch_size, test_time, overhead])
+def test_protocol(mod):
+    assert mod.NAME in dict(run.EXPERIMENTS)
+    assert mod.TITLE and mod.QUESTION.endswith("?") and callable(mod.run)
+
+
+# --- experiment 4 -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, c", [(64, 8), (7, 3)])
+def test_percentiles_match_numpy_columnwise(n, c):
+    x = torch.randn(n, c, generator=torch.Generator().manual_seed(n))
+    got = ics.percentiles(x)
+    assert got.shape == (3, c)
+    for j in range(c):
+        np.testing.assert_allclose(got[:, j], np.percentile(x[:, j].numpy().astype(float), [15, 50, 85]), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "medians, band, expected",
+    [([0.0, 0.0, 0.0], 1.0, 0.0),          # frozen distribution
+     ([0.0, 1.0, 0.0], 2.0, 0.5),          # moves 1 per record, band 2
+     ([0.0, 2.0, 4.0, 6.0], 4.0, 0.5)],    # steady drift of 2 per record, band 4
+)
+def test_median_jitter_closed_form(medians, band, expected):
+    med = np.array(medians)[:, None]
+    series = np.stack([med - band / 2, med, med + band / 2], axis=1)  # (T, 3, 1)
+    assert ics.median_jitter(series) == pytest.approx(expected)
+
+
+def test_noisy_bn_noise_only_in_training_and_changes_every_step():
+    layer = ics.NoisyBatchNorm(6, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(2))
+    a, b = layer(x), layer(x)
+    assert not torch.allclose(a, b)  # a fresh draw per forward
+    # per feature, the noise is an affine map of BN's output: same correlation, shifted/scaled
+    bn_out = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)
+    scale = a.std(0, unbiased=False) / bn_out.std(0, unbiased=False)
+    assert bool(((scale > 0.5 - 1e-3) & (scale < 2.0 + 1e-3)).all())
+    assert bool((a.mean(0).abs() <= 1.0 + 1e-4).all())
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer.bn(x))
+
+
+@pytest.mark.parametrize("mean_noise, scale_noise, match", [(-1.0, 2.0, "mean_noise >= 0"), (0.0, 0.5, "scale_noise >= 1")])
+def test_noisy_bn_rejects_bad_noise(mean_noise, scale_noise, match):
+    with pytest.raises(ValueError, match=match):
+        ics.NoisyBatchNorm(4, mean_noise=mean_noise, scale_noise=scale_noise)
+
+
+@pytest.mark.parametrize("variant", ics.VARIANTS)
+def test_ics_variants_build_the_figure_1_net(variant):
+    net = ics._build(variant, seed=0)
+    out = net(torch.randn(5, 784))
+    assert out.shape == (5, 10)
+    assert isinstance(net.blocks[-1][-1], nn.Sigmoid) and len(net.blocks) == 3
+    has_bn = any(isinstance(m, ics.BatchNorm) for m in net.modules())
+    assert has_bn == (variant != "no BN")
+
+
+# --- experiment 6 -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("b, lr", [(2, 0.1 * 2 / 32), (32, 0.1), (128, 0.4)])
+def test_linear_scaling_rule(b, lr):
+    assert batch_size.scaled_lr(b) == pytest.approx(lr)
+
+
+@pytest.mark.parametrize("samples, b, steps", [(8000, 128, 62), (8000, 2, 4000), (10, 64, 1)])
+def test_same_samples_seen(samples, b, steps):
+    assert batch_size.steps_for(samples, b) == steps
+    assert batch_size.steps_for(samples, b) * b <= max(samples, b)
+
+
+def test_batch_one_table_reports_bn_error_and_batch_free_norms():
+    rows = {r[0]: r for r in batch_size.batch_one_behaviour()}
+    assert rows["BatchNorm, training"][1] == "raises ValueError"
+    assert "more than 1 value per feature" in rows["BatchNorm, training"][2]
+    assert "GroupNorm" in rows["BatchNorm, training"][2]  # the message names the way out
+    for label in ("BatchNorm, eval mode (running estimates)", "GroupNorm (8 groups), training", "LayerNorm, training",
+                  "BatchNorm on (1, 16, 10): 10 positions per channel"):
+        assert rows[label][1] == "runs" and "finite: yes" in rows[label][2]
+
+
+@pytest.mark.parametrize("label, norm, opts", batch_size.NORMS)
+def test_batch_size_norms_train_at_batch_two(label, norm, opts):
+    net = models.MLP(784, [16, 16], 10, norm=norm, norm_options=opts).train()
+    out = net(torch.randn(2, 784))
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+
+
+# --- experiment 7 -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, b, sizes", [(70, 32, [32, 32, 6]), (33, 32, [33]), (16, 32, [16]), (64, 32, [32, 32])])
+def test_recalibration_batches(n, b, sizes):
+    x = torch.arange(100.0).reshape(100, 1)
+    got = test_time.recalibration_batches(x, n, b, seed=3)
+    assert [len(t) for t in got] == sizes
+    rows = torch.cat(got).flatten()
+    assert len(set(rows.tolist())) == n  # without replacement
+
+
+@pytest.mark.parametrize("n", [0, 101])
+def test_recalibration_batches_rejects_bad_n(n):
+    with pytest.raises(ValueError, match="expected 1 <= n <= 100"):
+        test_time.recalibration_batches(torch.zeros(100, 1), n, 32, 0)
+
+
+def test_stat_error_zero_for_itself_and_closed_form_for_a_shift():
+    torch.manual_seed(0)
+    net = models.MLP(6, [4], 2, norm="bn")
+    recalibrate(net, [torch.randn(50, 6) for _ in range(2)], progress=False)
+    assert test_time.stat_error(net, net) == 0.0
+    shifted = models.MLP(6, [4], 2, norm="bn")
+    shifted.load_state_dict(net.state_dict())
+    bn = models.norm_layers(net)[0][1]
+    with torch.no_grad():
+        models.norm_layers(shifted)[0][1].running_mean.add_(torch.sqrt(bn.running_var + bn.eps) * 0.25)
+    assert test_time.stat_error(shifted, net) == pytest.approx(0.25, rel=1e-5)
+
+
+# --- experiment 8 -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, bn_type", [("none", None), ("torch", nn.BatchNorm2d), ("ours", overhead.BatchNorm2d),
+                                           ("ours-fused", overhead.BatchNorm2d)])
+def test_conv_net_variants(kind, bn_type):
+    torch.manual_seed(0)
+    net = overhead.conv_net(kind, widths=(4, 8))
+    assert net(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    bns = [m for m in net.modules() if isinstance(m, (nn.BatchNorm2d, overhead.BatchNorm2d))]
+    assert (len(bns) == 2) == (bn_type is not None)
+    relus = sum(isinstance(m, nn.ReLU) for m in net.modules())
+    assert relus == (0 if kind == "ours-fused" else 2)
+
+
+def test_fused_net_equals_unfused():
+    torch.manual_seed(0)
+    a = overhead.conv_net("ours", widths=(4, 8))
+    torch.manual_seed(0)
+    b = overhead.conv_net("ours-fused", widths=(4, 8))
+    x = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(a(x), b(x))
+
+
+def test_conv_net_rejects_unknown_norm():
+    with pytest.raises(ValueError, match="expected norm in 'none', 'torch', 'ours', 'ours-fused', got 'gn'"):
+        overhead.conv_net("gn")
+
+
+def test_time_alternating_rotates_order_and_counts():
+    calls: list[str] = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    out = overhead.time_alternating(fns, rounds=3, reps=2, warmup=1)
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    assert calls[3:] == list("aabbcc") + list("bbccaa") + list("ccaabb")
+    assert all(len(v) == 3 and all(t >= 0 and math.isfinite(t) for t in v) for v in out.values())
+
+
+@pytest.mark.parametrize("rounds, reps, warmup", [(0, 1, 0), (1, 0, 0), (1, 1, -1)])
+def test_time_alternating_rejects_bad_counts(rounds, reps, warmup):
+    with pytest.raises(ValueError, match="expected rounds >= 1, reps >= 1, warmup >= 0"):
+        overhead.time_alternating({"a": lambda: None}, rounds=rounds, reps=reps, warmup=warmup)
