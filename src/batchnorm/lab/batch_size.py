@@ -79,7 +79,7 @@ def batch_one_behaviour() -> list[list[str]]:
 
 def run(ctx: Context) -> Section:
     x, y, xt, yt = data.mnist_digits()
-    samples = ctx.budget(8000, 500)
+    samples = ctx.budget(4000, 800)
     seeds = ctx.seed_values()
     err: dict[str, dict[int, list[float]]] = {label: {b: [] for b in BATCH_SIZES} for label, _, _ in NORMS}
     diverged: list[str] = []

@@ -38,7 +38,7 @@ TITLE = "Internal covariate shift: Ioffe & Szegedy's Figure 1 and Santurkar et a
 QUESTION = "Does BN work by reducing internal covariate shift, or by making the loss landscape smoother?"
 
 BATCH = 60
-LR = 0.3  # SGD with momentum 0.9, the same for every variant
+LR = 0.1  # SGD with momentum 0.9, the same for every variant
 HIDDEN = (100, 100, 100)
 PERCENTILES = (15.0, 50.0, 85.0)
 VARIANTS = ("no BN", "BN", "noisy BN")
@@ -101,11 +101,20 @@ def median_jitter(series: np.ndarray) -> float:
 
 def _build(variant: str, seed: int) -> nn.Module:
     if variant == "no BN":
-        return models.MLP(784, list(HIDDEN), 10, norm="none", act="sigmoid")
-    if variant == "BN":
-        return models.MLP(784, list(HIDDEN), 10, norm="bn", act="sigmoid")
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    return models.MLP(784, list(HIDDEN), 10, norm=lambda c, axis: NoisyBatchNorm(c, generator=gen), act="sigmoid")
+        net = models.MLP(784, list(HIDDEN), 10, norm="none", act="sigmoid")
+    elif variant == "BN":
+        net = models.MLP(784, list(HIDDEN), 10, norm="bn", act="sigmoid")
+    else:
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        net = models.MLP(784, list(HIDDEN), 10, norm=lambda c, axis: NoisyBatchNorm(c, generator=gen), act="sigmoid")
+    # Glorot init, the standard one for sigmoid nets: with torch's default (uniform ±1/√fan_in) the
+    # un-normalized net sits on a plateau for hundreds of steps and the comparison says little
+    for mod in net.modules():
+        if isinstance(mod, nn.Linear):
+            nn.init.xavier_normal_(mod.weight)
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)
+    return net
 
 
 def _train_one(ctx: Context, variant: str, seed: int, steps: int, every: int, digits) -> dict:
@@ -150,8 +159,8 @@ def _train_one(ctx: Context, variant: str, seed: int, steps: int, every: int, di
 
 def run(ctx: Context) -> Section:
     digits = data.mnist_digits()
-    steps = ctx.budget(1500, 300)
-    every = ctx.budget(150, 100)
+    steps = ctx.budget(1000, 300)
+    every = ctx.budget(100, 100)
     seeds = ctx.seed_values()
     runs = {v: [_train_one(ctx, v, s, steps, every, digits) for s in seeds] for v in VARIANTS}
 
@@ -221,33 +230,45 @@ def run(ctx: Context) -> Section:
                            f"along the gradient, moving 0.5–4 × lr = {LR} (lower is smoother).")
 
     m = lambda v, k: mean_std(metrics[v][k])[0]  # noqa: E731
-    smoother = m("BN", "beta") < m("no BN", "beta") and m("BN", "loss_range") < m("no BN", "loss_range")
-    less_ics = m("BN", "ics_cos") > m("no BN", "ics_cos")
-    noisy_ok = m("noisy BN", "final_acc") >= m("no BN", "final_acc")
+    noisy_ok = m("noisy BN", "final_acc") >= m("no BN", "final_acc") - 1.0
+    ics_lower = m("BN", "ics_l2") < m("no BN", "ics_l2") and m("BN", "ics_cos") >= m("no BN", "ics_cos")
+    ics_higher = m("BN", "ics_l2") > m("no BN", "ics_l2") and m("BN", "ics_cos") <= m("no BN", "ics_cos")
+    if ics_lower:
+        ics_text = ("by this measure BN does reduce ICS here (Santurkar et al. found no reduction on VGG), but noisy BN "
+                    f"has far more of it (‖G − G′‖ {m('noisy BN', 'ics_l2'):.3g}, cos {m('noisy BN', 'ics_cos'):.3f}) "
+                    "and trains as well, so the reduction does not explain the speed-up. ")
+    elif ics_higher:
+        ics_text = "BN does not reduce ICS in this sense, as Santurkar et al. found. "
+    else:
+        ics_text = "the two measures disagree, so BN neither clearly reduces nor increases ICS here. "
+
+    def compare(key: str, label: str, digits: str = ".3g") -> str:
+        b, n = m("BN", key), m("no BN", key)
+        return f"{label} {b:{digits}} with BN vs {n:{digits}} without ({'lower' if b < n else 'higher'} with BN)"
+
+    smoother = sum(m("BN", k) < m("no BN", k) for k in ("loss_range", "grad_pred", "beta"))
     answer = (
         f"BN trains this sigmoid MLP to {m('BN', 'final_acc'):.1f}% test accuracy against {m('no BN', 'final_acc'):.1f}% "
-        f"without it, and noisy BN, whose layer inputs jump at every step (median jitter {m('noisy BN', 'jitter'):.2f} "
-        f"vs {m('BN', 'jitter'):.2f} with BN and {m('no BN', 'jitter'):.2f} without), still reaches "
-        f"{m('noisy BN', 'final_acc'):.1f}%"
+        f"without it in {steps} steps, and noisy BN, whose layer inputs jump at every step (median jitter "
+        f"{m('noisy BN', 'jitter'):.2f} vs {m('BN', 'jitter'):.2f} with BN and {m('no BN', 'jitter'):.2f} without), "
+        f"still reaches {m('noisy BN', 'final_acc'):.1f}%"
         + (" — so stable layer-input distributions are not what makes BN train well. " if noisy_ok
-           else " — below the un-normalized net here, so this run does not reproduce that part of Santurkar et al. ")
-        + f"Gradient-based ICS with BN: ‖G − G′‖ {m('BN', 'ics_l2'):.3g}, cos {m('BN', 'ics_cos'):.3f}; without: "
-        f"{m('no BN', 'ics_l2'):.3g}, cos {m('no BN', 'ics_cos'):.3f} "
-        + ("(BN's gradients are more aligned after the earlier layers move). " if less_ics
-           else "(BN does not reduce ICS in this sense, as Santurkar et al. found). ")
-        + f"The landscape is {'smoother' if smoother else 'not smoother'} with BN: loss range "
-        f"{m('BN', 'loss_range'):.3g} vs {m('no BN', 'loss_range'):.3g}, effective β-smoothness "
-        f"{m('BN', 'beta'):.3g} vs {m('no BN', 'beta'):.3g}"
-        + (f"; but the un-normalized net's gradients are {m('BN', 'grad_norm') / m('no BN', 'grad_norm'):.0f}× smaller "
-           "(it sits on the sigmoid plateau), so its small ICS and flat landscape come with slow progress, not from "
-           "better conditioning." if m("no BN", "grad_norm") * 3 < m("BN", "grad_norm") else ".")
+           else " — clearly below the un-normalized net here, so this run does not reproduce that part of "
+           "Santurkar et al. ")
+        + f"Gradient-based ICS: ‖G − G′‖ {m('BN', 'ics_l2'):.3g} with BN vs {m('no BN', 'ics_l2'):.3g} without, cos "
+        f"{m('BN', 'ics_cos'):.3f} vs {m('no BN', 'ics_cos'):.3f}: " + ics_text
+        + f"Landscape ({smoother} of 3 measures lower with BN): " + "; ".join(
+            [compare("loss_range", "loss range"), compare("grad_pred", "gradient change"),
+             compare("beta", "effective β-smoothness")])
+        + (". Santurkar et al.'s smoother-landscape explanation is supported here." if smoother >= 2
+           else ". The smoother-landscape explanation is not supported by this run's numbers.")
     )
     return Section(
         name=NAME, title=TITLE, question=QUESTION,
         setup=(
-            f"MLP 784-{'-'.join(map(str, HIDDEN))}-10 with sigmoids (Ioffe & Szegedy's Figure 1 net) on 4000 MNIST "
-            f"digits (1000 test), SGD (momentum 0.9) lr {LR}, batch {BATCH}, {steps} steps, for three variants: no "
-            "normalization (linear layers with bias), BatchNorm before every sigmoid, and noisy BN (BN, then y·s + m "
+            f"MLP 784-{'-'.join(map(str, HIDDEN))}-10 with sigmoids (Ioffe & Szegedy's Figure 1 net; Glorot-normal weights) on "
+            f"4000 MNIST digits (1000 test), SGD (momentum 0.9) lr {LR}, batch {BATCH}, {steps} steps, for three variants: no "
+            "normalization (linear layers with bias, zero-initialized), BatchNorm before every sigmoid, and noisy BN (BN, then y·s + m "
             "with per-unit m ~ U(−1, 1) and log s ~ U(−log 2, log 2) redrawn every step; no noise in eval). "
             f"Every {every} steps, on a fresh training batch of {BATCH}: internal_covariate_shift (every weight layer, "
             f"lr {LR}) and loss_landscape (steps 0.5, 1, 2, 4 × lr), in training mode. Percentiles are of the "
