@@ -261,6 +261,7 @@ def test_memory_save_zero_gamma_uses_eps_and_stays_finite(backend):
         ({"activation": "swish"}, ValueError, "activation to be one of"),
         ({"memory": "low"}, ValueError, "memory to be one of"),
         ({"activation": "relu", "negative_slope": "0.1"}, TypeError, "negative_slope to be a float"),
+        ({"backend": "cuda"}, ValueError, "backend to be None or one of"),
     ],
     ids=str,
 )

@@ -15,7 +15,7 @@ each round times a few calls of each contender), and reports medians and the rat
   ``memory="save"`` against torch's ``BatchNorm2d`` → ``leaky_relu``;
 * cold and warm first-call time of the numba path in a fresh process (cold: empty ``NUMBA_CACHE_DIR``).
 
-Usage: ``batchnorm bench [--quick] [--out results.json] [--threads N] [--rows name,...]``.
+Usage: ``batchnorm bench [--quick] [--out results.json] [--threads N] [--rows 'name;...']``.
 Timings on a shared or busy machine are noisy; the JSON keeps every sample.
 """
 
@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per row (default 15, quick 3)")
     p.add_argument("--out", default=None, help="write the results as JSON to this path")
     p.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: as configured)")
-    p.add_argument("--rows", default=None, help="comma-separated substrings: only rows whose name contains one")
+    p.add_argument("--rows", default=None,
+                   help="';'-separated substrings: only rows whose name contains one (e.g. 'eval;traffic')")
     p.add_argument("--no-first-call", action="store_true", help="skip the cold/warm subprocess measurement")
     args = p.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 15)
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         numba.set_num_threads(args.threads)
     from .kernels import dispatch
 
-    wanted = [w.strip() for w in args.rows.split(",")] if args.rows else None
+    wanted = [w.strip() for w in args.rows.split(";") if w.strip()] if args.rows else None
     pick = (lambda name: any(w in name for w in wanted)) if wanted else (lambda name: True)
     results: dict = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),

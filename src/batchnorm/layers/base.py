@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import _checks
 from .. import functional as F
+from ..kernels import dispatch
 
 
 class BatchNorm(nn.Module):
@@ -105,6 +106,11 @@ class BatchNorm(nn.Module):
         self.activation = activation
         self.negative_slope = float(negative_slope)
         self.memory = memory
+        if backend is not None and backend not in dispatch.BACKENDS:
+            raise ValueError(
+                f"{type(self).__name__} expected backend to be None or one of {dispatch.BACKENDS}, got {backend!r}. "
+                "Use backend='auto' (numba on CPU when it pays off), 'torch' or 'numba'."
+            )
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
         self.num_features = _checks.check_num_features(num_features, type(self).__name__)
