@@ -132,6 +132,17 @@ def test_recalibration_batches_rejects_bad_n(n):
         test_time.recalibration_batches(torch.zeros(100, 1), n, 32, 0)
 
 
+@pytest.mark.parametrize(
+    "errors, tol, expected",
+    [({16: [0.3], 64: [0.11], 256: [0.1]}, 0.02, 64),
+     ({16: [0.3, 0.2], 64: [0.1, 0.1], 256: [0.2, 0.1], 1024: [0.1, 0.1]}, 0.02, 1024),  # 256 falls out again
+     ({16: [0.1], 32: [0.1]}, 0.0, 16),
+     ({16: [0.05, 0.15], 32: [0.1, 0.1]}, 0.001, 16)],  # paired mean difference is 0
+)
+def test_saturation(errors, tol, expected):
+    assert test_time.saturation(errors, tol) == expected
+
+
 def test_stat_error_zero_for_itself_and_closed_form_for_a_shift():
     torch.manual_seed(0)
     net = models.MLP(6, [4], 2, norm="bn")

@@ -129,6 +129,8 @@ def run(ctx: Context) -> Section:
     rise_bn = bn[2] - min(bn.values())
     rise_gn = gn[2] - min(gn.values())
     winner2 = min(at2, key=at2.get)
+    worse = [b for b in BATCH_SIZES if bn[b] > gn[b] + 1.0 and b <= 32]
+    cross = max(worse) if worse else None
     belief = (
         f"BN's error rises by {rise_bn:.1f} points from its best batch size to batch 2 while GroupNorm's rises by "
         f"{rise_gn:.1f}"
@@ -140,7 +142,10 @@ def run(ctx: Context) -> Section:
     answer = (
         f"{verdict}; at batch 2 the lowest error is {winner2}'s ({at2[winner2]:.2f}%, BatchNorm {at2['BatchNorm']:.2f}%, "
         f"BatchRenorm {at2['BatchRenorm']:.2f}%). At batch sizes ≥ 32 BN is at {bn[32]:.2f}% (batch 32) against "
-        f"GroupNorm's {gn[32]:.2f}%. Batch size 1 cannot train BN on (N, C) features — the layer raises the error "
+        f"GroupNorm's {gn[32]:.2f}%; "
+        + (f"BN is more than a point worse than GroupNorm from batch {cross} down. " if cross
+           else "BN is never more than a point worse than GroupNorm at batch ≤ 32. ")
+        + "Batch size 1 cannot train BN on (N, C) features — the layer raises the error "
         "shown below, which points to eval mode, larger batches or GroupNorm/LayerNorm — while eval-mode BN, GroupNorm "
         "and LayerNorm run on one sample, and BN on a (1, C, L) tensor still has L values per channel."
     )
