@@ -307,7 +307,8 @@ def test_fold_untraceable_reports_why():
     "build, reason",
     [
         (lambda: seq(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4)).train(), "in training mode"),
-        (lambda: seq(nn.Conv1d(3, 4, 3), BatchNorm(4, track_running_stats=False)).eval(), "track_running_stats=False"),
+        (lambda: seq(nn.Conv1d(3, 4, 3), BatchNorm(4, track_running_stats=False)).eval(),
+         r"it has no running statistics \(built with track_running_stats=False\)"),
     ],
 )
 def test_fold_skips_batch_statistics_layers(build, reason):
@@ -362,6 +363,21 @@ def test_fold_example_input_checks_the_result(monkeypatch):
     model = randomize(seq(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4))).eval()
     with pytest.warns(UserWarning, match=r"fold: on example_input the folded model differs from the original by"):
         fold(model, example_input=torch.randn(2, 3, 8))
+
+
+@pytest.mark.parametrize("bn_cls", [nn.BatchNorm1d, BatchNorm])
+def test_fold_and_recalibrate_follow_buffers_not_the_flag(bn_cls):
+    # as in torch, eval normalizes with the running buffers whenever they exist, even after
+    # track_running_stats is switched off on a built layer (it only stops the updates)
+    model = randomize(seq(nn.Conv1d(3, 4, 3), bn_cls(4))).eval()
+    model[1].track_running_stats = False
+    x = torch.randn(2, 3, 8)
+    folded, records = fold(model, report=True)
+    assert records[0].action == "folded_into_previous"
+    assert rel_err(folded(x), model(x)) < 1e-5
+    report = recalibrate(model, [x * 2 + 1], progress=False)
+    assert report.recalibrated == ["1"]
+    torch.testing.assert_close(model[1].running_mean, model[0](x * 2 + 1).mean((0, 2)).detach())
 
 
 def test_fold_uses_recorded_rank_for_axis_one_after_linear():

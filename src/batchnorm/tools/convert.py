@@ -73,7 +73,7 @@ def _build(m: nn.Module, name: str, to: type, kwargs: dict) -> nn.Module:
             "which keeps axis=, or move the feature axis to position 1 in the model."
         )
     if to is FrozenBatchNorm or (isinstance(to, type) and issubclass(to, FrozenBatchNorm)):
-        if not cfg["track_running_stats"] or getattr(m, "running_mean", None) is None:
+        if getattr(m, "running_mean", None) is None or getattr(m, "running_var", None) is None:
             raise ValueError(
                 f"convert: {label} ({type(m).__name__}) has no running statistics (track_running_stats=False), so it "
                 "cannot become a FrozenBatchNorm, which needs them. Leave it out of the conversion, or train it with "

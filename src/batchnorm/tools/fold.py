@@ -65,8 +65,9 @@ def _affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor, nn.Module | None
     else:
         if bn.training:
             raise _Unfoldable("in training mode, it normalizes with batch statistics (call model.eval() first)")
-        if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
-            raise _Unfoldable("track_running_stats=False: it normalizes with batch statistics even in eval mode")
+        if bn.running_mean is None or bn.running_var is None:  # eval uses batch stats only then (as torch)
+            raise _Unfoldable("it has no running statistics (built with track_running_stats=False): it normalizes "
+                              "with batch statistics even in eval mode")
         w, b, rm, rv = bn.weight, bn.bias, bn.running_mean, bn.running_var
     if isinstance(rm, nn.parameter.UninitializedBuffer):
         raise _Unfoldable("lazy layer not initialized yet (run one forward first)")

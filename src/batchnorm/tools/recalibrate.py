@@ -34,11 +34,8 @@ class RecalibrationReport:
 
 
 def _recalibratable(m: nn.Module) -> bool:
-    if isinstance(m, _BatchNorm):
-        return m.track_running_stats and m.running_mean is not None
-    if isinstance(m, BatchNorm):
-        return m.track_running_stats and m.running_mean is not None
-    return False
+    """Has running buffers (what eval normalizes with), whatever track_running_stats says now."""
+    return isinstance(m, (_BatchNorm, BatchNorm)) and m.running_mean is not None and m.running_var is not None
 
 
 class _Accumulator:
@@ -202,7 +199,7 @@ def recalibrate(
         if _recalibratable(m):
             layers[name] = m
         elif isinstance(m, (_BatchNorm, BatchNorm)):
-            report.skipped[name] = "track_running_stats=False: no running statistics to recalibrate"
+            report.skipped[name] = "no running statistics to recalibrate (built with track_running_stats=False)"
         elif type(m).__name__ == "FrozenBatchNorm":
             report.skipped[name] = "FrozenBatchNorm: its statistics are fixed on purpose (unfreeze it first)"
     if not layers:
