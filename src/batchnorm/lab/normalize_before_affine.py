@@ -431,8 +431,10 @@ def _answer(results: dict, lrs: list[float], ks: list[float], labels: dict[str, 
             a, b = r["bn"], r["affine-twin"]
             fa = num(_nanmean(a["train_loss"]), missing="nothing (diverged)")
             fb = num(_nanmean(b["train_loss"]), missing="nothing (diverged)")
-            bits.append(f"at lr={lr} the BN net reached training loss {fa} and its twin {fb}"
-                        + (f" ({b['diverged']} run(s) diverged)" if b["diverged"] else ""))
+            n_runs = len(b["train_loss"])
+            twin = (f"its twin diverged in all {n_runs} runs" if b["diverged"] == n_runs else
+                    f"its twin {fb}" + (f" ({b['diverged']} of {n_runs} runs diverged)" if b["diverged"] else ""))
+            bits.append(f"at lr={lr} the BN net reached training loss {fa} and {twin}")
         parts.append(
             f"Finally, a trained BN net and its AffineOnly twin compute the same function (max relative difference "
             f"{results['twin_max_rel_err']:.1e}) yet continue differently: " + "; ".join(bits) + ". The "
