@@ -495,7 +495,7 @@ def fold(model: nn.Module, report: bool = False, *, example_input=None):
        it is folded into that layer: ``W' = W · diag(a)``, ``bias' = bias + W b`` (per group);
     3. else it becomes a :class:`~batchnorm.FrozenBatchNorm` (the same affine map as a module).
 
-    BN layers in training mode, or with ``track_running_stats=False``, normalize with batch
+    BN layers in training mode, or without running buffers (``track_running_stats=False``), normalize with batch
     statistics and are left as they are (action ``"skipped"``, with a warning). Each fold is checked
     on a probe input first, so a variant whose eval output is not that affine map is frozen or
     skipped rather than folded wrongly. The rank of each BN's input is taken from ``example_input``

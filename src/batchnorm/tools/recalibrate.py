@@ -157,7 +157,7 @@ def recalibrate(
     it is batch renorm's warm-up clock, which must not be reset). A layer that never ran, or ran more than once in one forward (a
     shared layer: its inputs come from different distributions), keeps its old statistics and is
     listed in ``report.skipped`` with a warning. ``FrozenBatchNorm`` layers and layers with
-    ``track_running_stats=False`` are left alone. Works for every variant (ghost, renorm, masked):
+    no running buffers (built with ``track_running_stats=False``) are left alone. Works for every variant (ghost, renorm, masked):
     the population statistics are what evaluation normalizes with. Synchronized layers
     (:class:`~batchnorm.SyncBatchNorm`, ``torch.nn.SyncBatchNorm``) inside an initialized process
     group merge their populations across the group, so every process ends with the statistics of
