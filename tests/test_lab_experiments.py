@@ -54,6 +54,16 @@ def test_median_jitter_closed_form(medians, band, expected):
     assert ics.median_jitter(series) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize(
+    "steps, accs, target, expected",
+    [([50, 100, 150], [0.5, 0.9, 0.95], 0.85, 100.0), ([50, 100], [0.85, 0.2], 0.85, 50.0),
+     ([50, 100], [0.5, 0.6], 0.85, math.nan)],
+)
+def test_steps_to_target(steps, accs, target, expected):
+    got = ics.steps_to(steps, accs, target)
+    assert (math.isnan(got) and math.isnan(expected)) or got == expected
+
+
 def test_noisy_bn_noise_only_in_training_and_changes_every_step():
     layer = ics.NoisyBatchNorm(6, generator=torch.Generator().manual_seed(1))
     x = torch.randn(32, 6, generator=torch.Generator().manual_seed(2))

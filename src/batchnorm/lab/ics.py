@@ -41,6 +41,7 @@ BATCH = 60
 LR = 0.1  # SGD with momentum 0.9, the same for every variant
 HIDDEN = (100, 100, 100)
 PERCENTILES = (15.0, 50.0, 85.0)
+TARGET = 0.85  # test accuracy whose first crossing measures training speed
 VARIANTS = ("no BN", "BN", "noisy BN")
 
 
@@ -85,6 +86,17 @@ def percentiles(values: torch.Tensor, qs: tuple[float, ...] = PERCENTILES) -> np
     Example: ``percentiles(torch.arange(101.).reshape(-1, 1))[:, 0].tolist() == [15.0, 50.0, 85.0]``.
     """
     return np.percentile(values.detach().double().numpy(), qs, axis=0)
+
+
+def steps_to(eval_steps: list[int], accuracies: list[float], target: float) -> float:
+    """First evaluated step whose accuracy reaches ``target`` (NaN if none does).
+
+    Example: ``steps_to([50, 100, 150], [0.5, 0.9, 0.95], 0.85) == 100``.
+    """
+    for step, acc in zip(eval_steps, accuracies):
+        if acc >= target:
+            return float(step)
+    return math.nan
 
 
 def median_jitter(series: np.ndarray) -> float:
@@ -147,7 +159,7 @@ def _train_one(ctx: Context, variant: str, seed: int, steps: int, every: int, di
             record["grad_norm"].append(land["grad_norm"])
 
     hist = train.fit(model, (x, y), ctx=ctx, lr=LR, seed=seed, steps=steps, batch_size=BATCH, optimizer="sgd",
-                     eval_data=(xt, yt), eval_every=every, on_step=on_step, final_train_eval=False,
+                     eval_data=(xt, yt), eval_every=max(1, every // 2), on_step=on_step, final_train_eval=False,
                      desc=f"{variant} s={seed}")
     hook.remove()
     record["eval_steps"] = hist.eval_steps
@@ -171,6 +183,7 @@ def run(ctx: Context) -> Section:
     metrics = {
         v: {
             "final_acc": [100 * r["final_acc"] for r in runs[v]],
+            "steps_to_target": [steps_to(r["eval_steps"], r["test_acc"], TARGET) for r in runs[v]],
             "jitter": [median_jitter(r["pct"][len(r["pct"]) // 2:]) for r in runs[v]],
             "ics_l2": [float(np.mean(half(r, "ics_l2"))) for r in runs[v]],
             "ics_cos": [float(np.nanmean(half(r, "ics_cos"))) for r in runs[v]],
@@ -181,7 +194,8 @@ def run(ctx: Context) -> Section:
         }
         for v in VARIANTS
     }
-    cols = [("final_acc", "test accuracy (%)", 2), ("jitter", "median jitter of a sigmoid input", 3),
+    cols = [("final_acc", "test accuracy (%)", 2), ("steps_to_target", f"steps to {100 * TARGET:.0f}% test accuracy", 0),
+            ("jitter", "median jitter of a sigmoid input", 3),
             ("ics_l2", "ICS ‖G − G′‖", 4), ("ics_cos", "ICS cos(G, G′)", 3), ("loss_range", "loss range", 3),
             ("grad_pred", "gradient change ‖∇L(θ′) − ∇L(θ)‖", 3), ("beta", "effective β-smoothness", 3), ("grad_norm", "gradient norm ‖∇L‖", 3)]
     table = Table(["network"] + [c[1] for c in cols],
@@ -230,7 +244,7 @@ def run(ctx: Context) -> Section:
                            f"along the gradient, moving 0.5–4 × lr = {LR} (lower is smoother).")
 
     m = lambda v, k: mean_std(metrics[v][k])[0]  # noqa: E731
-    noisy_ok = m("noisy BN", "final_acc") >= m("no BN", "final_acc") - 1.0
+    noisy_ok = m("noisy BN", "final_acc") >= m("BN", "final_acc") - 1.0
     ics_lower = m("BN", "ics_l2") < m("no BN", "ics_l2") and m("BN", "ics_cos") >= m("no BN", "ics_cos")
     ics_higher = m("BN", "ics_l2") > m("no BN", "ics_l2") and m("BN", "ics_cos") <= m("no BN", "ics_cos")
     if ics_lower:
@@ -248,13 +262,15 @@ def run(ctx: Context) -> Section:
 
     smoother = sum(m("BN", k) < m("no BN", k) for k in ("loss_range", "grad_pred", "beta"))
     answer = (
-        f"BN trains this sigmoid MLP to {m('BN', 'final_acc'):.1f}% test accuracy against {m('no BN', 'final_acc'):.1f}% "
-        f"without it in {steps} steps, and noisy BN, whose layer inputs jump at every step (median jitter "
+        f"BN reaches {100 * TARGET:.0f}% test accuracy after {m('BN', 'steps_to_target'):.0f} steps against "
+        f"{m('no BN', 'steps_to_target'):.0f} without it (mean over seeds, nan if a seed never got there; "
+        f"Ioffe & Szegedy's Figure 1 shows the same faster start), and ends at {m('BN', 'final_acc'):.1f}% vs "
+        f"{m('no BN', 'final_acc'):.1f}% after {steps} steps. Noisy BN, whose layer inputs jump at every step (median jitter "
         f"{m('noisy BN', 'jitter'):.2f} vs {m('BN', 'jitter'):.2f} with BN and {m('no BN', 'jitter'):.2f} without), "
-        f"still reaches {m('noisy BN', 'final_acc'):.1f}%"
-        + (" — so stable layer-input distributions are not what makes BN train well. " if noisy_ok
-           else " — clearly below the un-normalized net here, so this run does not reproduce that part of "
-           "Santurkar et al. ")
+        f"reaches {100 * TARGET:.0f}% after {m('noisy BN', 'steps_to_target'):.0f} steps and ends at "
+        f"{m('noisy BN', 'final_acc'):.1f}%"
+        + (" — as well as BN, so stable layer-input distributions are not what makes BN train well. " if noisy_ok
+           else " — clearly below BN here, so this run does not reproduce that part of Santurkar et al. ")
         + f"Gradient-based ICS: ‖G − G′‖ {m('BN', 'ics_l2'):.3g} with BN vs {m('no BN', 'ics_l2'):.3g} without, cos "
         f"{m('BN', 'ics_cos'):.3f} vs {m('no BN', 'ics_cos'):.3f}: " + ics_text
         + f"Landscape ({smoother} of 3 measures lower with BN): " + "; ".join(
