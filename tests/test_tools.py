@@ -375,6 +375,9 @@ def test_fold_and_recalibrate_follow_buffers_not_the_flag(bn_cls):
     folded, records = fold(model, report=True)
     assert records[0].action == "folded_into_previous"
     assert rel_err(folded(x), model(x)) < 1e-5
+    converted = convert(model, to=BatchNorm if bn_cls is nn.BatchNorm1d else nn.BatchNorm1d)
+    assert converted[1].track_running_stats is False and converted[1].running_mean is not None
+    torch.testing.assert_close(converted(x), model(x))
     report = recalibrate(model, [x * 2 + 1], progress=False)
     assert report.recalibrated == ["1"]
     torch.testing.assert_close(model[1].running_mean, model[0](x * 2 + 1).mean((0, 2)).detach())

@@ -39,7 +39,8 @@ def _source_config(m: nn.Module) -> dict:
         "eps": m.eps,
         "momentum": m.momentum,
         "affine": m.affine,
-        "track_running_stats": m.track_running_stats,
+        # build with buffers whenever the source has them; the flag itself is restored afterwards
+        "track_running_stats": getattr(m, "running_mean", None) is not None,
         "axis": bn_axis(m),
     }
     if m.affine and getattr(m, "bias", None) is None:
@@ -109,6 +110,8 @@ def _build(m: nn.Module, name: str, to: type, kwargs: dict) -> nn.Module:
     if ref is not None:
         new = new.to(device=ref.device)
     _carry_state(m, new)
+    if hasattr(new, "track_running_stats") and hasattr(m, "track_running_stats"):
+        new.track_running_stats = m.track_running_stats  # switched off after construction: stays off
     new.train(m.training)
     return new
 
