@@ -358,3 +358,14 @@ def test_eval_apply_keeps_gradients_to_parameters():
     torch.relu(ref(xr)).sum().backward()
     torch.testing.assert_close(x.grad, xr.grad)
     torch.testing.assert_close(bn.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+@needs_numba
+def test_forked_child_after_openmp_launch_takes_torch_path(monkeypatch):
+    # GNU OpenMP aborts a forked child that reuses the parent's pool; the at-fork hook must switch paths
+    batchnorm.BatchNorm(4, backend="numba")(torch.randn(16, 4, 3))  # launches numba's pool
+    x = torch.randn(64, 64, 16, 16)
+    monkeypatch.setattr(dispatch, "_numba_usable_here", True)
+    dispatch._after_fork_in_child()
+    expected = "torch_ops" if cpu.fork_unsafe() else "ops"
+    assert dispatch.select(x, "numba").__name__.rsplit(".", 1)[-1] == expected

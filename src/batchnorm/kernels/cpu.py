@@ -390,6 +390,14 @@ class _View:
         self.perm, self.axis, self.A, self.C, self.B, self.rows_per_sample = perm, axis, A, C, B, rows_per_sample
 
 
+def fork_unsafe() -> bool:
+    """True once numba's thread pool runs on GNU OpenMP: a forked child must not use it."""
+    try:
+        return numba.threading_layer() == "omp"
+    except ValueError:  # no parallel kernel launched yet
+        return False
+
+
 def supports(x: torch.Tensor) -> bool:
     """True when the numba kernels can take ``x`` at all (CPU, float32/float64, dense memory)."""
     return x.device.type == "cpu" and x.dtype in SUPPORTED_DTYPES and x.numel() > 0 and _perm(x) is not None

@@ -6,7 +6,8 @@ Paths:
 * ``"numba"`` — :mod:`batchnorm.kernels.ops` (numba kernels of :mod:`batchnorm.kernels.cpu` registered
   as ``torch.ops.batchnorm.*``): CPU, float32/float64, memory dense in some dimension order
   (contiguous, channels-last, any permutation of a contiguous tensor). Anything else still takes the
-  torch path, even when ``"numba"`` is forced.
+  torch path, even when ``"numba"`` is forced; so does a process forked after its parent ran
+  numba's GNU-OpenMP kernels (not fork-safe: numba would abort the child).
 * ``"auto"`` (default) — numba for supported tensors of at least :data:`MIN_NUMEL` elements, torch
   otherwise: below that size the fixed cost of a numba call (argument unboxing, thread launch) is
   larger than the work.
@@ -33,6 +34,21 @@ try:  # numba is optional: without it every call takes the torch path
     from . import ops as _ops
 except ImportError:  # pragma: no cover - exercised only without numba
     _cpu = _ops = None  # type: ignore[assignment]
+
+# GNU OpenMP (numba's "omp" threading layer) cannot be used in a child forked after the parent ran a
+# parallel kernel: numba aborts the child. Such children (fork-based DataLoader workers,
+# multiprocessing with the "fork" start method) silently take the torch path instead.
+_numba_usable_here = True
+
+
+def _after_fork_in_child() -> None:
+    global _numba_usable_here
+    if _cpu is not None and _cpu.fork_unsafe():
+        _numba_usable_here = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def available() -> list[str]:
@@ -61,6 +77,6 @@ def select(x: torch.Tensor, backend: str | None = None) -> ModuleType:
                 "(or `pip install batchnorm[fast]`), or use backend='auto' or 'torch'."
             )
         return torch_ops
-    if not _cpu.supports(x) or (choice == "auto" and x.numel() < MIN_NUMEL):
+    if not _numba_usable_here or not _cpu.supports(x) or (choice == "auto" and x.numel() < MIN_NUMEL):
         return torch_ops
     return _ops
