@@ -369,3 +369,35 @@ def test_forked_child_after_openmp_launch_takes_torch_path(monkeypatch):
     dispatch._after_fork_in_child()
     expected = "torch_ops" if cpu.fork_unsafe() else "ops"
     assert dispatch.select(x, "numba").__name__.rsplit(".", 1)[-1] == expected
+
+
+class _FixedCorrection(Fn.Combine):
+    """A batch-renorm-like combine: constant r, d per feature (stop-gradient, as in batch renorm)."""
+
+    def correction(self, mean, var):
+        c = mean.shape[1]
+        r = torch.linspace(0.5, 1.5, c, dtype=mean.dtype).reshape(1, c)
+        d = torch.linspace(-0.3, 0.3, c, dtype=mean.dtype).reshape(1, c)
+        return r, d
+
+
+@pytest.mark.parametrize("activation", [None, "leaky_relu"], ids=str)
+def test_memory_save_with_renorm_correction_matches_default(activation, backend):
+    x = torch.randn(6, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([1.5, -0.7, 0.9], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([0.1, 0.2, -0.3], dtype=torch.float64, requires_grad=True)
+
+    def f(mem):
+        return Fn.normalize(x, w, b, axis=1, eps=1e-5, use_batch_stats=True, combine=_FixedCorrection(),
+                            activation=activation, negative_slope=0.1, memory=mem)
+
+    g = torch.randn(6, 3, 5, dtype=torch.float64)
+    grads = {}
+    for mem in ("default", "save"):
+        y = f(mem)
+        grads[mem] = (y.detach(), *torch.autograd.grad(y, (x, w, b), g))
+    for a, c in zip(grads["save"], grads["default"]):
+        torch.testing.assert_close(a, c)
+    assert torch.autograd.gradcheck(lambda x, w, b: Fn.normalize(
+        x, w, b, axis=1, eps=1e-5, use_batch_stats=True, combine=_FixedCorrection(), activation=activation,
+        negative_slope=0.1, memory="save"), (x, w, b))
