@@ -198,8 +198,22 @@ def run(ctx: Context) -> Section:
             ("jitter", "median jitter of a sigmoid input", 3),
             ("ics_l2", "ICS ‖G − G′‖", 4), ("ics_cos", "ICS cos(G, G′)", 3), ("loss_range", "loss range", 3),
             ("grad_pred", "gradient change ‖∇L(θ′) − ∇L(θ)‖", 3), ("beta", "effective β-smoothness", 3), ("grad_norm", "gradient norm ‖∇L‖", 3)]
+    def reached(vals: list[float]) -> str:
+        """Steps to the target over seeds, saying how many seeds never got there (instead of printing nan)."""
+        hit = [x for x in vals if math.isfinite(x)]
+        if len(hit) == len(vals):
+            return fmt(hit, 0)
+        if not hit:
+            return f"never within {steps} steps"
+        return f"{np.mean(hit):.0f} in {len(hit)} of {len(vals)} seeds (never within {steps} in the others)"
+
+    def when(vals: list[float]) -> str:
+        text = reached(vals)
+        return text if text.startswith("never") else f"after {text} steps"
+
+    cell = lambda v, k, d: reached(metrics[v][k]) if k == "steps_to_target" else fmt(metrics[v][k], d)  # noqa: E731
     table = Table(["network"] + [c[1] for c in cols],
-                  [[v] + [fmt(metrics[v][k], d) for k, _, d in cols] for v in VARIANTS],
+                  [[v] + [cell(v, k, d) for k, _, d in cols] for v in VARIANTS],
                   caption="Mean ± std over seeds. ICS and landscape numbers average the measurements of the second "
                           "half of training (every layer for ICS); jitter is per step, over the second half, relative "
                           "to the 15–85 band (see setup)")
@@ -262,12 +276,12 @@ def run(ctx: Context) -> Section:
 
     smoother = sum(m("BN", k) < m("no BN", k) for k in ("loss_range", "grad_pred", "beta"))
     answer = (
-        f"BN reaches {100 * TARGET:.0f}% test accuracy after {m('BN', 'steps_to_target'):.0f} steps against "
-        f"{m('no BN', 'steps_to_target'):.0f} without it (mean over seeds, nan if a seed never got there; "
+        f"BN reaches {100 * TARGET:.0f}% test accuracy {when(metrics['BN']['steps_to_target'])} against "
+        f"{when(metrics['no BN']['steps_to_target'])} without it (mean over seeds; "
         f"Ioffe & Szegedy's Figure 1 shows the same faster start), and ends at {m('BN', 'final_acc'):.1f}% vs "
         f"{m('no BN', 'final_acc'):.1f}% after {steps} steps. Noisy BN, whose layer inputs jump at every step (median jitter "
         f"{m('noisy BN', 'jitter'):.2f} vs {m('BN', 'jitter'):.2f} with BN and {m('no BN', 'jitter'):.2f} without), "
-        f"reaches {100 * TARGET:.0f}% after {m('noisy BN', 'steps_to_target'):.0f} steps and ends at "
+        f"reaches {100 * TARGET:.0f}% {when(metrics['noisy BN']['steps_to_target'])} and ends at "
         f"{m('noisy BN', 'final_acc'):.1f}%"
         + (" — as well as BN, so stable layer-input distributions are not what makes BN train well. " if noisy_ok
            else " — clearly below BN here, so this run does not reproduce that part of Santurkar et al. ")
