@@ -154,3 +154,15 @@ def test_empty_chunks_are_the_merge_identity() -> None:
         assert torch.equal(e_mean, torch.zeros(3, dtype=e_mean.dtype)) and torch.equal(e_var, torch.zeros(3, dtype=e_var.dtype))
         m_n, m_mean, m_m2 = merge_stats(n, mean, var * n, e_n, e_mean, e_var * e_n)
         assert torch.equal(m_n, n) and torch.equal(m_mean, mean) and torch.equal(m_m2, var * n)
+
+
+def test_eval_float64_input_with_float32_buffers_is_computed_in_float64(backend) -> None:
+    """A float32 layer given float64 input normalizes in float64: the constants are not rounded to float32."""
+    layer = BatchNorm(3).eval()
+    with torch.no_grad():
+        layer.running_mean.fill_(1e4)
+    x = (1e4 + 1e-3 * torch.randn(64, 3, 50)).double()
+    y = layer(x)
+    truth = (x - 1e4) / np.sqrt(1.0 + 1e-5)
+    assert y.dtype == torch.float64
+    assert (y - truth).abs().max().item() < 1e-9

@@ -381,11 +381,11 @@ def _check_enough(x: torch.Tensor, axis: int, m: torch.Tensor | None, group_size
         raise _checks.too_few_values(n, tuple(x.shape), masked, name)
 
 
-def eval_scale_shift(weight, bias, running_mean, running_var, eps):
+def eval_scale_shift(weight, bias, running_mean, running_var, eps, dtype=None):
     """Inference constants ``a = γ / sqrt(σ² + ε)``, ``b = β − μ · a``, so that eval-mode BN is ``y = a·x + b``.
 
     Shape: weight, bias (or None), running_mean, running_var ``(C,)``; returns two ``(1, C)`` tensors in
-    float32 or wider (float64 for float64 buffers).
+    float32 or wider (float64 for float64 buffers, or when ``dtype``, the input's dtype, is float64).
 
     Example::
 
@@ -395,7 +395,7 @@ def eval_scale_shift(weight, bias, running_mean, running_var, eps):
 
     Reference: Ioffe & Szegedy (2015), Algorithm 2, step 11 (inference is a per-feature affine map).
     """
-    sd = _t.stat_dtype(running_mean.dtype)
+    sd = _t.stat_dtype(running_mean.dtype if dtype is None else torch.promote_types(running_mean.dtype, dtype))
     invstd = torch.rsqrt(running_var.to(sd) + eps) if eps >= 0 else torch.ones_like(running_var, dtype=sd)
     a = invstd * weight.to(sd) if weight is not None else invstd
     b = -running_mean.to(sd) * a
@@ -405,7 +405,7 @@ def eval_scale_shift(weight, bias, running_mean, running_var, eps):
 
 
 def _eval_apply(x, weight, bias, running_mean, running_var, axis, eps, backend, activation=None, slope=0.01):
-    a, b = eval_scale_shift(weight, bias, running_mean.to(x.device), running_var.to(x.device), eps)
+    a, b = eval_scale_shift(weight, bias, running_mean.to(x.device), running_var.to(x.device), eps, x.dtype)
     return select(x, backend).apply(x, axis, a, b, None, activation, slope)
 
 
