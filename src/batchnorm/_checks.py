@@ -160,3 +160,11 @@ def check_activation(activation: str | None, negative_slope: float, memory: str,
                 f"{name}: memory='save' with leaky_relu needs negative_slope > 0 to invert it, got {negative_slope}. "
                 "Pass a positive negative_slope (e.g. 0.01), or use memory='default'."
             )
+
+
+def layer_input(layer: object, x: object, name: str) -> tuple[torch.Tensor, int]:
+    """Validate ``x`` for a per-feature layer (``layer.axis``, ``layer.num_features``); return ``(x, axis ≥ 0)``."""
+    x = check_input(x, name)
+    axis = normalize_axis(layer.axis, x.dim(), x.shape)  # type: ignore[attr-defined]
+    check_features(x, axis, layer.num_features, name)  # type: ignore[attr-defined]
+    return x, axis

@@ -60,9 +60,7 @@ class AffineOnly(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``y = γ · x + β``; ``mask`` is accepted for interface parity and changes nothing."""
-        x = _checks.check_input(x, "AffineOnly")
-        axis = _checks.normalize_axis(self.axis, x.dim(), x.shape)
-        _checks.check_features(x, axis, self.num_features, "AffineOnly")
+        x, axis = _checks.layer_input(self, x, "AffineOnly")
         _checks.mask_for(x, axis, mask)
         self.last_input_shape = tuple(x.shape)
         sd = _t.stat_dtype(torch.promote_types(x.dtype, self.weight.dtype))

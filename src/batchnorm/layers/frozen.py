@@ -112,9 +112,7 @@ class FrozenBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``y = x · scale + shift``; ``mask`` is accepted for interface parity and changes nothing."""
-        x = _checks.check_input(x, "FrozenBatchNorm")
-        axis = _checks.normalize_axis(self.axis, x.dim(), x.shape)
-        _checks.check_features(x, axis, self.num_features, "FrozenBatchNorm")
+        x, axis = _checks.layer_input(self, x, "FrozenBatchNorm")
         _checks.mask_for(x, axis, mask)
         self.last_input_shape = tuple(x.shape)
         return F.normalize(

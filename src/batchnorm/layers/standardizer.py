@@ -126,9 +126,7 @@ class Standardizer(nn.Module):
         Shape: x any rank ≥ 2 with C at ``axis``; mask: x's shape without ``axis``.
         Example: ``s = Standardizer(3).partial_fit(torch.randn(10, 3)).partial_fit(torch.randn(5, 3))``.
         """
-        x = _checks.check_input(x, "Standardizer.partial_fit")
-        ax = _checks.normalize_axis(self.axis, x.dim(), x.shape)
-        _checks.check_features(x, ax, self.num_features, "Standardizer.partial_fit")
+        x, ax = _checks.layer_input(self, x, "Standardizer.partial_fit")
         m = _checks.mask_for(x, ax, mask)
         xd = x.detach().to(device=self.mean.device, dtype=torch.float64)
         m = m.to(self.mean.device) if m is not None else None
@@ -207,9 +205,7 @@ class Standardizer(nn.Module):
         return torch.where(constant, torch.ones_like(var), torch.sqrt(var + self.eps))
 
     def _map(self, x: torch.Tensor, name: str) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]:
-        x = _checks.check_input(x, name)
-        ax = _checks.normalize_axis(self.axis, x.dim(), x.shape)
-        _checks.check_features(x, ax, self.num_features, name)
+        x, ax = _checks.layer_input(self, x, name)
         if not self.is_fitted:
             raise ValueError(
                 f"{name}: this Standardizer is not fitted yet (no values seen for some features). Call "

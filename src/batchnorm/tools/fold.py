@@ -186,8 +186,14 @@ def _fold_into_previous(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> N
         new_w = wd * a.reshape(-1, *([1] * (wd.dim() - 1)))
     old_b = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(a)
     new_b = a * old_b + b
+    _set_weight_bias(layer, new_w, new_b)
+
+
+def _set_weight_bias(layer: nn.Module, new_w: torch.Tensor, new_b: torch.Tensor) -> None:
+    """Write folded float64 weights back in the layer's dtype, creating the bias if it had none."""
+    w = layer.weight
     with torch.no_grad():
-        layer.weight.copy_(new_w.to(w.dtype))
+        w.copy_(new_w.to(w.dtype))
         if layer.bias is None:
             layer.bias = nn.Parameter(new_b.to(device=w.device, dtype=w.dtype), requires_grad=w.requires_grad)
         else:
@@ -212,12 +218,7 @@ def _fold_into_next(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
         extra = torch.bmm(w2, b2).reshape(out)
     old_b = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(extra)
     new_b = old_b + extra
-    with torch.no_grad():
-        layer.weight.copy_(new_w.to(w.dtype))
-        if layer.bias is None:
-            layer.bias = nn.Parameter(new_b.to(device=w.device, dtype=w.dtype), requires_grad=w.requires_grad)
-        else:
-            layer.bias.copy_(new_b.to(layer.bias.dtype))
+    _set_weight_bias(layer, new_w, new_b)
 
 
 def _is_pointwise_conv(m: nn.Module) -> bool:
