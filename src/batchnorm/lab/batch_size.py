@@ -24,7 +24,7 @@ from . import data, models, train
 from .core import Context, Figure, Section, Table, fmt, mean_std, subplots
 
 NAME = "batch-size"
-TITLE = "Batch size: BN, BatchRenorm, GhostBatchNorm, GroupNorm and LayerNorm from batch 128 down to 1"
+TITLE = "6. Batch size: BN, BatchRenorm, GhostBatchNorm, GroupNorm and LayerNorm from batch 128 down to 1"
 QUESTION = "Does BN stop working at small batch sizes (down to 1), and do the batch-independent norms fix it?"
 
 BATCH_SIZES = (128, 64, 32, 16, 8, 4, 2)

@@ -34,7 +34,7 @@ from . import data, models, train
 from .core import Context, Figure, Section, Table, fmt, mean_std, subplots
 
 NAME = "internal-covariate-shift"
-TITLE = "Internal covariate shift: Ioffe & Szegedy's Figure 1 and Santurkar et al.'s tests"
+TITLE = "4. Internal covariate shift: Ioffe & Szegedy's Figure 1 and Santurkar et al.'s tests"
 QUESTION = "Does BN work by reducing internal covariate shift, or by making the loss landscape smoother?"
 
 BATCH = 60
@@ -276,8 +276,8 @@ def run(ctx: Context) -> Section:
 
     smoother = sum(m("BN", k) < m("no BN", k) for k in ("loss_range", "grad_pred", "beta"))
     answer = (
-        f"BN reaches {100 * TARGET:.0f}% test accuracy {when(metrics['BN']['steps_to_target'])} against "
-        f"{when(metrics['no BN']['steps_to_target'])} without it (mean over seeds; "
+        f"BN reaches {100 * TARGET:.0f}% test accuracy {when(metrics['BN']['steps_to_target'])} (without BN: "
+        f"{when(metrics['no BN']['steps_to_target'])}; mean over seeds; "
         f"Ioffe & Szegedy's Figure 1 shows the same faster start), and ends at {m('BN', 'final_acc'):.1f}% vs "
         f"{m('no BN', 'final_acc'):.1f}% after {steps} steps. Noisy BN, whose layer inputs jump at every step (median jitter "
         f"{m('noisy BN', 'jitter'):.2f} vs {m('BN', 'jitter'):.2f} with BN and {m('no BN', 'jitter'):.2f} without), "

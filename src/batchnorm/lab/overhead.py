@@ -29,7 +29,7 @@ from . import data
 from .core import Context, Figure, Section, Table, fmt, subplots
 
 NAME = "overhead"
-TITLE = "Overhead: training-step and inference time with and without BN"
+TITLE = "8. Overhead: training-step and inference time with and without BN"
 QUESTION = "How much does BN slow a training step and inference, and do folding and fusing remove the cost?"
 
 BATCH = 64

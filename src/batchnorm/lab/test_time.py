@@ -24,7 +24,7 @@ from . import data, models, train
 from .core import Context, Figure, Section, Table, fmt, mean_std, subplots
 
 NAME = "test-time-statistics"
-TITLE = "Test-time statistics: moving averages versus precise BN (recalibration)"
+TITLE = "7. Test-time statistics: moving averages versus precise BN (recalibration)"
 QUESTION = (
     "Is it hard to estimate the mean and variance BN needs at test time, and how many samples does an exact "
     "re-estimate (precise BN) need?"
