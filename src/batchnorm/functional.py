@@ -243,9 +243,12 @@ class _TrainNorm(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
 
 
-def _composite(x, weight, bias, m, axis, eps, group_size, r=None, d=None, activation=None, slope=0.01):
-    """The training forward as plain differentiable torch ops (used for double backward)."""
-    count, mean, m2 = _t.reduce(x, axis, m, group_size)
+def _composite(x, weight, bias, m, axis, eps, group_size, r=None, d=None, activation=None, slope=0.01, stats=None):
+    """The training forward as plain differentiable torch ops (used for double backward).
+
+    ``stats``: the ``(count, mean, m2)`` of ``x`` already reduced with grad, or None to reduce here.
+    """
+    count, mean, m2 = stats if stats is not None else _t.reduce(x, axis, m, group_size)
     invstd = torch.rsqrt(m2 / count.clamp_min(1) + eps)
     xhat = (x.to(mean.dtype) - _t.expand(mean, x, axis, group_size)) * _t.expand(invstd, x, axis, group_size)
     if r is not None:
@@ -268,11 +271,11 @@ def _functorch_active() -> bool:
 def _traced_train(x, weight, bias, m, axis, eps, group_size, combine, activation, slope):
     """The training forward through :func:`_composite` (autograd differentiates it), with its statistics."""
     count, mean, m2 = _t.reduce(x, axis, m, group_size)
-    mean, var = mean.detach(), (m2 / count.clamp_min(1)).detach()
-    corr = combine.correction(mean, var)
+    mean_c, var_c = mean.detach(), (m2 / count.clamp_min(1)).detach()
+    corr = combine.correction(mean_c, var_c)
     r, d = corr if corr is not None else (None, None)
-    y = _composite(x, weight, bias, m, axis, eps, group_size, r, d, activation, slope)
-    return y, mean, var, count
+    y = _composite(x, weight, bias, m, axis, eps, group_size, r, d, activation, slope, stats=(count, mean, m2))
+    return y, mean_c, var_c, count
 
 
 def _double_backward(ctx, dy, x, weight, bias, m, r, d):
@@ -324,20 +327,21 @@ def normalize(
     """
     _checks.check_activation(activation, negative_slope, memory, name)
     m = _checks.mask_for(x, axis, mask)
+    plain = type(combine).stats is Combine.stats  # no cross-process statistics
     if not use_batch_stats:
         if running_mean is None or running_var is None:
             raise ValueError(f"{name} has no running estimates to normalize with (track_running_stats=False).")
         return _eval_apply(x, weight, bias, running_mean, running_var, axis, eps, backend, activation, negative_slope)
-    if x.numel() == 0 and type(combine).stats is Combine.stats:
+    if x.numel() == 0 and plain:
         # Empty batch: nothing to reduce; keep the graph connected (PyTorch does the same).
         if update and num_batches_tracked is not None:
             with torch.no_grad():
                 num_batches_tracked.add_(1)
         return _eval_apply(x, weight, bias, torch.zeros(x.shape[axis]), torch.ones(x.shape[axis]), axis, -1.0, backend,
                            activation, negative_slope)
-    if type(combine).stats is Combine.stats:
+    if plain:
         _check_enough(x, axis, m, group_size, name)
-    if _functorch_active() and type(combine).stats is Combine.stats:
+    if _functorch_active() and plain:
         # torch.func transforms (grad, jacrev, vmap, ...) cannot run an autograd.Function written with a
         # ctx-taking forward: there, trace the same formula with plain differentiable torch ops.
         y, mean, var, count = _traced_train(x, weight, bias, m, axis, eps, group_size, combine, activation, negative_slope)
