@@ -1,51 +1,18 @@
-"""``batchnorm demo``: a small 1-D CNN on MNIST-1D, trained with and without BatchNorm."""
+"""``batchnorm demo``: a small 1-D CNN on MNIST-1D, trained with and without BatchNorm.
+
+The model is the lab's :class:`batchnorm.lab.models.CNN1d` (3 conv layers of width 32, kernel 5,
+then mean pooling and a linear head) and the loop is the lab's :func:`batchnorm.lab.train.fit`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import time
 
-import torch
-from torch import nn
-from tqdm import tqdm
-
+from .lab import train
+from .lab.core import Context
 from .lab.data import mnist1d
-from .layers import BatchNorm
-
-
-def cnn1d(use_bn: bool, width: int = 32) -> nn.Sequential:
-    """Three conv layers (kernel 5) → global average pool → linear, optionally with BatchNorm after each conv."""
-    layers: list[nn.Module] = []
-    c_in = 1
-    for _ in range(3):
-        layers.append(nn.Conv1d(c_in, width, 5, padding=2, bias=not use_bn))
-        if use_bn:
-            layers.append(BatchNorm(width))
-        layers.append(nn.ReLU())
-        c_in = width
-    layers += [nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(width, 10)]
-    return nn.Sequential(*layers)
-
-
-def train_eval(model: nn.Module, data, *, epochs: int, lr: float, batch_size: int, seed: int, label: str) -> float:
-    x, y, xt, yt = data
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    steps = epochs * (len(x) // batch_size)
-    with tqdm(total=steps, desc=label, leave=False) as bar:
-        for _ in range(epochs):
-            model.train()
-            order = torch.randperm(len(x), generator=gen)
-            for i in range(len(x) // batch_size):
-                idx = order[i * batch_size : (i + 1) * batch_size]
-                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                bar.update()
-    model.eval()
-    with torch.no_grad():
-        return (model(xt).argmax(1) == yt).float().mean().item()
+from .lab.models import CNN1d
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,14 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    torch.manual_seed(a.seed)
-    data = mnist1d()
+    x, y, xt, yt = mnist1d()
+    ctx = Context(seeds=1, seed=a.seed)
     start = time.perf_counter()
     results = {}
-    for use_bn in (False, True):
-        torch.manual_seed(a.seed)
-        label = "with BatchNorm" if use_bn else "without BN"
-        results[label] = train_eval(cnn1d(use_bn), data, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed, label=label)
+    for norm, label in (("none", "without BN"), ("bn", "with BatchNorm")):
+        model = train.seeded(ctx, a.seed, lambda norm=norm: CNN1d(1, 10, width=32, depth=3, norm=norm))
+        hist = train.fit(model, (x, y), ctx=ctx, lr=a.lr, seed=a.seed, epochs=a.epochs, batch_size=a.batch_size,
+                         optimizer="sgd", eval_data=(xt, yt), final_train_eval=False, desc=label)
+        results[label] = hist.final_test_acc
     print(f"MNIST-1D, 1-D CNN, {a.epochs} epochs, SGD lr={a.lr}, batch {a.batch_size}:")
     print(f"{'model':<16} {'test accuracy':>13}")
     for label, acc in results.items():
