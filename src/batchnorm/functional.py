@@ -169,39 +169,66 @@ def update_running(
     return finite
 
 
+def _plain(combine: Combine) -> bool:
+    """True for plain batch norm's combine (no cross-process statistics, no r, d correction)."""
+    return type(combine).stats is Combine.stats and type(combine).correction is Combine.correction \
+        and type(combine).grads is Combine.grads
+
+
+def _affine(weight, bias, r, d, clamp, eps, like):
+    """``kz = γ·r`` and ``bz = β + γ·d`` as ``(1, C)`` (or ``(G, C)``) tensors in ``like``'s dtype.
+
+    ``clamp`` (memory="save"): ``|γ| < eps`` is used as ``±eps`` (sign kept, sign(0) = +1), so the
+    affine map stays invertible and ``x̂ = (z − bz) / kz`` stays finite.
+    """
+    w = weight.detach().to(like.dtype).reshape(1, -1) if weight is not None else torch.ones_like(like[:1])
+    if clamp:
+        w = torch.where(w.abs() < eps, torch.where(w < 0, -eps, eps).to(w.dtype), w)
+    b = bias.detach().to(like.dtype).reshape(1, -1) if bias is not None else torch.zeros_like(like[:1])
+    return (w * r if r is not None else w), (b + w * d if d is not None else b)
+
+
 class _TrainNorm(torch.autograd.Function):
     """Normalize with batch statistics (+ fused activation); analytic backward; double backward by re-tracing.
 
     With ``z = x̂ · kz + bz`` (``kz = γ·r``, ``bz = β + γ·d``; r, d = 1, 0 unless batch renorm) and
     ``y = act(z)``. ``save=False`` keeps ``x`` for backward; ``save=True`` (memory="save", In-Place
-    ABN) keeps only ``y`` and recovers ``x̂ = (act⁻¹(y) − bz) / kz``.
+    ABN) keeps only ``y`` (plus ``invstd`` and references to γ, β) and recovers
+    ``x̂ = (act⁻¹(y) − bz) / kz``.
+
+    Plain batch norm on a kernel path that offers ``train_forward``/``train_backward`` (the numba
+    kernels) runs each direction as one reduce → statistics → apply sequence of kernel calls; every
+    other case runs the same three steps with :class:`Combine` in the middle.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, m, axis, eps, group_size, combine, backend, activation, slope, save):
         ops = select(x, backend)
-        count, mean, m2 = combine.stats(*ops.reduce(x, axis, m, group_size))
-        var = m2 / count.clamp_min(1)
-        invstd = torch.rsqrt(var + eps)
-        corr = combine.correction(mean, var)
-        r, d = corr if corr is not None else (None, None)
-        w = weight.to(mean.dtype).reshape(1, -1) if weight is not None else torch.ones_like(mean[:1])
-        if save:  # |γ| < eps is used as ±eps (sign kept, sign(0) = +1) so x̂ = (z − bz) / kz stays finite
-            w = torch.where(w.abs() < eps, torch.where(w < 0, -eps, eps).to(w.dtype), w)
-        b = bias.to(mean.dtype).reshape(1, -1) if bias is not None else torch.zeros_like(mean[:1])
-        kz = w * r if r is not None else w
-        bz = b + w * d if d is not None else b
-        scale = kz * invstd
-        shift = bz - mean * scale
-        y = ops.apply(x, axis, scale, shift, group_size, activation, slope)
-        if save:  # the count is the same for every feature (masks have no feature axis): keep one column
-            ctx.save_for_backward(y, m, invstd, count[:, :1].clone(), kz, bz, r, d)
+        fused = getattr(ops, "train_forward", None) if _plain(combine) else None
+        res = fused(x, axis, m, group_size, weight, bias, eps, activation, slope, save) if fused else None
+        r = d = None
+        if res is not None:
+            y, count, mean, var, invstd = res
         else:
-            ctx.save_for_backward(x, weight, bias, m, mean, invstd, count, kz, bz, r, d)
+            count, mean, m2 = combine.stats(*ops.reduce(x, axis, m, group_size))
+            var = m2 / count.clamp_min(1)
+            invstd = torch.rsqrt(var + eps)
+            corr = combine.correction(mean, var)
+            r, d = corr if corr is not None else (None, None)
+            kz, bz = _affine(weight, bias, r, d, save, eps, mean)
+            scale = kz * invstd
+            y = ops.apply(x, axis, scale, bz - mean * scale, group_size, activation, slope)
+        if save:
+            # the count is the same for every feature (masks have no feature axis): one column is enough,
+            # kept as Python numbers when that costs no device sync (CPU, eager)
+            counts = count[:, :1]
+            ctx.counts = None
+            if counts.device.type == "cpu" and not torch.compiler.is_compiling():
+                ctx.counts, counts = counts.tolist(), None
+            ctx.save_for_backward(y, m, invstd, weight, bias, r, d, counts)
+        else:
+            ctx.save_for_backward(x, weight, bias, m, mean, invstd, count, r, d)
         ctx.cfg = (axis, eps, group_size, combine, backend, activation, slope, save)
-        ctx.param_dtypes = (
-            weight.dtype if weight is not None else None, bias.dtype if bias is not None else None
-        )
         ctx.mark_non_differentiable(mean, var, count)
         return y, mean, var, count
 
@@ -209,11 +236,11 @@ class _TrainNorm(torch.autograd.Function):
     def backward(ctx, dy, _dmean, _dvar, _dcount):
         axis, eps, group_size, combine, backend, activation, slope, save = ctx.cfg
         if save:
-            t, m, invstd, count, kz, bz, r, d = ctx.saved_tensors
-            p, q = bz, 1.0 / kz
+            t, m, invstd, weight, bias, r, d, count = ctx.saved_tensors
+            if count is None:
+                count = torch.tensor(ctx.counts, dtype=invstd.dtype)
         else:
-            t, weight, bias, m, mean, invstd, count, kz, bz, r, d = ctx.saved_tensors
-            p, q = mean, invstd
+            t, weight, bias, m, mean, invstd, count, r, d = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the formula itself
             if save:
                 raise NotImplementedError(
@@ -221,25 +248,32 @@ class _TrainNorm(torch.autograd.Function):
                     "not kept. Use memory='default' for gradient penalties."
                 )
             return _double_backward(ctx, dy, t, weight, bias, m, r, d)
+        kz, bz = _affine(weight, bias, r, d, save, eps, invstd)
+        p, q = (bz, 1.0 / kz) if save else (mean, invstd)
         ops = select(t, backend)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        kw = {"activation": activation, "negative_slope": slope, "zscale": kz, "zshift": bz, "from_output": save}
-        sum_dy, sum_dyx = ops.backward_reduce(dy, t, axis, p, q, group_size, **kw)
-        wdt, bdt = ctx.param_dtypes
+        fused = getattr(ops, "train_backward", None) if _plain(combine) else None
+        res = None
+        if fused is not None:
+            res = fused(dy, t, axis, p, q, kz * invstd, kz, bz, count, m, group_size, activation, slope, save, need_x)
+        if res is not None:
+            sum_dy, sum_dyx, dx = res
+        else:
+            kw = {"activation": activation, "negative_slope": slope, "zscale": kz, "zshift": bz, "from_output": save}
+            sum_dy, sum_dyx = ops.backward_reduce(dy, t, axis, p, q, group_size, **kw)
+            dx = None
+            if need_x:
+                all_dy, all_dyx = combine.grads(sum_dy, sum_dyx)
+                n = count.clamp_min(1)
+                dx = ops.backward_apply(dy, t, axis, p, q, kz * invstd, all_dy / n, all_dyx / n, m, group_size, **kw)
         dweight = dbias = None
         if need_w:
             dw = sum_dyx * r if r is not None else sum_dyx
             if d is not None:
                 dw = dw + d * sum_dy
-            dweight = dw.sum(0).to(wdt)
+            dweight = dw.sum(0).to(weight.dtype)
         if need_b:
-            dbias = sum_dy.sum(0).to(bdt)
-        dx = None
-        if need_x:
-            sum_dy, sum_dyx = combine.grads(sum_dy, sum_dyx)
-            n = count.clamp_min(1)
-            k = kz * invstd
-            dx = ops.backward_apply(dy, t, axis, p, q, k, sum_dy / n, sum_dyx / n, m, group_size, **kw)
+            dbias = sum_dy.sum(0).to(bias.dtype)
         return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
 
 
@@ -350,7 +384,11 @@ def normalize(
             x, weight, bias, m, axis, eps, group_size, combine, backend, activation, negative_slope, memory == "save"
         )
     if update and running_mean is not None and running_var is not None:
-        finite = update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
+        # the numba path updates CPU buffers in one kernel call (same rule); other cases use torch ops
+        fast = getattr(select(x, backend), "update_running", None)
+        finite = fast(running_mean, running_var, mean, var, count, momentum, num_batches_tracked) if fast else None
+        if finite is None:
+            finite = update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
         if not torch.compiler.is_compiling() and not bool(finite):
             warnings.warn(
                 f"{name}: batch statistics are not finite (NaN or Inf in the input); the running estimates "

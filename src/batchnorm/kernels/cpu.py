@@ -26,14 +26,15 @@ wherever ``NUMBA_CACHE_DIR`` points).
 
 from __future__ import annotations
 
+import functools
 import math
-import sys
 
 import numba
 import numpy as np
 import torch
 from numba import njit, prange
 
+from . import buffers
 from . import torch_ops as _t
 
 # Activation codes shared with torch_ops.ACTIVATIONS (index = code).
@@ -381,13 +382,80 @@ def _bwd_apply(dy, t, dx, p, q, kz, bz, k, mdz, mdzx, u, v, m, has_mask, rpg, co
 
 
 # --------------------------------------------------------------------------------------------
-# python side: canonical views, segments, fallbacks
+# per-feature constants and the running update (tiny serial kernels: one call instead of ~20 torch ops)
 # --------------------------------------------------------------------------------------------
-class _View:
-    __slots__ = ("perm", "axis", "A", "C", "B", "rows_per_sample")
+@njit(cache=True)
+def _constants(st, w, b, eps, clamp, out, scale, shift):
+    """Merged ``st[g, c] = (count, mean, m2)`` → ``out = (count, mean, var, invstd)`` and apply constants.
 
-    def __init__(self, perm, axis, A, C, B, rows_per_sample):
-        self.perm, self.axis, self.A, self.C, self.B, self.rows_per_sample = perm, axis, A, C, B, rows_per_sample
+    ``var = m2 / max(count, 1)`` (biased), ``invstd = 1 / sqrt(var + eps)``, ``scale = γ · invstd``,
+    ``shift = β − mean · scale``. ``clamp`` (memory="save"): ``|γ| < eps`` is used as ``±eps``.
+    """
+    G, C = st.shape[0], st.shape[1]
+    for g in range(G):
+        for c in range(C):
+            n = st[g, c, 0]
+            mu = st[g, c, 1]
+            var = st[g, c, 2] / max(n, 1.0)
+            inv = 1.0 / math.sqrt(var + eps)
+            wc = w[c]
+            if clamp and abs(wc) < eps:
+                wc = -eps if wc < 0 else eps
+            sc = wc * inv
+            out[0, g, c] = n
+            out[1, g, c] = mu
+            out[2, g, c] = var
+            out[3, g, c] = inv
+            scale[g, c] = sc
+            shift[g, c] = b[c] - mu * sc
+
+
+@njit(cache=True)
+def _update_running(count, mean, var, rm, rv, nbt, has_nbt, momentum, cumulative):
+    """In-place running update from ``(G, C)`` batch statistics; returns whether they were finite.
+
+    Same rule as :func:`batchnorm.functional.update_running`: ``μ_B = mean_g(mean)``,
+    ``σ²_B = mean_g(var · n / max(n − 1, 1))``; ``num_batches_tracked += finite``; the buffers move by
+    ``f = momentum`` (or ``1 / num_batches_tracked``) only when the batch is finite and every count is > 1.
+    """
+    G, C = mean.shape
+    new_m = np.empty(C)
+    new_v = np.empty(C)
+    finite = True
+    enough = True
+    for c in range(C):
+        sm = 0.0
+        sv = 0.0
+        for g in range(G):
+            n = count[g, c]
+            if not n > 1:
+                enough = False
+            sm += mean[g, c]
+            sv += var[g, c] * n / max(n - 1.0, 1.0)
+        new_m[c] = sm / G
+        new_v[c] = sv / G
+        if not (np.isfinite(new_m[c]) and np.isfinite(new_v[c])):
+            finite = False
+    if has_nbt and finite:
+        nbt[0] += 1
+    if cumulative:
+        f = 1.0 / max(float(nbt[0]), 1.0)
+    else:
+        f = momentum
+    if finite and enough:
+        for c in range(C):
+            rm[c] = rm[c] + f * (new_m[c] - rm[c])
+            rv[c] = rv[c] + f * (new_v[c] - rv[c])
+    return finite
+
+
+# --------------------------------------------------------------------------------------------
+# python side: cached plans (canonical view + parallel segments), fallbacks
+# --------------------------------------------------------------------------------------------
+class _Plan:
+    """How a tensor of one shape/stride/axis/grouping is cut for the kernels (cached per signature)."""
+
+    __slots__ = ("perm", "identity", "axis", "A", "C", "B", "shape", "phys", "rpg", "G", "seg", "seg_group", "block")
 
 
 def fork_unsafe() -> bool:
@@ -398,200 +466,254 @@ def fork_unsafe() -> bool:
         return False
 
 
-def supports(x: torch.Tensor) -> bool:
-    """True when the numba kernels can take ``x`` at all (CPU, float32/float64, dense memory)."""
-    return x.device.type == "cpu" and x.dtype in SUPPORTED_DTYPES and x.numel() > 0 and _perm(x) is not None
+def _perm_of(shape: tuple[int, ...], strides: tuple[int, ...]) -> list[int] | None:
+    """A dimension order in which memory of (shape, strides) is contiguous (identity if it already is), or None."""
+    def dense(order):
+        expect = 1
+        for d in reversed(order):
+            if shape[d] != 1 and strides[d] != expect:
+                return False
+            expect *= shape[d]
+        return True
 
-
-def _perm(x: torch.Tensor) -> list[int] | None:
-    """A dimension order in which ``x`` is contiguous (identity when it already is), or None."""
-    if x.is_contiguous():
-        return list(range(x.dim()))
+    ident = list(range(len(shape)))
+    if dense(ident):
+        return ident
     # order dims by stride, largest first (size-1 dims may sit anywhere: contiguity ignores them)
-    perm = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
-    if x.permute(perm).is_contiguous():
-        return perm
-    return None
+    perm = sorted(ident, key=lambda d: (-strides[d], d))
+    return perm if dense(perm) else None
 
 
-def _view(x: torch.Tensor, axis: int, group_size: int | None) -> _View | None:
-    if not supports(x):
+@functools.lru_cache(maxsize=1024)
+def _plan_for(shape, strides, axis, group_size, threads, itemsize) -> _Plan | None:
+    perm = _perm_of(shape, strides)
+    if perm is None:
         return None
-    perm = _perm(x)
     ax = perm.index(axis)
-    shape = [x.shape[d] for d in perm]
-    A = math.prod(shape[:ax])
-    B = math.prod(shape[ax + 1 :])
+    phys = tuple(shape[d] for d in perm)
+    A = math.prod(phys[:ax])
+    B = math.prod(phys[ax + 1 :])
     rows = 1
     if group_size is not None:
         if axis == 0 or perm[0] != 0 or ax == 0:
             return None  # ghost groups need axis 0 outermost in memory
-        rows = A // x.shape[0]
-    return _View(perm, ax, A, x.shape[axis], B, rows)
+        rows = A // shape[0]
+    p = _Plan()
+    p.perm, p.identity, p.axis, p.A, p.C, p.B, p.phys = perm, perm == list(range(len(shape))), ax, A, shape[axis], B, phys
+    p.shape = (A, p.C) if B == 1 else (A, p.C, B)
+    p.rpg = A if group_size is None else rows * group_size
+    p.G = -(-A // p.rpg)
+    p.seg, p.seg_group = _segments(A, p.C, B, p.rpg, p.G, threads)
+    # B == 1: blocks of rows that stay in L2 (256 KiB) between the two passes of the reduction
+    p.block = max(8, min(512, (1 << 18) // (p.C * itemsize)))
+    return p
 
 
-def _shape(v: _View) -> tuple[int, ...]:
-    return (v.A, v.C) if v.B == 1 else (v.A, v.C, v.B)
+def _plan(x: torch.Tensor, axis: int, group_size: int | None) -> _Plan | None:
+    if x.device.type != "cpu" or x.dtype not in SUPPORTED_DTYPES or x.numel() == 0:
+        return None
+    return _plan_for(tuple(x.shape), x.stride(), axis, group_size, numba.get_num_threads(), x.element_size())
 
 
-def _np(t: torch.Tensor, v: _View) -> np.ndarray:
-    """The canonical array: (A, C, B), or (A, C) when B == 1 (feature axis innermost)."""
-    return t.detach().permute(v.perm).reshape(_shape(v)).numpy()
+def supports(x: torch.Tensor) -> bool:
+    """True when the numba kernels can take ``x`` at all (CPU, float32/float64, dense memory)."""
+    return (x.device.type == "cpu" and x.dtype in SUPPORTED_DTYPES and x.numel() > 0
+            and _perm_of(tuple(x.shape), x.stride()) is not None)
 
 
-def _like(t: torch.Tensor, x: torch.Tensor, v: _View) -> np.ndarray:
-    """``t`` (x-shaped, e.g. dy) as a canonical array in x's memory order (copy only if it differs)."""
-    tp = t.detach().permute(v.perm)
-    if not tp.is_contiguous():
-        tp = tp.contiguous()
-    return tp.reshape(_shape(v)).numpy()
-
-
-def _mask(m: torch.Tensor | None, x: torch.Tensor, axis: int, v: _View) -> np.ndarray:
-    if m is None:
-        return np.zeros((1, 1), dtype=np.uint8)
-    mp = m.permute(v.perm).squeeze(v.axis)
-    return mp.contiguous().reshape(v.A, v.B).view(torch.uint8).numpy()
-
-
-def _rpg(v: _View, group_size: int | None) -> int:
-    return v.A if group_size is None else v.rows_per_sample * group_size
-
-
-def _segments(v: _View, group_size: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+def _segments(A: int, C: int, B: int, rpg: int, G: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
     """Cut the rows (per group) and, when rows are few, the features, into parallel work units."""
-    threads = numba.get_num_threads()
-    rpg = _rpg(v, group_size)
-    G = -(-v.A // rpg)
     want = max(1, -(-4 * threads // G))
     segs, groups = [], []
     for g in range(G):
-        a0, a1 = g * rpg, min(v.A, (g + 1) * rpg)
+        a0, a1 = g * rpg, min(A, (g + 1) * rpg)
         pa = max(1, min(a1 - a0, want))
         # B == 1 kernels loop over all features of a row (vectorized); B > 1 may also split features
-        pc = 1 if v.B == 1 else max(1, min(v.C, -(-want // pa)))
+        pc = 1 if B == 1 else max(1, min(C, -(-want // pa)))
         for i in range(pa):
             r0, r1 = a0 + (a1 - a0) * i // pa, a0 + (a1 - a0) * (i + 1) // pa
             for j in range(pc):
-                segs.append((r0, r1, v.C * j // pc, v.C * (j + 1) // pc))
+                segs.append((r0, r1, C * j // pc, C * (j + 1) // pc))
                 groups.append(g)
-    return np.asarray(segs, dtype=np.int64).reshape(-1, 4), np.asarray(groups, dtype=np.int64), G
+    return np.asarray(segs, dtype=np.int64).reshape(-1, 4), np.asarray(groups, dtype=np.int64)
 
 
-_HUGE = 4 << 20  # outputs at least this large get transparent-huge-page advice
-_MADV_HUGEPAGE = 14
+def _arr(t: torch.Tensor, p: _Plan) -> np.ndarray:
+    """``t`` (x-shaped: x itself, dy, y) as the canonical array; copies only if its layout differs from x's."""
+    a = t.detach().numpy()
+    if not p.identity:
+        a = a.transpose(p.perm)
+    return a.reshape(p.shape)
 
 
-def _madvise():
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.madvise
-        fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        fn.restype = ctypes.c_int
-        return fn
-    except (OSError, AttributeError):  # pragma: no cover - non-Linux
-        return None
-
-
-_MADVISE = _madvise() if sys.platform.startswith("linux") else None
+def _out(p: _Plan, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """A new x-shaped output in x's memory order, and its canonical array (large ones from the buffer cache)."""
+    t, phys = buffers.empty(p.phys, p.perm, dtype)
+    return t, phys.reshape(p.shape)
 
 
 def empty_like(x: torch.Tensor) -> torch.Tensor:
-    """``torch.empty_like(x)`` (same layout); large buffers are advised to use transparent huge pages.
+    """An uninitialised tensor like ``x`` (same memory order); large ones come from :mod:`.buffers`."""
+    p = _plan(x, 0, None) if x.dim() else None
+    if p is None:
+        return torch.empty_like(x)
+    return _out(p, x.dtype)[0]
 
-    Fresh large allocations are fresh pages, and first-touch page faults can cost more than the
-    kernel that writes them (4 KiB faults; about 1.5 ns per byte on the benchmark VM). ``madvise
-    (MADV_HUGEPAGE)`` on the untouched buffer lets the kernel fault it in 2 MiB pages instead. It only
-    concerns memory this module allocates for its own outputs; ``THP_MEM_ALLOC_ENABLE=1`` does the
-    same for every PyTorch allocation.
-    """
-    y = torch.empty_like(x)
-    nbytes = y.untyped_storage().nbytes()
-    if _MADVISE is not None and nbytes >= _HUGE:
-        page = 4096
-        start = y.untyped_storage().data_ptr()
-        lo = (start + page - 1) // page * page
-        hi = (start + nbytes) // page * page
-        if hi > lo:
-            _MADVISE(lo, hi - lo, _MADV_HUGEPAGE)
+
+_NO_MASK = np.zeros((1, 1), dtype=np.uint8)
+
+
+def _mask(m: torch.Tensor | None, p: _Plan) -> np.ndarray:
+    if m is None:
+        return _NO_MASK
+    mp = m.permute(p.perm).squeeze(p.axis)
+    return mp.contiguous().reshape(p.A, p.B).view(torch.uint8).numpy()
+
+
+def _vec(v: torch.Tensor | None, C: int, fill: float) -> np.ndarray:
+    """A per-feature parameter (or None → ``fill``) as a float64 ``(C,)`` array."""
+    if v is None:
+        return np.full(C, fill)
+    return v.detach().reshape(-1).numpy().astype(np.float64)
+
+
+def _per_group(v, p: _Plan, dtype) -> np.ndarray:
+    """A per-feature quantity (torch ``(1, C)``/``(G, C)``, or NumPy) as a contiguous ``(G, C)`` array of ``dtype``."""
+    a = np.asarray(v.detach().numpy() if isinstance(v, torch.Tensor) else v, dtype=dtype)
+    if a.shape != (p.G, p.C):
+        a = np.broadcast_to(a.reshape(1, -1) if a.ndim == 1 else a, (p.G, p.C))
+    return np.ascontiguousarray(a)
+
+
+_NP = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _reduce_np(xa: np.ndarray, ma: np.ndarray, has_mask: bool, p: _Plan) -> np.ndarray:
+    """Merged per-group ``(count, mean, m2)`` as a float64 ``(G, C, 3)`` array."""
+    acc = np.zeros((p.seg.shape[0], p.C, 3))
+    if p.B == 1:
+        _reduce_cols(xa, ma, has_mask, p.seg, acc, p.block)
+    else:
+        _reduce_rows(xa, ma, has_mask, p.seg, acc)
+    return _merge_segments(acc, p.seg_group, p.G)
+
+
+def _apply_np(xa, p: _Plan, scale: np.ndarray, shift: np.ndarray, code: int, slope: float, dtype) -> torch.Tensor:
+    y, ya = _out(p, dtype)
+    fn = _apply_cols if p.B == 1 else _apply_rows
+    fn(xa, ya, scale, shift, p.rpg, code, slope)
     return y
-
-
-def _per_group(v: torch.Tensor, G: int, C: int, dtype: torch.dtype) -> np.ndarray:
-    """A per-feature quantity ((1, C), (G, C) or scalar-broadcastable) as a contiguous (G, C) array."""
-    return v.detach().to(dtype).expand(G, C).contiguous().numpy()
 
 
 def reduce(x: torch.Tensor, axis: int, m: torch.Tensor | None = None, group_size: int | None = None):
     """Per-feature ``(count, mean, m2)`` (each ``(G, C)``) as :func:`torch_ops.reduce`; float64 inside."""
-    v = _view(x, axis, group_size)
-    if v is None or x.requires_grad and torch.is_grad_enabled():
+    p = _plan(x, axis, group_size)
+    if p is None or x.requires_grad and torch.is_grad_enabled():
         return _t.reduce(x, axis, m, group_size)
-    xa = _np(x, v)
-    seg, seg_group, G = _segments(v, group_size)
-    acc = np.zeros((seg.shape[0], v.C, 3))
-    ma = _mask(m, x, axis, v)
-    if v.B == 1:
-        # blocks of rows that stay in L2 (256 KiB) between the two passes
-        block = max(8, min(512, (1 << 18) // (v.C * x.element_size())))
-        _reduce_cols(xa, ma, m is not None, seg, acc, block)
-    else:
-        _reduce_rows(xa, ma, m is not None, seg, acc)
-    out = torch.from_numpy(_merge_segments(acc, seg_group, G)).to(_t.stat_dtype(x.dtype))
+    st = _reduce_np(_arr(x, p), _mask(m, p), m is not None, p)
+    out = torch.from_numpy(st).to(_t.stat_dtype(x.dtype))
     return out[..., 0].contiguous(), out[..., 1].contiguous(), out[..., 2].contiguous()
 
 
 def apply(x, axis, scale, shift, group_size=None, activation=None, negative_slope=0.01):
     """``y = act(x · scale + shift)`` per feature (and group), in x's dtype and memory format."""
-    v = _view(x, axis, group_size)
-    code = _t.activation_code(activation)
-    if v is None or torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):
+    p = _plan(x, axis, group_size)
+    if p is None or torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):
         return _t.apply(x, axis, scale, shift, group_size, activation, negative_slope)
-    G = -(-v.A // _rpg(v, group_size))
-    y = empty_like(x)
-    if not y.permute(v.perm).is_contiguous():
-        y = x.detach().clone()  # preserve x's layout exactly (empty_like may differ for odd size-1 strides)
-    ya = _np(y, v)
-    sc = _per_group(scale, G, v.C, x.dtype)
-    sh = _per_group(shift, G, v.C, x.dtype)
-    fn = _apply_cols if v.B == 1 else _apply_rows
-    fn(_np(x, v), ya, sc, sh, _rpg(v, group_size), code, float(negative_slope))
-    return y
+    dt = _NP[x.dtype]
+    return _apply_np(_arr(x, p), p, _per_group(scale, p, dt), _per_group(shift, p, dt),
+                     _t.activation_code(activation), float(negative_slope), x.dtype)
 
 
-def _bwd_args(dy, t, axis, p, q, group_size, zscale, zshift):
-    v = _view(t, axis, group_size)
-    if v is None:
+def train_forward(x, axis, m, group_size, weight, bias, eps, activation=None, negative_slope=0.01, clamp=False):
+    """Plain batch norm's whole training forward in kernel calls: reduce → batch statistics → apply.
+
+    Returns ``(y, count, mean, var, invstd)`` (statistics ``(G, C)`` in the statistics dtype), or None
+    when the numba kernels cannot take ``x`` (the caller then runs the general three steps).
+    ``clamp``: memory="save"'s ``|γ| < eps → ±eps``.
+    """
+    p = _plan(x, axis, group_size)
+    if p is None:
         return None
-    G = -(-v.A // _rpg(v, group_size))
-    sd = _t.stat_dtype(t.dtype)
-    one = torch.ones((1, v.C), dtype=sd)
-    pa, qa = _per_group(p, G, v.C, t.dtype), _per_group(q, G, v.C, t.dtype)
-    kz = _per_group(zscale if zscale is not None else one, G, v.C, t.dtype)
-    bz = _per_group(zshift if zshift is not None else one * 0, G, v.C, t.dtype)
-    return v, G, _like(dy.to(t.dtype), t, v), _np(t, v), pa, qa, kz, bz
+    xa = _arr(x, p)
+    st = _reduce_np(xa, _mask(m, p), m is not None, p)
+    dt = _NP[x.dtype]
+    out = np.empty((4, p.G, p.C))
+    scale, shift = np.empty((p.G, p.C), dt), np.empty((p.G, p.C), dt)
+    _constants(st, _vec(weight, p.C, 1.0), _vec(bias, p.C, 0.0), float(eps), bool(clamp), out, scale, shift)
+    y = _apply_np(xa, p, scale, shift, _t.activation_code(activation), float(negative_slope), x.dtype)
+    sd = _t.stat_dtype(x.dtype)
+    stats = torch.from_numpy(out[:3]).to(sd)
+    return y, stats[0], stats[1], stats[2], torch.from_numpy(out[3].copy()).to(sd)  # invstd: own storage
+
+
+def _buffer_ok(t: torch.Tensor | None) -> bool:
+    return t is not None and t.device.type == "cpu" and t.dtype in SUPPORTED_DTYPES and t.is_contiguous() \
+        and not t.requires_grad
+
+
+def update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked=None):
+    """:func:`batchnorm.functional.update_running` in one kernel call; None if the buffers do not suit it.
+
+    Buffers must be contiguous CPU float32/float64 (and ``num_batches_tracked`` an int64 CPU tensor).
+    Returns the Python bool "the batch statistics were finite".
+    """
+    nbt = num_batches_tracked
+    if not (_buffer_ok(running_mean) and _buffer_ok(running_var)) or mean.device.type != "cpu":
+        return None
+    if nbt is not None and (nbt.device.type != "cpu" or nbt.dtype != torch.int64 or nbt.numel() != 1):
+        return None
+    if momentum is None and nbt is None:
+        return None
+    f64 = lambda t: t.detach().numpy().astype(np.float64, copy=False)  # noqa: E731
+    nb = nbt.view(1).numpy() if nbt is not None else np.zeros(1, dtype=np.int64)
+    return bool(_update_running(f64(count), f64(mean), f64(var), running_mean.numpy(), running_var.numpy(), nb,
+                                nbt is not None, 0.0 if momentum is None else float(momentum), momentum is None))
+
+
+def _bwd_prep(dy, t, p: _Plan, pp, qq, zscale, zshift):
+    dt = _NP[t.dtype]
+    pa, qa = _per_group(pp, p, dt), _per_group(qq, p, dt)
+    kz = _per_group(zscale, p, dt) if zscale is not None else np.ones((p.G, p.C), dt)
+    bz = _per_group(zshift, p, dt) if zshift is not None else np.zeros((p.G, p.C), dt)
+    dya = _arr(dy if dy.dtype == t.dtype else dy.to(t.dtype), p)
+    return _arr(t, p), dya, pa, qa, kz, bz
+
+
+def _bwd_sums(ta, dya, p: _Plan, pa, qa, kz, bz, code, slope, inv) -> np.ndarray:
+    """``(Σ dz, Σ dz · x̂)`` per group as a float64 ``(G, C, 2)`` array."""
+    acc = np.zeros((p.seg.shape[0], p.C, 2))
+    fn = _bwd_reduce_cols if p.B == 1 else _bwd_reduce
+    fn(dya, ta, pa, qa, kz, bz, p.seg, p.rpg, code, slope, inv, acc)
+    if p.G == 1:
+        return acc.sum(0)[None]
+    sums = np.zeros((p.G, p.C, 2))
+    np.add.at(sums, p.seg_group, acc)
+    return sums
+
+
+def _bwd_dx(ta, dya, p: _Plan, pa, qa, kz, bz, k, mdz, mdzx, m, code, slope, inv, dtype) -> torch.Tensor:
+    """``dx = k · (dz − m · (mean(dz) + x̂ · mean(dz · x̂)))`` (float64 per-feature inputs)."""
+    dt = _NP[dtype]
+    u = k * mdzx * qa
+    w = k * mdz - u * pa
+    dx, dxa = _out(p, dtype)
+    fn = _bwd_apply_cols if p.B == 1 else _bwd_apply
+    fn(dya, ta, dxa, pa, qa, kz, bz, k.astype(dt), mdz.astype(dt), mdzx.astype(dt), u.astype(dt), w.astype(dt),
+       _mask(m, p), m is not None, p.rpg, code, slope, inv)
+    return dx
 
 
 def backward_reduce(dy, x, axis, mean, invstd, group_size, activation=None, negative_slope=0.01,
                     zscale=None, zshift=None, from_output=False):
     """``(Σ dz, Σ dz · x̂)`` per feature, as :func:`torch_ops.backward_reduce` (float64 sums)."""
-    args = _bwd_args(dy, x, axis, mean, invstd, group_size, zscale, zshift)
-    if args is None:
+    p = _plan(x, axis, group_size)
+    if p is None:
         return _t.backward_reduce(dy, x, axis, mean, invstd, group_size, activation, negative_slope,
                                   zscale, zshift, from_output)
-    v, G, dya, ta, pa, qa, kz, bz = args
-    seg, seg_group, _ = _segments(v, group_size)
-    acc = np.zeros((seg.shape[0], v.C, 2))
-    fn = _bwd_reduce_cols if v.B == 1 else _bwd_reduce
-    fn(dya, ta, pa, qa, kz, bz, seg, _rpg(v, group_size), _t.activation_code(activation),
-       float(negative_slope), bool(from_output), acc)
-    if G == 1:
-        sums = acc.sum(0)[None]
-    else:
-        sums = np.zeros((G, v.C, 2))
-        np.add.at(sums, seg_group, acc)
+    ta, dya, pa, qa, kz, bz = _bwd_prep(dy, x, p, mean, invstd, zscale, zshift)
+    sums = _bwd_sums(ta, dya, p, pa, qa, kz, bz, _t.activation_code(activation), float(negative_slope),
+                     bool(from_output))
     out = torch.from_numpy(sums).to(mean.dtype)
     return out[..., 0].contiguous(), out[..., 1].contiguous()
 
@@ -599,21 +721,34 @@ def backward_reduce(dy, x, axis, mean, invstd, group_size, activation=None, nega
 def backward_apply(dy, x, axis, mean, invstd, k, mean_dy, mean_dy_xhat, m, group_size, activation=None,
                    negative_slope=0.01, zscale=None, zshift=None, from_output=False):
     """``dx = k · (dz − m · (mean(dz) + x̂ · mean(dz · x̂)))`` as :func:`torch_ops.backward_apply`."""
-    args = _bwd_args(dy, x, axis, mean, invstd, group_size, zscale, zshift)
-    if args is None:
+    p = _plan(x, axis, group_size)
+    if p is None:
         return _t.backward_apply(dy, x, axis, mean, invstd, k, mean_dy, mean_dy_xhat, m, group_size, activation,
                                  negative_slope, zscale, zshift, from_output)
-    v, G, dya, ta, pa, qa, kz, bz = args
-    dx = empty_like(x)
-    if not dx.permute(v.perm).is_contiguous():
-        dx = x.detach().clone()
-    C, sd = v.C, mean.dtype
-    kk = k.to(sd).expand(G, C)
-    u = kk * mean_dy_xhat.to(sd).expand(G, C) * invstd.to(sd).expand(G, C)
-    w = kk * mean_dy.to(sd).expand(G, C) - u * mean.to(sd).expand(G, C)
-    fn = _bwd_apply_cols if v.B == 1 else _bwd_apply
-    fn(dya, ta, _np(dx, v), pa, qa, kz, bz, _per_group(k, G, C, x.dtype), _per_group(mean_dy, G, C, x.dtype),
-       _per_group(mean_dy_xhat, G, C, x.dtype), _per_group(u, G, C, x.dtype), _per_group(w, G, C, x.dtype),
-       _mask(m, x, axis, v), m is not None, _rpg(v, group_size), _t.activation_code(activation),
-       float(negative_slope), bool(from_output))
-    return dx
+    ta, dya, pa, qa, kz, bz = _bwd_prep(dy, x, p, mean, invstd, zscale, zshift)
+    f = lambda v: _per_group(v, p, np.float64)  # noqa: E731
+    return _bwd_dx(ta, dya, p, pa, qa, kz, bz, f(k), f(mean_dy), f(mean_dy_xhat), m, _t.activation_code(activation),
+                   float(negative_slope), bool(from_output), x.dtype)
+
+
+def train_backward(dy, t, axis, p_, q_, k, zscale, zshift, count, m, group_size, activation=None,
+                   negative_slope=0.01, from_output=False, need_dx=True):
+    """Plain batch norm's whole backward: reduce ``(Σ dz, Σ dz·x̂)`` → means → apply ``dx``, in kernel calls.
+
+    ``p_, q_`` give ``x̂ = (t − p_) · q_`` (see :func:`torch_ops.backward_reduce`), ``k = zscale · invstd``,
+    ``count`` the ``(G, C)`` or ``(G, 1)`` counted values. Returns ``(sum_dz, sum_dz_xhat, dx or None)``
+    with ``(G, C)`` sums in ``p_``'s dtype, or None when the numba kernels cannot take ``t``.
+    """
+    p = _plan(t, axis, group_size)
+    if p is None:
+        return None
+    ta, dya, pa, qa, kz, bz = _bwd_prep(dy, t, p, p_, q_, zscale, zshift)
+    code, slope, inv = _t.activation_code(activation), float(negative_slope), bool(from_output)
+    sums = _bwd_sums(ta, dya, p, pa, qa, kz, bz, code, slope, inv)
+    dx = None
+    if need_dx:
+        n = np.maximum(_per_group(count, p, np.float64), 1.0)
+        dx = _bwd_dx(ta, dya, p, pa, qa, kz, bz, _per_group(k, p, np.float64), sums[..., 0] / n, sums[..., 1] / n, m,
+                     code, slope, inv, t.dtype)
+    out = torch.from_numpy(sums).to(p_.dtype)
+    return out[..., 0], out[..., 1], dx
