@@ -202,13 +202,14 @@ class _TrainNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, m, axis, eps, group_size, combine, backend, activation, slope, save):
+    def forward(ctx, x, weight, bias, m, axis, eps, group_size, combine, backend, activation, slope, save, running,
+                stash):
         ops = select(x, backend)
         fused = getattr(ops, "train_forward", None) if _plain(combine) else None
-        res = fused(x, axis, m, group_size, weight, bias, eps, activation, slope, save) if fused else None
+        res = fused(x, axis, m, group_size, weight, bias, eps, activation, slope, save, running) if fused else None
         r = d = None
         if res is not None:
-            y, count, mean, var, invstd = res
+            y, count, mean, var, invstd, finite = res
         else:
             count, mean, m2 = combine.stats(*ops.reduce(x, axis, m, group_size))
             var = m2 / count.clamp_min(1)
@@ -229,11 +230,12 @@ class _TrainNorm(torch.autograd.Function):
         else:
             ctx.save_for_backward(x, weight, bias, m, mean, invstd, count, r, d)
         ctx.cfg = (axis, eps, group_size, combine, backend, activation, slope, save)
-        ctx.mark_non_differentiable(mean, var, count)
-        return y, mean, var, count
+        # the statistics leave through ``stash`` (not as outputs: each output costs autograd bookkeeping)
+        stash.extend((mean, var, count, finite if res is not None else None))
+        return y
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar, _dcount):
+    def backward(ctx, dy):
         axis, eps, group_size, combine, backend, activation, slope, save = ctx.cfg
         if save:
             t, m, invstd, weight, bias, r, d, count = ctx.saved_tensors
@@ -248,24 +250,23 @@ class _TrainNorm(torch.autograd.Function):
                     "not kept. Use memory='default' for gradient penalties."
                 )
             return _double_backward(ctx, dy, t, weight, bias, m, r, d)
-        kz, bz = _affine(weight, bias, r, d, save, eps, invstd)
-        p, q = (bz, 1.0 / kz) if save else (mean, invstd)
         ops = select(t, backend)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         fused = getattr(ops, "train_backward", None) if _plain(combine) else None
-        res = None
         if fused is not None:
-            res = fused(dy, t, axis, p, q, kz * invstd, kz, bz, count, m, group_size, activation, slope, save, need_x)
-        if res is not None:
-            sum_dy, sum_dyx, dx = res
-        else:
-            kw = {"activation": activation, "negative_slope": slope, "zscale": kz, "zshift": bz, "from_output": save}
-            sum_dy, sum_dyx = ops.backward_reduce(dy, t, axis, p, q, group_size, **kw)
-            dx = None
-            if need_x:
-                all_dy, all_dyx = combine.grads(sum_dy, sum_dyx)
-                n = count.clamp_min(1)
-                dx = ops.backward_apply(dy, t, axis, p, q, kz * invstd, all_dy / n, all_dyx / n, m, group_size, **kw)
+            res = fused(dy, t, axis, None if save else mean, invstd, weight, bias, count, m, group_size, eps,
+                        activation, slope, save, (need_x, need_w, need_b))
+            if res is not None:
+                return (*res, None, None, None, None, None, None, None, None, None, None, None)
+        kz, bz = _affine(weight, bias, r, d, save, eps, invstd)
+        p, q = (bz, 1.0 / kz) if save else (mean, invstd)
+        kw = {"activation": activation, "negative_slope": slope, "zscale": kz, "zshift": bz, "from_output": save}
+        sum_dy, sum_dyx = ops.backward_reduce(dy, t, axis, p, q, group_size, **kw)
+        dx = None
+        if need_x:
+            all_dy, all_dyx = combine.grads(sum_dy, sum_dyx)
+            n = count.clamp_min(1)
+            dx = ops.backward_apply(dy, t, axis, p, q, kz * invstd, all_dy / n, all_dyx / n, m, group_size, **kw)
         dweight = dbias = None
         if need_w:
             dw = sum_dyx * r if r is not None else sum_dyx
@@ -274,7 +275,7 @@ class _TrainNorm(torch.autograd.Function):
             dweight = dw.sum(0).to(weight.dtype)
         if need_b:
             dbias = sum_dy.sum(0).to(bias.dtype)
-        return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _composite(x, weight, bias, m, axis, eps, group_size, r=None, d=None, activation=None, slope=0.01, stats=None):
@@ -323,7 +324,7 @@ def _double_backward(ctx, dy, x, weight, bias, m, r, d):
     with torch.enable_grad():
         y = _composite(x, weight, bias, m, axis, eps, group_size, r, d, activation, slope)
         grads = torch.autograd.grad(y, [t for _, t in inputs], dy, create_graph=True, allow_unused=True)
-    out: list[torch.Tensor | None] = [None] * 12
+    out: list[torch.Tensor | None] = [None] * 14
     for (i, t), g in zip(inputs, grads):
         out[i] = g if g is not None else torch.zeros_like(t)
     return tuple(out)
@@ -375,20 +376,27 @@ def normalize(
                            activation, negative_slope)
     if plain:
         _check_enough(x, axis, m, group_size, name)
+    updating = update and running_mean is not None and running_var is not None
+    finite = None
     if _functorch_active() and plain:
         # torch.func transforms (grad, jacrev, vmap, ...) cannot run an autograd.Function written with a
         # ctx-taking forward: there, trace the same formula with plain differentiable torch ops.
         y, mean, var, count = _traced_train(x, weight, bias, m, axis, eps, group_size, combine, activation, negative_slope)
     else:
-        y, mean, var, count = _TrainNorm.apply(
-            x, weight, bias, m, axis, eps, group_size, combine, backend, activation, negative_slope, memory == "save"
+        running = (running_mean, running_var, num_batches_tracked, momentum) if updating else None
+        stash: list = []  # (mean, var, count, finite); finite is set when the kernel call updated the buffers
+        y = _TrainNorm.apply(
+            x, weight, bias, m, axis, eps, group_size, combine, backend, activation, negative_slope, memory == "save",
+            running, stash,
         )
-    if update and running_mean is not None and running_var is not None:
+        mean, var, count, finite = stash
+    if updating and finite is None:
         # the numba path updates CPU buffers in one kernel call (same rule); other cases use torch ops
         fast = getattr(select(x, backend), "update_running", None)
         finite = fast(running_mean, running_var, mean, var, count, momentum, num_batches_tracked) if fast else None
         if finite is None:
             finite = update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
+    if updating:
         if not torch.compiler.is_compiling() and not bool(finite):
             warnings.warn(
                 f"{name}: batch statistics are not finite (NaN or Inf in the input); the running estimates "

@@ -33,6 +33,7 @@ import numba
 import numpy as np
 import torch
 from numba import njit, prange
+from numba.np.ufunc import parallel as _parallel
 
 from . import buffers
 from . import torch_ops as _t
@@ -163,55 +164,75 @@ def _reduce_rows(x, m, has_mask, seg, acc):
 
 
 @njit(parallel=True, cache=True, fastmath=_REASSOC)
-def _reduce_cols(x, m, has_mask, seg, acc, block):
-    """B == 1 (x is (A, C)): blocks of rows reduced with loops over contiguous features, merged per segment.
+def _reduce_cols(x, m, has_mask, seg, acc):
+    """B == 1 (x is (A, C, 1)): one pass per segment of rows, with loops over contiguous features.
 
-    Segments cover whole rows (all C features), so the count is one scalar per block (the mask is per row).
+    Each segment accumulates shifted sums ``S1 = Σ (x − K)`` and ``S2 = Σ (x − K)²`` in float64, where
+    ``K`` is the segment's first counted row: the shift removes the offset, so ``m2 = S2 − S1²/n``
+    loses only ``ε₆₄ · (mean − K)² / var`` (no E[x²] − E[x]² cancellation). Writes the segment's
+    ``(count, mean, m2)`` to ``acc[s, 0:3, :]`` (the count is per row: masks have no feature axis).
     """
     C = x.shape[1]
     for s in prange(seg.shape[0]):
         a0, a1 = seg[s, 0], seg[s, 1]
-        tot = np.zeros(C)
-        sq = np.zeros(C)
-        mean = np.zeros(C)
-        m2 = np.zeros(C)
-        n_acc = 0.0
-        for r0 in range(a0, a1, block):
-            r1 = min(r0 + block, a1)
-            n = 0.0
+        k0 = a0
+        if has_mask:
+            while k0 < a1 and not m[k0, 0]:
+                k0 += 1
+        if k0 == a1:
             for c in range(C):
-                tot[c] = 0.0
-                sq[c] = 0.0
-            for a in range(r0, r1):
-                if has_mask and not m[a, 0]:
-                    continue
-                n += 1.0
-                for c in range(C):
-                    tot[c] += x[a, c]
-            if n == 0:
-                continue
-            inv_n = 1.0 / n
-            for c in range(C):
-                tot[c] *= inv_n
-            for a in range(r0, r1):
-                if has_mask and not m[a, 0]:
-                    continue
-                for c in range(C):
-                    d = x[a, c] - tot[c]
-                    sq[c] += d * d
-            # Chan merge of the block (n, tot, sq) into the segment (n_acc, mean, m2), vectorized over C
-            new_n = n_acc + n
-            f = n / new_n
-            g = n_acc * n / new_n
-            for c in range(C):
-                d = tot[c] - mean[c]
-                mean[c] += d * f
-                m2[c] += sq[c] + d * d * g
-            n_acc = new_n
+                acc[s, 0, c] = 0.0
+                acc[s, 1, c] = 0.0
+                acc[s, 2, c] = 0.0
+            continue
+        K = np.empty(C)
+        s1 = np.zeros(C)
+        s2 = np.zeros(C)
         for c in range(C):
-            acc[s, c, 0] = n_acc
-            acc[s, c, 1] = mean[c]
-            acc[s, c, 2] = m2[c]
+            K[c] = x[k0, c, 0]
+        n = 0.0
+        for a in range(k0, a1):
+            if has_mask and not m[a, 0]:
+                continue
+            n += 1.0
+            for c in range(C):
+                d = x[a, c, 0] - K[c]
+                s1[c] += d
+                s2[c] += d * d
+        inv_n = 1.0 / n
+        for c in range(C):
+            acc[s, 0, c] = n
+            acc[s, 1, c] = K[c] + s1[c] * inv_n
+            acc[s, 2, c] = s2[c] - s1[c] * s1[c] * inv_n
+
+
+@njit(cache=True)
+def _merge_cols(acc, seg_group, G):
+    """Chan merge of the ``(S, 3, C)`` segment partials of :func:`_reduce_cols` into ``(G, C, 3)``."""
+    S, C = acc.shape[0], acc.shape[2]
+    n = np.zeros(G)
+    mean = np.zeros((G, C))
+    m2 = np.zeros((G, C))
+    for s in range(S):
+        g = seg_group[s]
+        nb = acc[s, 0, 0]
+        if nb == 0:
+            continue
+        tot = n[g] + nb
+        f = nb / tot
+        h = n[g] * nb / tot
+        for c in range(C):
+            d = acc[s, 1, c] - mean[g, c]
+            mean[g, c] += d * f
+            m2[g, c] += acc[s, 2, c] + d * d * h
+        n[g] = tot
+    out = np.empty((G, C, 3))
+    for g in range(G):
+        for c in range(C):
+            out[g, c, 0] = n[g]
+            out[g, c, 1] = mean[g, c]
+            out[g, c, 2] = m2[g, c]
+    return out
 
 
 @njit(cache=True)
@@ -252,20 +273,20 @@ def _apply_rows(x, y, scale, shift, rpg, code, slope):
 
 @njit(parallel=True, cache=True)
 def _apply_cols(x, y, scale, shift, rpg, code, slope):
-    """B == 1 (x, y are (A, C)): y[a, :] = act(x[a, :] · scale[g, :] + shift[g, :])."""
-    A, C = x.shape
+    """B == 1 (x, y are (A, C, 1)): y[a, :] = act(x[a, :] · scale[g, :] + shift[g, :])."""
+    A, C = x.shape[0], x.shape[1]
     for a in prange(A):
         g = a // rpg
         if code == 0:
             for c in range(C):
-                y[a, c] = x[a, c] * scale[g, c] + shift[g, c]
+                y[a, c, 0] = x[a, c, 0] * scale[g, c] + shift[g, c]
         elif code == 1:
             for c in range(C):
-                z = x[a, c] * scale[g, c] + shift[g, c]
-                y[a, c] = max(z, z * 0)
+                z = x[a, c, 0] * scale[g, c] + shift[g, c]
+                y[a, c, 0] = max(z, z * 0)
         else:
             for c in range(C):
-                y[a, c] = _act(x[a, c] * scale[g, c] + shift[g, c], code, slope)
+                y[a, c, 0] = _act(x[a, c, 0] * scale[g, c] + shift[g, c], code, slope)
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,27 +325,32 @@ def _bwd_reduce(dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc):
 
 @njit(parallel=True, cache=True, fastmath=_REASSOC)
 def _bwd_reduce_cols(dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc):
-    """B == 1 variant of :func:`_bwd_reduce` ((A, C) arrays, whole-row segments, loops over features)."""
+    """B == 1 variant of :func:`_bwd_reduce` ((A, C, 1) arrays, whole-row segments, loops over features)."""
     C = t.shape[1]
     for s in prange(seg.shape[0]):
         s1 = np.zeros(C)
         s2 = np.zeros(C)
-        for a in range(seg[s, 0], seg[s, 1]):
-            g = a // rpg
-            if code == 0 and not inv:
+        a0, a1 = seg[s, 0], seg[s, 1]
+        g = a0 // rpg  # segments never straddle groups
+        if code == 0 and not inv:
+            for a in range(a0, a1):
                 for c in range(C):
-                    d = dy[a, c]
+                    d = dy[a, c, 0]
                     s1[c] += d
-                    s2[c] += d * ((t[a, c] - p[g, c]) * q[g, c])
-            elif code == 1 and not inv:
+                    s2[c] += d * (t[a, c, 0] - p[g, c])
+            for c in range(C):
+                s2[c] *= q[g, c]
+        elif code == 1 and not inv:
+            for a in range(a0, a1):
                 for c in range(C):
-                    xh = (t[a, c] - p[g, c]) * q[g, c]
-                    d = dy[a, c] if xh * kz[g, c] + bz[g, c] > 0 else 0.0
+                    xh = (t[a, c, 0] - p[g, c]) * q[g, c]
+                    d = dy[a, c, 0] if xh * kz[g, c] + bz[g, c] > 0 else 0.0
                     s1[c] += d
                     s2[c] += d * xh
-            else:
+        else:
+            for a in range(a0, a1):
                 for c in range(C):
-                    dz, xh = _dz_xhat(dy[a, c], t[a, c], p[g, c], q[g, c], kz[g, c], bz[g, c], code, slope, inv)
+                    dz, xh = _dz_xhat(dy[a, c, 0], t[a, c, 0], p[g, c], q[g, c], kz[g, c], bz[g, c], code, slope, inv)
                     s1[c] += dz
                     s2[c] += dz * xh
         for c in range(C):
@@ -334,18 +360,18 @@ def _bwd_reduce_cols(dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc):
 
 @njit(parallel=True, cache=True)
 def _bwd_apply_cols(dy, t, dx, p, q, kz, bz, k, mdz, mdzx, u, v, m, has_mask, rpg, code, slope, inv):
-    """B == 1 variant of :func:`_bwd_apply` on (A, C) arrays."""
-    A, C = t.shape
+    """B == 1 variant of :func:`_bwd_apply` on (A, C, 1) arrays."""
+    A, C = t.shape[0], t.shape[1]
     for a in prange(A):
         g = a // rpg
         on = 1.0 if (not has_mask) or m[a, 0] != 0 else 0.0
         if code == 0 and not inv:
             for c in range(C):
-                dx[a, c] = k[g, c] * dy[a, c] - on * (u[g, c] * t[a, c] + v[g, c])
+                dx[a, c, 0] = k[g, c] * dy[a, c, 0] - on * (u[g, c] * t[a, c, 0] + v[g, c])
         else:
             for c in range(C):
-                dz, xh = _dz_xhat(dy[a, c], t[a, c], p[g, c], q[g, c], kz[g, c], bz[g, c], code, slope, inv)
-                dx[a, c] = k[g, c] * (dz - on * (mdz[g, c] + xh * mdzx[g, c]))
+                dz, xh = _dz_xhat(dy[a, c, 0], t[a, c, 0], p[g, c], q[g, c], kz[g, c], bz[g, c], code, slope, inv)
+                dx[a, c, 0] = k[g, c] * (dz - on * (mdz[g, c] + xh * mdzx[g, c]))
 
 
 @njit(parallel=True, cache=True)
@@ -385,10 +411,10 @@ def _bwd_apply(dy, t, dx, p, q, kz, bz, k, mdz, mdzx, u, v, m, has_mask, rpg, co
 # per-feature constants and the running update (tiny serial kernels: one call instead of ~20 torch ops)
 # --------------------------------------------------------------------------------------------
 @njit(cache=True)
-def _constants(st, w, b, eps, clamp, out, scale, shift):
-    """Merged ``st[g, c] = (count, mean, m2)`` → ``out = (count, mean, var, invstd)`` and apply constants.
+def _constants(st, w, b, eps, clamp, out, inv, scale, shift):
+    """Merged ``st[g, c] = (count, mean, m2)`` → ``out = (count, mean, var)``, ``inv`` and apply constants.
 
-    ``var = m2 / max(count, 1)`` (biased), ``invstd = 1 / sqrt(var + eps)``, ``scale = γ · invstd``,
+    ``var = m2 / max(count, 1)`` (biased), ``inv = invstd = 1 / sqrt(var + eps)``, ``scale = γ · invstd``,
     ``shift = β − mean · scale``. ``clamp`` (memory="save"): ``|γ| < eps`` is used as ``±eps``.
     """
     G, C = st.shape[0], st.shape[1]
@@ -397,17 +423,41 @@ def _constants(st, w, b, eps, clamp, out, scale, shift):
             n = st[g, c, 0]
             mu = st[g, c, 1]
             var = st[g, c, 2] / max(n, 1.0)
-            inv = 1.0 / math.sqrt(var + eps)
+            iv = 1.0 / math.sqrt(var + eps)
             wc = w[c]
             if clamp and abs(wc) < eps:
                 wc = -eps if wc < 0 else eps
-            sc = wc * inv
+            sc = wc * iv
             out[0, g, c] = n
             out[1, g, c] = mu
             out[2, g, c] = var
-            out[3, g, c] = inv
+            inv[g, c] = iv
             scale[g, c] = sc
             shift[g, c] = b[c] - mu * sc
+
+
+@njit(cache=True)
+def _bwd_constants(mean, invstd, w, b, eps, inv, p, q, kz, bz, k):
+    """Per-(group, feature) constants of plain BN's backward: ``x̂ = (t − p) · q``, ``z = x̂ · kz + bz``, ``k = kz · invstd``.
+
+    ``inv=False``: ``p, q = mean, invstd``. ``inv=True`` (memory="save", t is the output): γ is clamped
+    to ``±eps`` as in the forward and ``p, q = β, 1 / γ``.
+    """
+    G, C = invstd.shape
+    for g in range(G):
+        for c in range(C):
+            wc = w[c]
+            if inv and abs(wc) < eps:
+                wc = -eps if wc < 0 else eps
+            kz[g, c] = wc
+            bz[g, c] = b[c]
+            k[g, c] = wc * invstd[g, c]
+            if inv:
+                p[g, c] = b[c]
+                q[g, c] = 1.0 / wc
+            else:
+                p[g, c] = mean[g, c]
+                q[g, c] = invstd[g, c]
 
 
 @njit(cache=True)
@@ -450,12 +500,124 @@ def _update_running(count, mean, var, rm, rv, nbt, has_nbt, momentum, cumulative
 
 
 # --------------------------------------------------------------------------------------------
+# plain batch norm, one call per direction: reduce → statistics (→ running update) → apply
+# --------------------------------------------------------------------------------------------
+@njit(cache=True)
+def _reduce_merged(x, m, has_mask, seg, seg_group, G):
+    """Merged per-group ``(count, mean, m2)`` as a float64 ``(G, C, 3)`` array (either loop strategy)."""
+    if x.shape[2] == 1:
+        acc = np.empty((seg.shape[0], 3, x.shape[1]))
+        _reduce_cols(x, m, has_mask, seg, acc)
+        return _merge_cols(acc, seg_group, G)
+    acc = np.zeros((seg.shape[0], x.shape[1], 3))
+    _reduce_rows(x, m, has_mask, seg, acc)
+    return _merge_segments(acc, seg_group, G)
+
+
+@njit(cache=True)
+def _apply_any(x, y, scale, shift, rpg, code, slope):
+    if x.shape[2] == 1:
+        _apply_cols(x, y, scale, shift, rpg, code, slope)
+    else:
+        _apply_rows(x, y, scale, shift, rpg, code, slope)
+
+
+@njit(cache=True)
+def _train_fwd(x, m, has_mask, seg, seg_group, G, rpg, w, b, eps, clamp, code, slope, y, out, inv,
+               upd, rm, rv, nbt, has_nbt, momentum, cumulative):
+    """Training forward of plain BN: statistics into ``out``/``inv``, running update if ``upd``, ``y``.
+
+    Returns whether the batch statistics were finite (always True when ``upd`` is False).
+    """
+    C = x.shape[1]
+    st = _reduce_merged(x, m, has_mask, seg, seg_group, G)
+    scale = np.empty((G, C), dtype=y.dtype)
+    shift = np.empty((G, C), dtype=y.dtype)
+    _constants(st, w, b, eps, clamp, out, inv, scale, shift)
+    finite = True
+    if upd:
+        finite = _update_running(out[0], out[1], out[2], rm, rv, nbt, has_nbt, momentum, cumulative)
+    _apply_any(x, y, scale, shift, rpg, code, slope)
+    return finite
+
+
+@njit(cache=True)
+def _bwd_sums_any(dy, t, p, q, kz, bz, seg, seg_group, G, rpg, code, slope, inv):
+    """``(Σ dz, Σ dz · x̂)`` per group as a float64 ``(G, C, 2)`` array (either loop strategy)."""
+    C = t.shape[1]
+    acc = np.zeros((seg.shape[0], C, 2))
+    if t.shape[2] == 1:
+        _bwd_reduce_cols(dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc)
+    else:
+        _bwd_reduce(dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc)
+    sums = np.zeros((G, C, 2))
+    for s in range(seg.shape[0]):
+        g = seg_group[s]
+        for c in range(C):
+            sums[g, c, 0] += acc[s, c, 0]
+            sums[g, c, 1] += acc[s, c, 1]
+    return sums
+
+
+@njit(cache=True)
+def _dx_any(dy, t, dx, p, q, kz, bz, k, sums, count, m, has_mask, rpg, code, slope, inv):
+    """``dx = k · (dz − m · (mean(dz) + x̂ · mean(dz · x̂)))`` with means over each group's ``count``."""
+    G, C = p.shape
+    dt = dx.dtype
+    kk = np.empty((G, C), dtype=dt)
+    mdz = np.empty((G, C), dtype=dt)
+    mdzx = np.empty((G, C), dtype=dt)
+    u = np.empty((G, C), dtype=dt)
+    v = np.empty((G, C), dtype=dt)
+    for g in range(G):
+        for c in range(C):
+            n = max(count[g, 0 if count.shape[1] == 1 else c], 1.0)
+            m1 = sums[g, c, 0] / n
+            m2 = sums[g, c, 1] / n
+            uc = k[g, c] * m2 * q[g, c]
+            kk[g, c] = k[g, c]
+            mdz[g, c] = m1
+            mdzx[g, c] = m2
+            u[g, c] = uc
+            v[g, c] = k[g, c] * m1 - uc * p[g, c]
+    if t.shape[2] == 1:
+        _bwd_apply_cols(dy, t, dx, p, q, kz, bz, kk, mdz, mdzx, u, v, m, has_mask, rpg, code, slope, inv)
+    else:
+        _bwd_apply(dy, t, dx, p, q, kz, bz, kk, mdz, mdzx, u, v, m, has_mask, rpg, code, slope, inv)
+
+
+@njit(cache=True)
+def _train_bwd(dy, t, m, has_mask, seg, seg_group, G, rpg, mean, invstd, w, b, eps, inv, code, slope, count,
+               need_dx, dx, dwb):
+    """Backward of plain BN: ``dwb = (Σ dz · x̂, Σ dz)`` summed over groups, and ``dx`` if ``need_dx``."""
+    C = t.shape[1]
+    dt = t.dtype
+    p = np.empty((G, C), dtype=dt)
+    q = np.empty((G, C), dtype=dt)
+    kz = np.empty((G, C), dtype=dt)
+    bz = np.empty((G, C), dtype=dt)
+    k = np.empty((G, C))
+    _bwd_constants(mean, invstd, w, b, eps, inv, p, q, kz, bz, k)
+    sums = _bwd_sums_any(dy, t, p, q, kz, bz, seg, seg_group, G, rpg, code, slope, inv)
+    for c in range(C):
+        s0 = 0.0
+        s1 = 0.0
+        for g in range(G):
+            s0 += sums[g, c, 0]
+            s1 += sums[g, c, 1]
+        dwb[0, c] = s1
+        dwb[1, c] = s0
+    if need_dx:
+        _dx_any(dy, t, dx, p, q, kz, bz, k, sums, count, m, has_mask, rpg, code, slope, inv)
+
+
+# --------------------------------------------------------------------------------------------
 # python side: cached plans (canonical view + parallel segments), fallbacks
 # --------------------------------------------------------------------------------------------
 class _Plan:
     """How a tensor of one shape/stride/axis/grouping is cut for the kernels (cached per signature)."""
 
-    __slots__ = ("perm", "identity", "axis", "A", "C", "B", "shape", "phys", "rpg", "G", "seg", "seg_group", "block")
+    __slots__ = ("perm", "identity", "axis", "A", "C", "B", "shape", "phys", "rpg", "G", "seg", "seg_group")
 
 
 def fork_unsafe() -> bool:
@@ -500,25 +662,36 @@ def _plan_for(shape, strides, axis, group_size, threads, itemsize) -> _Plan | No
         rows = A // shape[0]
     p = _Plan()
     p.perm, p.identity, p.axis, p.A, p.C, p.B, p.phys = perm, perm == list(range(len(shape))), ax, A, shape[axis], B, phys
-    p.shape = (A, p.C) if B == 1 else (A, p.C, B)
+    p.shape = (A, p.C, B)
     p.rpg = A if group_size is None else rows * group_size
     p.G = -(-A // p.rpg)
     p.seg, p.seg_group = _segments(A, p.C, B, p.rpg, p.G, threads)
-    # B == 1: blocks of rows that stay in L2 (256 KiB) between the two passes of the reduction
-    p.block = max(8, min(512, (1 << 18) // (p.C * itemsize)))
     return p
+
+
+def _threads() -> int:
+    """numba's current thread count (the public getter takes two locks per call; this is called per kernel call)."""
+    if _parallel._is_initialized:
+        return _parallel._get_num_threads()
+    return numba.get_num_threads()
 
 
 def _plan(x: torch.Tensor, axis: int, group_size: int | None) -> _Plan | None:
     if x.device.type != "cpu" or x.dtype not in SUPPORTED_DTYPES or x.numel() == 0:
         return None
-    return _plan_for(tuple(x.shape), x.stride(), axis, group_size, numba.get_num_threads(), x.element_size())
+    return _plan_for(tuple(x.shape), x.stride(), axis, group_size, _threads(), x.element_size())
+
+
+_dense = functools.lru_cache(maxsize=1024)(lambda shape, strides: _perm_of(shape, strides) is not None)
 
 
 def supports(x: torch.Tensor) -> bool:
     """True when the numba kernels can take ``x`` at all (CPU, float32/float64, dense memory)."""
-    return (x.device.type == "cpu" and x.dtype in SUPPORTED_DTYPES and x.numel() > 0
-            and _perm_of(tuple(x.shape), x.stride()) is not None)
+    if x.device.type != "cpu" or x.dtype not in SUPPORTED_DTYPES or x.numel() == 0:
+        return False
+    if torch.compiler.is_compiling():  # traced: no cache wrapper in the graph
+        return _perm_of(tuple(x.shape), x.stride()) is not None
+    return _dense(tuple(x.shape), x.stride())
 
 
 def _segments(A: int, C: int, B: int, rpg: int, G: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
@@ -539,7 +712,7 @@ def _segments(A: int, C: int, B: int, rpg: int, G: int, threads: int) -> tuple[n
 
 
 def _arr(t: torch.Tensor, p: _Plan) -> np.ndarray:
-    """``t`` (x-shaped: x itself, dy, y) as the canonical array; copies only if its layout differs from x's."""
+    """``t`` (x-shaped: x itself, dy, y) as the canonical ``(A, C, B)`` array; copies only if its layout differs."""
     a = t.detach().numpy()
     if not p.identity:
         a = a.transpose(p.perm)
@@ -570,15 +743,20 @@ def _mask(m: torch.Tensor | None, p: _Plan) -> np.ndarray:
     return mp.contiguous().reshape(p.A, p.B).view(torch.uint8).numpy()
 
 
+@functools.lru_cache(maxsize=64)
+def _filled(C: int, fill: float) -> np.ndarray:
+    return np.full(C, fill)
+
+
 def _vec(v: torch.Tensor | None, C: int, fill: float) -> np.ndarray:
-    """A per-feature parameter (or None → ``fill``) as a float64 ``(C,)`` array."""
+    """A per-feature parameter as a ``(C,)`` array (its own memory, no copy), or ``fill`` when None."""
     if v is None:
-        return np.full(C, fill)
-    return v.detach().reshape(-1).numpy().astype(np.float64)
+        return _filled(C, fill)
+    return v.detach().numpy()
 
 
 def _per_group(v, p: _Plan, dtype) -> np.ndarray:
-    """A per-feature quantity (torch ``(1, C)``/``(G, C)``, or NumPy) as a contiguous ``(G, C)`` array of ``dtype``."""
+    """A per-feature quantity (torch or NumPy ``(1, C)``, ``(G, C)``, ``(C,)``, scalar) as contiguous ``(G, C)``."""
     a = np.asarray(v.detach().numpy() if isinstance(v, torch.Tensor) else v, dtype=dtype)
     if a.shape != (p.G, p.C):
         a = np.broadcast_to(a.reshape(1, -1) if a.ndim == 1 else a, (p.G, p.C))
@@ -588,29 +766,12 @@ def _per_group(v, p: _Plan, dtype) -> np.ndarray:
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-def _reduce_np(xa: np.ndarray, ma: np.ndarray, has_mask: bool, p: _Plan) -> np.ndarray:
-    """Merged per-group ``(count, mean, m2)`` as a float64 ``(G, C, 3)`` array."""
-    acc = np.zeros((p.seg.shape[0], p.C, 3))
-    if p.B == 1:
-        _reduce_cols(xa, ma, has_mask, p.seg, acc, p.block)
-    else:
-        _reduce_rows(xa, ma, has_mask, p.seg, acc)
-    return _merge_segments(acc, p.seg_group, p.G)
-
-
-def _apply_np(xa, p: _Plan, scale: np.ndarray, shift: np.ndarray, code: int, slope: float, dtype) -> torch.Tensor:
-    y, ya = _out(p, dtype)
-    fn = _apply_cols if p.B == 1 else _apply_rows
-    fn(xa, ya, scale, shift, p.rpg, code, slope)
-    return y
-
-
 def reduce(x: torch.Tensor, axis: int, m: torch.Tensor | None = None, group_size: int | None = None):
     """Per-feature ``(count, mean, m2)`` (each ``(G, C)``) as :func:`torch_ops.reduce`; float64 inside."""
     p = _plan(x, axis, group_size)
     if p is None or x.requires_grad and torch.is_grad_enabled():
         return _t.reduce(x, axis, m, group_size)
-    st = _reduce_np(_arr(x, p), _mask(m, p), m is not None, p)
+    st = _reduce_merged(_arr(x, p), _mask(m, p), m is not None, p.seg, p.seg_group, p.G)
     out = torch.from_numpy(st).to(_t.stat_dtype(x.dtype))
     return out[..., 0].contiguous(), out[..., 1].contiguous(), out[..., 2].contiguous()
 
@@ -621,35 +782,56 @@ def apply(x, axis, scale, shift, group_size=None, activation=None, negative_slop
     if p is None or torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):
         return _t.apply(x, axis, scale, shift, group_size, activation, negative_slope)
     dt = _NP[x.dtype]
-    return _apply_np(_arr(x, p), p, _per_group(scale, p, dt), _per_group(shift, p, dt),
-                     _t.activation_code(activation), float(negative_slope), x.dtype)
-
-
-def train_forward(x, axis, m, group_size, weight, bias, eps, activation=None, negative_slope=0.01, clamp=False):
-    """Plain batch norm's whole training forward in kernel calls: reduce → batch statistics → apply.
-
-    Returns ``(y, count, mean, var, invstd)`` (statistics ``(G, C)`` in the statistics dtype), or None
-    when the numba kernels cannot take ``x`` (the caller then runs the general three steps).
-    ``clamp``: memory="save"'s ``|γ| < eps → ±eps``.
-    """
-    p = _plan(x, axis, group_size)
-    if p is None:
-        return None
-    xa = _arr(x, p)
-    st = _reduce_np(xa, _mask(m, p), m is not None, p)
-    dt = _NP[x.dtype]
-    out = np.empty((4, p.G, p.C))
-    scale, shift = np.empty((p.G, p.C), dt), np.empty((p.G, p.C), dt)
-    _constants(st, _vec(weight, p.C, 1.0), _vec(bias, p.C, 0.0), float(eps), bool(clamp), out, scale, shift)
-    y = _apply_np(xa, p, scale, shift, _t.activation_code(activation), float(negative_slope), x.dtype)
-    sd = _t.stat_dtype(x.dtype)
-    stats = torch.from_numpy(out[:3]).to(sd)
-    return y, stats[0], stats[1], stats[2], torch.from_numpy(out[3].copy()).to(sd)  # invstd: own storage
+    y, ya = _out(p, x.dtype)
+    _apply_any(_arr(x, p), ya, _per_group(scale, p, dt), _per_group(shift, p, dt), p.rpg,
+               _t.activation_code(activation), float(negative_slope))
+    return y
 
 
 def _buffer_ok(t: torch.Tensor | None) -> bool:
     return t is not None and t.device.type == "cpu" and t.dtype in SUPPORTED_DTYPES and t.is_contiguous() \
         and not t.requires_grad
+
+
+def _running_args(running):
+    """``(upd, rm, rv, nbt, has_nbt, momentum, cumulative)`` for the kernels; ``upd=False`` if they do not suit."""
+    if running is not None:
+        rm, rv, nbt, momentum = running
+        nbt_ok = nbt is None or (nbt.device.type == "cpu" and nbt.dtype == torch.int64 and nbt.numel() == 1)
+        if _buffer_ok(rm) and _buffer_ok(rv) and rm.dtype == rv.dtype and nbt_ok and (momentum is not None or nbt is not None):
+            nb = nbt.view(1).numpy() if nbt is not None else np.zeros(1, dtype=np.int64)
+            return (True, rm.numpy(), rv.numpy(), nb, nbt is not None, 0.0 if momentum is None else float(momentum),
+                    momentum is None)
+    return _NO_RUNNING
+
+
+_NO_RUNNING = (False, np.zeros(1, np.float32), np.zeros(1, np.float32), np.zeros(1, np.int64), False, 0.0, False)
+
+
+def train_forward(x, axis, m, group_size, weight, bias, eps, activation=None, negative_slope=0.01, clamp=False,
+                  running=None):
+    """Plain batch norm's whole training forward in one kernel call: reduce → batch statistics → apply.
+
+    ``running = (running_mean, running_var, num_batches_tracked, momentum)`` also updates the running
+    estimates in the same call (rule of :func:`batchnorm.functional.update_running`) when the buffers
+    are contiguous CPU float32/float64. Returns ``(y, count, mean, var, invstd, finite)`` (statistics
+    ``(G, C)`` in the statistics dtype; ``finite`` is None when the running estimates were not
+    updated here), or None when the kernels cannot take ``x``. ``clamp``: memory="save"'s
+    ``|γ| < eps → ±eps``.
+    """
+    p = _plan(x, axis, group_size)
+    if p is None:
+        return None
+    sd = _NP[_t.stat_dtype(x.dtype)]
+    out = np.empty((3, p.G, p.C), sd)
+    inv = np.empty((p.G, p.C), sd)
+    y, ya = _out(p, x.dtype)
+    ra = _running_args(running)
+    finite = _train_fwd(_arr(x, p), _mask(m, p), m is not None, p.seg, p.seg_group, p.G, p.rpg,
+                        _vec(weight, p.C, 1.0), _vec(bias, p.C, 0.0), float(eps), bool(clamp),
+                        _t.activation_code(activation), float(negative_slope), ya, out, inv, *ra)
+    stats = torch.from_numpy(out)
+    return y, stats[0], stats[1], stats[2], torch.from_numpy(inv), (bool(finite) if ra[0] else None)
 
 
 def update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked=None):
@@ -658,17 +840,11 @@ def update_running(running_mean, running_var, mean, var, count, momentum, num_ba
     Buffers must be contiguous CPU float32/float64 (and ``num_batches_tracked`` an int64 CPU tensor).
     Returns the Python bool "the batch statistics were finite".
     """
-    nbt = num_batches_tracked
-    if not (_buffer_ok(running_mean) and _buffer_ok(running_var)) or mean.device.type != "cpu":
-        return None
-    if nbt is not None and (nbt.device.type != "cpu" or nbt.dtype != torch.int64 or nbt.numel() != 1):
-        return None
-    if momentum is None and nbt is None:
+    ra = _running_args((running_mean, running_var, num_batches_tracked, momentum))
+    if not ra[0] or mean.device.type != "cpu":
         return None
     f64 = lambda t: t.detach().numpy().astype(np.float64, copy=False)  # noqa: E731
-    nb = nbt.view(1).numpy() if nbt is not None else np.zeros(1, dtype=np.int64)
-    return bool(_update_running(f64(count), f64(mean), f64(var), running_mean.numpy(), running_var.numpy(), nb,
-                                nbt is not None, 0.0 if momentum is None else float(momentum), momentum is None))
+    return bool(_update_running(f64(count), f64(mean), f64(var), *ra[1:]))
 
 
 def _bwd_prep(dy, t, p: _Plan, pp, qq, zscale, zshift):
@@ -680,30 +856,6 @@ def _bwd_prep(dy, t, p: _Plan, pp, qq, zscale, zshift):
     return _arr(t, p), dya, pa, qa, kz, bz
 
 
-def _bwd_sums(ta, dya, p: _Plan, pa, qa, kz, bz, code, slope, inv) -> np.ndarray:
-    """``(Σ dz, Σ dz · x̂)`` per group as a float64 ``(G, C, 2)`` array."""
-    acc = np.zeros((p.seg.shape[0], p.C, 2))
-    fn = _bwd_reduce_cols if p.B == 1 else _bwd_reduce
-    fn(dya, ta, pa, qa, kz, bz, p.seg, p.rpg, code, slope, inv, acc)
-    if p.G == 1:
-        return acc.sum(0)[None]
-    sums = np.zeros((p.G, p.C, 2))
-    np.add.at(sums, p.seg_group, acc)
-    return sums
-
-
-def _bwd_dx(ta, dya, p: _Plan, pa, qa, kz, bz, k, mdz, mdzx, m, code, slope, inv, dtype) -> torch.Tensor:
-    """``dx = k · (dz − m · (mean(dz) + x̂ · mean(dz · x̂)))`` (float64 per-feature inputs)."""
-    dt = _NP[dtype]
-    u = k * mdzx * qa
-    w = k * mdz - u * pa
-    dx, dxa = _out(p, dtype)
-    fn = _bwd_apply_cols if p.B == 1 else _bwd_apply
-    fn(dya, ta, dxa, pa, qa, kz, bz, k.astype(dt), mdz.astype(dt), mdzx.astype(dt), u.astype(dt), w.astype(dt),
-       _mask(m, p), m is not None, p.rpg, code, slope, inv)
-    return dx
-
-
 def backward_reduce(dy, x, axis, mean, invstd, group_size, activation=None, negative_slope=0.01,
                     zscale=None, zshift=None, from_output=False):
     """``(Σ dz, Σ dz · x̂)`` per feature, as :func:`torch_ops.backward_reduce` (float64 sums)."""
@@ -712,8 +864,8 @@ def backward_reduce(dy, x, axis, mean, invstd, group_size, activation=None, nega
         return _t.backward_reduce(dy, x, axis, mean, invstd, group_size, activation, negative_slope,
                                   zscale, zshift, from_output)
     ta, dya, pa, qa, kz, bz = _bwd_prep(dy, x, p, mean, invstd, zscale, zshift)
-    sums = _bwd_sums(ta, dya, p, pa, qa, kz, bz, _t.activation_code(activation), float(negative_slope),
-                     bool(from_output))
+    sums = _bwd_sums_any(dya, ta, pa, qa, kz, bz, p.seg, p.seg_group, p.G, p.rpg, _t.activation_code(activation),
+                         float(negative_slope), bool(from_output))
     out = torch.from_numpy(sums).to(mean.dtype)
     return out[..., 0].contiguous(), out[..., 1].contiguous()
 
@@ -727,28 +879,34 @@ def backward_apply(dy, x, axis, mean, invstd, k, mean_dy, mean_dy_xhat, m, group
                                  negative_slope, zscale, zshift, from_output)
     ta, dya, pa, qa, kz, bz = _bwd_prep(dy, x, p, mean, invstd, zscale, zshift)
     f = lambda v: _per_group(v, p, np.float64)  # noqa: E731
-    return _bwd_dx(ta, dya, p, pa, qa, kz, bz, f(k), f(mean_dy), f(mean_dy_xhat), m, _t.activation_code(activation),
-                   float(negative_slope), bool(from_output), x.dtype)
+    # the kernel takes (Σ dz, Σ dz·x̂) and counts: pass the means with a count of one
+    sums = np.stack([f(mean_dy), f(mean_dy_xhat)], axis=-1)
+    dx, dxa = _out(p, x.dtype)
+    _dx_any(dya, ta, dxa, pa, qa, kz, bz, f(k), sums, np.ones((p.G, 1)), _mask(m, p), m is not None, p.rpg,
+            _t.activation_code(activation), float(negative_slope), bool(from_output))
+    return dx
 
 
-def train_backward(dy, t, axis, p_, q_, k, zscale, zshift, count, m, group_size, activation=None,
-                   negative_slope=0.01, from_output=False, need_dx=True):
-    """Plain batch norm's whole backward: reduce ``(Σ dz, Σ dz·x̂)`` → means → apply ``dx``, in kernel calls.
+def train_backward(dy, t, axis, mean, invstd, weight, bias, count, m, group_size, eps, activation=None,
+                   negative_slope=0.01, from_output=False, needs=(True, True, True)):
+    """Plain batch norm's whole backward in one kernel call: reduce ``(Σ dz, Σ dz·x̂)`` → means → apply ``dx``.
 
-    ``p_, q_`` give ``x̂ = (t − p_) · q_`` (see :func:`torch_ops.backward_reduce`), ``k = zscale · invstd``,
-    ``count`` the ``(G, C)`` or ``(G, 1)`` counted values. Returns ``(sum_dz, sum_dz_xhat, dx or None)``
-    with ``(G, C)`` sums in ``p_``'s dtype, or None when the numba kernels cannot take ``t``.
+    ``t`` is the input (``from_output=False``; ``mean`` and ``invstd`` are the batch statistics) or the
+    output of memory="save" (``mean`` unused, ``x̂ = (act⁻¹(y) − β) / γ`` with γ clamped to ``±eps``
+    as in the forward). ``count`` is the ``(G, C)`` or ``(G, 1)`` counted values; ``needs`` says which
+    of ``(dx, dγ, dβ)`` to return (others are None). Returns None when the kernels cannot take ``t``.
     """
     p = _plan(t, axis, group_size)
     if p is None:
         return None
-    ta, dya, pa, qa, kz, bz = _bwd_prep(dy, t, p, p_, q_, zscale, zshift)
-    code, slope, inv = _t.activation_code(activation), float(negative_slope), bool(from_output)
-    sums = _bwd_sums(ta, dya, p, pa, qa, kz, bz, code, slope, inv)
-    dx = None
-    if need_dx:
-        n = np.maximum(_per_group(count, p, np.float64), 1.0)
-        dx = _bwd_dx(ta, dya, p, pa, qa, kz, bz, _per_group(k, p, np.float64), sums[..., 0] / n, sums[..., 1] / n, m,
-                     code, slope, inv, t.dtype)
-    out = torch.from_numpy(sums).to(p_.dtype)
-    return out[..., 0], out[..., 1], dx
+    inv = bool(from_output)
+    iv = invstd.numpy()
+    dx, dxa = _out(p, t.dtype) if needs[0] else (None, np.empty((1, 1, 1), _NP[t.dtype]))
+    dwb = np.empty((2, p.C))
+    _train_bwd(_arr(dy if dy.dtype == t.dtype else dy.to(t.dtype), p), _arr(t, p), _mask(m, p), m is not None,
+               p.seg, p.seg_group, p.G, p.rpg, iv if inv else mean.numpy(), iv, _vec(weight, p.C, 1.0),
+               _vec(bias, p.C, 0.0), float(eps), inv, _t.activation_code(activation), float(negative_slope),
+               count.numpy().astype(np.float64, copy=False), needs[0], dxa, dwb)
+    dw = torch.from_numpy(dwb[0]).to(weight.dtype) if needs[1] and weight is not None else None
+    db = torch.from_numpy(dwb[1]).to(bias.dtype) if needs[2] and bias is not None else None
+    return dx, dw, db

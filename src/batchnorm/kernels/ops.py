@@ -191,20 +191,21 @@ def backward_apply(dy, x, axis, mean, invstd, k, mean_dy, mean_dy_xhat, m, group
 
 # Plain batch norm's fused sequences and the running update: eager CPU calls only (under torch.compile the
 # caller sees None and runs the three steps above through the registered ops).
-def train_forward(x, axis, m, group_size, weight, bias, eps, activation=None, negative_slope=0.01, clamp=False):
+def train_forward(x, axis, m, group_size, weight, bias, eps, activation=None, negative_slope=0.01, clamp=False,
+                  running=None):
     """:func:`cpu.train_forward` when eager (None while compiling, or when the kernels cannot take ``x``)."""
     if _compiling():
         return None
-    return cpu.train_forward(x, axis, m, group_size, weight, bias, eps, activation, negative_slope, clamp)
+    return cpu.train_forward(x, axis, m, group_size, weight, bias, eps, activation, negative_slope, clamp, running)
 
 
-def train_backward(dy, t, axis, p, q, k, zscale, zshift, count, m, group_size, activation=None, negative_slope=0.01,
-                   from_output=False, need_dx=True):
+def train_backward(dy, t, axis, mean, invstd, weight, bias, count, m, group_size, eps, activation=None,
+                   negative_slope=0.01, from_output=False, needs=(True, True, True)):
     """:func:`cpu.train_backward` when eager (None while compiling)."""
     if _compiling():
         return None
-    return cpu.train_backward(dy, t, axis, p, q, k, zscale, zshift, count, m, group_size, activation, negative_slope,
-                              from_output, need_dx)
+    return cpu.train_backward(dy, t, axis, mean, invstd, weight, bias, count, m, group_size, eps, activation,
+                              negative_slope, from_output, needs)
 
 
 def update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked=None):
