@@ -202,9 +202,8 @@ class _TrainNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, m, axis, eps, group_size, combine, backend, activation, slope, save, running,
+    def forward(ctx, x, weight, bias, m, axis, eps, group_size, combine, ops, activation, slope, save, running,
                 stash):
-        ops = select(x, backend)
         fused = getattr(ops, "train_forward", None) if _plain(combine) else None
         res = fused(x, axis, m, group_size, weight, bias, eps, activation, slope, save, running) if fused else None
         r = d = None
@@ -229,14 +228,14 @@ class _TrainNorm(torch.autograd.Function):
             ctx.save_for_backward(y, m, invstd, weight, bias, r, d, counts)
         else:
             ctx.save_for_backward(x, weight, bias, m, mean, invstd, count, r, d)
-        ctx.cfg = (axis, eps, group_size, combine, backend, activation, slope, save)
+        ctx.cfg = (axis, eps, group_size, combine, ops, activation, slope, save)
         # the statistics leave through ``stash`` (not as outputs: each output costs autograd bookkeeping)
         stash.extend((mean, var, count, finite if res is not None else None))
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        axis, eps, group_size, combine, backend, activation, slope, save = ctx.cfg
+        axis, eps, group_size, combine, ops, activation, slope, save = ctx.cfg
         if save:
             t, m, invstd, weight, bias, r, d, count = ctx.saved_tensors
             if count is None:
@@ -250,7 +249,6 @@ class _TrainNorm(torch.autograd.Function):
                     "not kept. Use memory='default' for gradient penalties."
                 )
             return _double_backward(ctx, dy, t, weight, bias, m, r, d)
-        ops = select(t, backend)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         fused = getattr(ops, "train_backward", None) if _plain(combine) else None
         if fused is not None:
@@ -378,6 +376,7 @@ def normalize(
         _check_enough(x, axis, m, group_size, name)
     updating = update and running_mean is not None and running_var is not None
     finite = None
+    ops = select(x, backend)
     if _functorch_active() and plain:
         # torch.func transforms (grad, jacrev, vmap, ...) cannot run an autograd.Function written with a
         # ctx-taking forward: there, trace the same formula with plain differentiable torch ops.
@@ -386,13 +385,13 @@ def normalize(
         running = (running_mean, running_var, num_batches_tracked, momentum) if updating else None
         stash: list = []  # (mean, var, count, finite); finite is set when the kernel call updated the buffers
         y = _TrainNorm.apply(
-            x, weight, bias, m, axis, eps, group_size, combine, backend, activation, negative_slope, memory == "save",
+            x, weight, bias, m, axis, eps, group_size, combine, ops, activation, negative_slope, memory == "save",
             running, stash,
         )
         mean, var, count, finite = stash
     if updating and finite is None:
         # the numba path updates CPU buffers in one kernel call (same rule); other cases use torch ops
-        fast = getattr(select(x, backend), "update_running", None)
+        fast = getattr(ops, "update_running", None)
         finite = fast(running_mean, running_var, mean, var, count, momentum, num_batches_tracked) if fast else None
         if finite is None:
             finite = update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)

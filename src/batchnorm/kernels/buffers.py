@@ -31,8 +31,8 @@ import weakref
 import numpy as np
 import torch
 
-#: Outputs at least this large come from the cache (smaller ones: ``torch.empty_like``).
-MIN_BYTES = 4 << 20
+#: Outputs at least this large come from the cache (smaller ones: ``torch.empty``, which recycles them cheaply).
+MIN_BYTES = 256 << 10
 _ALIGN = 2 << 20  # one transparent huge page
 _MADV_HUGEPAGE = 14
 
@@ -85,6 +85,10 @@ class _Cache:
                 self.hits += 1
                 return stack.pop()
             self.misses += 1
+        if size < _ALIGN:  # small class: 64-byte aligned is enough
+            raw = np.empty(size + 64, dtype=np.uint8)
+            start = (-raw.ctypes.data) % 64
+            return raw[start : start + size]
         raw = np.empty(size + _ALIGN, dtype=np.uint8)
         start = (-raw.ctypes.data) % _ALIGN
         buf = raw[start : start + size]
@@ -146,12 +150,20 @@ def empty(physical_shape: tuple[int, ...], perm: list[int], dtype: torch.dtype) 
         t = torch.empty(physical_shape, dtype=dtype)
         arr = t.numpy()
     else:
-        size = -(-n // _ALIGN) * _ALIGN
+        size = _size_class(n)
         buf = _CACHE.take(size)
         arr = buf[:n].view(_NP_DTYPES[dtype]).reshape(physical_shape)
         weakref.finalize(arr, _CACHE.give, buf)
         t = torch.from_numpy(arr)
     return (t if identity else t.permute(_inverse(perm))), arr
+
+
+def _size_class(n: int) -> int:
+    """Bytes actually reserved for an ``n``-byte output: 2 MiB multiples from 2 MiB up, else 1/8-power-of-two steps."""
+    if n >= _ALIGN:
+        return -(-n // _ALIGN) * _ALIGN
+    step = max(4096, 1 << max(0, n.bit_length() - 4))
+    return -(-n // step) * step
 
 
 def _inverse(perm: list[int]) -> list[int]:

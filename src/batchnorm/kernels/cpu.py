@@ -531,8 +531,8 @@ def _train_fwd(x, m, has_mask, seg, seg_group, G, rpg, w, b, eps, clamp, code, s
     """
     C = x.shape[1]
     st = _reduce_merged(x, m, has_mask, seg, seg_group, G)
-    scale = np.empty((G, C), dtype=y.dtype)
-    shift = np.empty((G, C), dtype=y.dtype)
+    scale = np.empty((G, C))
+    shift = np.empty((G, C))
     _constants(st, w, b, eps, clamp, out, inv, scale, shift)
     finite = True
     if upd:
@@ -563,12 +563,11 @@ def _bwd_sums_any(dy, t, p, q, kz, bz, seg, seg_group, G, rpg, code, slope, inv)
 def _dx_any(dy, t, dx, p, q, kz, bz, k, sums, count, m, has_mask, rpg, code, slope, inv):
     """``dx = k · (dz − m · (mean(dz) + x̂ · mean(dz · x̂)))`` with means over each group's ``count``."""
     G, C = p.shape
-    dt = dx.dtype
-    kk = np.empty((G, C), dtype=dt)
-    mdz = np.empty((G, C), dtype=dt)
-    mdzx = np.empty((G, C), dtype=dt)
-    u = np.empty((G, C), dtype=dt)
-    v = np.empty((G, C), dtype=dt)
+    kk = np.empty((G, C))
+    mdz = np.empty((G, C))
+    mdzx = np.empty((G, C))
+    u = np.empty((G, C))
+    v = np.empty((G, C))
     for g in range(G):
         for c in range(C):
             n = max(count[g, 0 if count.shape[1] == 1 else c], 1.0)
@@ -588,14 +587,13 @@ def _dx_any(dy, t, dx, p, q, kz, bz, k, sums, count, m, has_mask, rpg, code, slo
 
 @njit(cache=True)
 def _train_bwd(dy, t, m, has_mask, seg, seg_group, G, rpg, mean, invstd, w, b, eps, inv, code, slope, count,
-               need_dx, dx, dwb):
-    """Backward of plain BN: ``dwb = (Σ dz · x̂, Σ dz)`` summed over groups, and ``dx`` if ``need_dx``."""
+               need_dx, dx, dw, db):
+    """Backward of plain BN: ``dw = Σ dz · x̂`` and ``db = Σ dz`` (over groups), and ``dx`` if ``need_dx``."""
     C = t.shape[1]
-    dt = t.dtype
-    p = np.empty((G, C), dtype=dt)
-    q = np.empty((G, C), dtype=dt)
-    kz = np.empty((G, C), dtype=dt)
-    bz = np.empty((G, C), dtype=dt)
+    p = np.empty((G, C))
+    q = np.empty((G, C))
+    kz = np.empty((G, C))
+    bz = np.empty((G, C))
     k = np.empty((G, C))
     _bwd_constants(mean, invstd, w, b, eps, inv, p, q, kz, bz, k)
     sums = _bwd_sums_any(dy, t, p, q, kz, bz, seg, seg_group, G, rpg, code, slope, inv)
@@ -605,8 +603,8 @@ def _train_bwd(dy, t, m, has_mask, seg, seg_group, G, rpg, mean, invstd, w, b, e
         for g in range(G):
             s0 += sums[g, c, 0]
             s1 += sums[g, c, 1]
-        dwb[0, c] = s1
-        dwb[1, c] = s0
+        dw[c] = s1
+        db[c] = s0
     if need_dx:
         _dx_any(dy, t, dx, p, q, kz, bz, k, sums, count, m, has_mask, rpg, code, slope, inv)
 
@@ -752,7 +750,8 @@ def _vec(v: torch.Tensor | None, C: int, fill: float) -> np.ndarray:
     """A per-feature parameter as a ``(C,)`` array (its own memory, no copy), or ``fill`` when None."""
     if v is None:
         return _filled(C, fill)
-    return v.detach().numpy()
+    v = v.detach()
+    return (v if v.dtype in SUPPORTED_DTYPES else v.double()).numpy()
 
 
 def _per_group(v, p: _Plan, dtype) -> np.ndarray:
@@ -781,31 +780,36 @@ def apply(x, axis, scale, shift, group_size=None, activation=None, negative_slop
     p = _plan(x, axis, group_size)
     if p is None or torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):
         return _t.apply(x, axis, scale, shift, group_size, activation, negative_slope)
-    dt = _NP[x.dtype]
     y, ya = _out(p, x.dtype)
-    _apply_any(_arr(x, p), ya, _per_group(scale, p, dt), _per_group(shift, p, dt), p.rpg,
+    _apply_any(_arr(x, p), ya, _per_group(scale, p, np.float64), _per_group(shift, p, np.float64), p.rpg,
                _t.activation_code(activation), float(negative_slope))
     return y
 
 
-def _buffer_ok(t: torch.Tensor | None) -> bool:
-    return t is not None and t.device.type == "cpu" and t.dtype in SUPPORTED_DTYPES and t.is_contiguous() \
-        and not t.requires_grad
+_F_TYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_NO_NBT = np.zeros(1, np.int64)
+_NO_RUNNING = (False, np.zeros(1, np.float32), np.zeros(1, np.float32), _NO_NBT, False, 0.0, False)
 
 
 def _running_args(running):
-    """``(upd, rm, rv, nbt, has_nbt, momentum, cumulative)`` for the kernels; ``upd=False`` if they do not suit."""
-    if running is not None:
-        rm, rv, nbt, momentum = running
-        nbt_ok = nbt is None or (nbt.device.type == "cpu" and nbt.dtype == torch.int64 and nbt.numel() == 1)
-        if _buffer_ok(rm) and _buffer_ok(rv) and rm.dtype == rv.dtype and nbt_ok and (momentum is not None or nbt is not None):
-            nb = nbt.view(1).numpy() if nbt is not None else np.zeros(1, dtype=np.int64)
-            return (True, rm.numpy(), rv.numpy(), nb, nbt is not None, 0.0 if momentum is None else float(momentum),
-                    momentum is None)
-    return _NO_RUNNING
+    """``(upd, rm, rv, nbt, has_nbt, momentum, cumulative)`` for the kernels; ``upd=False`` if the buffers do not suit.
 
-
-_NO_RUNNING = (False, np.zeros(1, np.float32), np.zeros(1, np.float32), np.zeros(1, np.int64), False, 0.0, False)
+    They suit when they are CPU float32/float64 tensors of one dtype that need no gradient (``.numpy()``
+    refuses the others) and ``num_batches_tracked`` is None or an int64 CPU tensor.
+    """
+    if running is None:
+        return _NO_RUNNING
+    rm, rv, nbt, momentum = running
+    if momentum is None and nbt is None:
+        return _NO_RUNNING
+    try:
+        rma, rva = rm.numpy(), rv.numpy()
+        nb = nbt.view(1).numpy() if nbt is not None else _NO_NBT
+    except (RuntimeError, TypeError):
+        return _NO_RUNNING
+    if rma.dtype != rva.dtype or rma.dtype not in _F_TYPES or rma.ndim != 1 or nb.dtype != np.int64:
+        return _NO_RUNNING
+    return True, rma, rva, nb, nbt is not None, 0.0 if momentum is None else float(momentum), momentum is None
 
 
 def train_forward(x, axis, m, group_size, weight, bias, eps, activation=None, negative_slope=0.01, clamp=False,
@@ -848,12 +852,11 @@ def update_running(running_mean, running_var, mean, var, count, momentum, num_ba
 
 
 def _bwd_prep(dy, t, p: _Plan, pp, qq, zscale, zshift):
-    dt = _NP[t.dtype]
-    pa, qa = _per_group(pp, p, dt), _per_group(qq, p, dt)
-    kz = _per_group(zscale, p, dt) if zscale is not None else np.ones((p.G, p.C), dt)
-    bz = _per_group(zshift, p, dt) if zshift is not None else np.zeros((p.G, p.C), dt)
+    f = lambda v: _per_group(v, p, np.float64)  # noqa: E731
+    kz = f(zscale) if zscale is not None else np.ones((p.G, p.C))
+    bz = f(zshift) if zshift is not None else np.zeros((p.G, p.C))
     dya = _arr(dy if dy.dtype == t.dtype else dy.to(t.dtype), p)
-    return _arr(t, p), dya, pa, qa, kz, bz
+    return _arr(t, p), dya, f(pp), f(qq), kz, bz
 
 
 def backward_reduce(dy, x, axis, mean, invstd, group_size, activation=None, negative_slope=0.01,
@@ -902,11 +905,23 @@ def train_backward(dy, t, axis, mean, invstd, weight, bias, count, m, group_size
     inv = bool(from_output)
     iv = invstd.numpy()
     dx, dxa = _out(p, t.dtype) if needs[0] else (None, np.empty((1, 1, 1), _NP[t.dtype]))
-    dwb = np.empty((2, p.C))
+    dw, dwa = _grad_out(weight, needs[1], p.C)
+    db, dba = _grad_out(bias, needs[2], p.C)
+    cn = count.numpy()
     _train_bwd(_arr(dy if dy.dtype == t.dtype else dy.to(t.dtype), p), _arr(t, p), _mask(m, p), m is not None,
                p.seg, p.seg_group, p.G, p.rpg, iv if inv else mean.numpy(), iv, _vec(weight, p.C, 1.0),
                _vec(bias, p.C, 0.0), float(eps), inv, _t.activation_code(activation), float(negative_slope),
-               count.numpy().astype(np.float64, copy=False), needs[0], dxa, dwb)
-    dw = torch.from_numpy(dwb[0]).to(weight.dtype) if needs[1] and weight is not None else None
-    db = torch.from_numpy(dwb[1]).to(bias.dtype) if needs[2] and bias is not None else None
+               cn if cn.dtype == np.float64 else cn.astype(np.float64), needs[0], dxa, dwa, dba)
+    if dw is not None and dw.dtype != weight.dtype:
+        dw = dw.to(weight.dtype)
+    if db is not None and db.dtype != bias.dtype:
+        db = db.to(bias.dtype)
     return dx, dw, db
+
+
+def _grad_out(param: torch.Tensor | None, wanted: bool, C: int) -> tuple[torch.Tensor | None, np.ndarray]:
+    """A ``(C,)`` gradient tensor the kernel writes into (the parameter's dtype when the kernels support it)."""
+    if not wanted or param is None:
+        return None, np.empty(C)
+    g = torch.empty(C, dtype=param.dtype if param.dtype in SUPPORTED_DTYPES else torch.float64)
+    return g, g.numpy()
