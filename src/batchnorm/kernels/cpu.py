@@ -131,36 +131,51 @@ _REASSOC = {"reassoc"}
 
 @njit(parallel=True, cache=True, fastmath=_REASSOC)
 def _reduce_rows(x, m, has_mask, seg, acc):
-    """B > 1: per (a, c) row exact stats, merged per segment. seg[s] = (a0, a1, c0, c1)."""
+    """B > 1: per segment (rows a0..a1, features c0..c1) and feature, one pass of shifted float64 sums.
+
+    ``S1 = Σ (x − K)``, ``S2 = Σ (x − K)²`` with ``K`` the feature's first counted value in the segment,
+    so ``m2 = S2 − S1²/n`` has no E[x²] − E[x]² cancellation (see :func:`_reduce_cols`); writes
+    ``acc[s, c] = (count, mean, m2)`` (left at zero when nothing in the segment counts).
+    """
     B = x.shape[2]
     for s in prange(seg.shape[0]):
-        for a in range(seg[s, 0], seg[s, 1]):
-            for c in range(seg[s, 2], seg[s, 3]):
-                tot = 0.0
-                n = 0.0
-                if has_mask:
+        a0, a1, c0, c1 = seg[s, 0], seg[s, 1], seg[s, 2], seg[s, 3]
+        for c in range(c0, c1):
+            K = 0.0
+            found = not has_mask
+            if found:
+                K = x[a0, c, 0]
+            else:
+                for a in range(a0, a1):
                     for b in range(B):
                         if m[a, b]:
-                            tot += x[a, c, b]
-                            n += 1.0
-                else:
-                    for b in range(B):
-                        tot += x[a, c, b]
-                    n = float(B)
-                if n == 0:
-                    continue
-                mu = tot / n
-                m2 = 0.0
+                            K = x[a, c, b]
+                            found = True
+                            break
+                    if found:
+                        break
+            if not found:
+                continue
+            s1 = 0.0
+            s2 = 0.0
+            n = 0.0
+            for a in range(a0, a1):
                 if has_mask:
                     for b in range(B):
-                        if m[a, b]:
-                            d = x[a, c, b] - mu
-                            m2 += d * d
+                        on = m[a, b] != 0
+                        d = x[a, c, b] - K if on else 0.0
+                        s1 += d
+                        s2 += d * d
+                        n += 1.0 if on else 0.0
                 else:
                     for b in range(B):
-                        d = x[a, c, b] - mu
-                        m2 += d * d
-                _merge_into(acc, s, c, n, mu, m2)
+                        d = x[a, c, b] - K
+                        s1 += d
+                        s2 += d * d
+                    n += B
+            acc[s, c, 0] = n
+            acc[s, c, 1] = K + s1 / n
+            acc[s, c, 2] = s2 - s1 * s1 / n
 
 
 @njit(parallel=True, cache=True, fastmath=_REASSOC)

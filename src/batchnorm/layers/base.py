@@ -215,7 +215,7 @@ class BatchNorm(nn.Module):
         self._check_input_dim(x)
         axis = _checks.normalize_axis(self.axis, x.dim(), x.shape)
         _checks.check_features(x, axis, self.num_features, name)
-        self.last_input_shape = tuple(x.shape)
+        self.__dict__["last_input_shape"] = tuple(x.shape)  # plain attribute: skip nn.Module.__setattr__'s checks
         return x, axis
 
     def _use_batch_stats(self) -> bool:

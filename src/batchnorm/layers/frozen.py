@@ -114,7 +114,7 @@ class FrozenBatchNorm(nn.Module):
         """``y = x · scale + shift``; ``mask`` is accepted for interface parity and changes nothing."""
         x, axis = _checks.layer_input(self, x, "FrozenBatchNorm")
         _checks.mask_for(x, axis, mask)
-        self.last_input_shape = tuple(x.shape)
+        self.__dict__["last_input_shape"] = tuple(x.shape)  # plain attribute: skip nn.Module.__setattr__'s checks
         return F.normalize(
             x, self.weight, self.bias, axis=axis, eps=self.eps, use_batch_stats=False,
             running_mean=self.running_mean, running_var=self.running_var, name="FrozenBatchNorm",

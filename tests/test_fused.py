@@ -1,0 +1,246 @@
+"""The numba path's one-call sequences, its in-kernel running update and its output-buffer cache.
+
+``cpu.train_forward`` / ``cpu.train_backward`` (plain BN: reduce → statistics → apply in one kernel
+call per direction) are compared with the general three steps on the torch path, for every loop
+strategy, mask, ghost grouping, activation and memory mode; the in-kernel running update with
+:func:`batchnorm.functional.update_running`; the buffer cache is checked never to hand out memory a
+live tensor still uses.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from batchnorm import functional as Fn
+from batchnorm.kernels import dispatch
+from batchnorm.kernels import torch_ops as T
+
+pytestmark = pytest.mark.skipif("numba" not in dispatch.available(), reason="numba is not installed")
+if "numba" in dispatch.available():
+    from batchnorm.kernels import buffers, cpu
+
+from test_kernels import LAYOUTS, _close, _make, _mask  # noqa: E402
+
+ACTS = [None, "relu", "leaky_relu", "silu", "gelu", "tanh"]
+
+
+def _general(x, axis, m, group_size, w, b, eps, activation, slope, save):
+    """Training forward through the torch path's three steps (the reference for the fused call)."""
+    count, mean, m2 = T.reduce(x, axis, m, group_size)
+    var = m2 / count.clamp_min(1)
+    invstd = torch.rsqrt(var + eps)
+    kz, bz = Fn._affine(w, b, None, None, save, eps, mean)
+    scale = kz * invstd
+    y = T.apply(x, axis, scale, bz - mean * scale, group_size, activation, slope)
+    return y, count, mean, var, invstd
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("shape,axis,layout,group_size", LAYOUTS, ids=str)
+def test_train_forward_matches_three_torch_steps(shape, axis, layout, group_size, masked, dtype):
+    x = _make(shape, layout, dtype)
+    m = _mask(shape, axis, masked)
+    c = shape[axis]
+    w, b = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
+    got = cpu.train_forward(x, axis, m, group_size, w, b, 1e-5, "leaky_relu", 0.2)
+    want = _general(x, axis, m, group_size, w, b, 1e-5, "leaky_relu", 0.2, False)
+    assert got[0].stride() == x.stride()  # output keeps the input's memory format
+    for g, r in zip(got[:5], want):
+        _close(g, r.expand_as(g), dtype)
+    assert got[5] is None  # no running buffers given: nothing updated
+
+
+@pytest.mark.parametrize("activation", ACTS, ids=str)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("shape,axis,layout,group_size", LAYOUTS, ids=str)
+def test_train_backward_matches_autograd_of_torch_path(shape, axis, layout, group_size, masked, activation):
+    dtype = torch.float64
+    x = _make(shape, layout, dtype).requires_grad_(True)
+    m = _mask(shape, axis, masked)
+    c = shape[axis]
+    w = torch.randn(c, dtype=dtype, requires_grad=True)
+    b = torch.randn(c, dtype=dtype, requires_grad=True)
+    y = Fn._composite(x, w, b, m, axis, 1e-5, group_size, activation=activation, slope=0.2)
+    dy = torch.randn_like(y)
+    want = torch.autograd.grad(y, (x, w, b), dy)
+    _, count, mean, _, invstd, _ = cpu.train_forward(x.detach(), axis, m, group_size, w, b, 1e-5, activation, 0.2)
+    got = cpu.train_backward(dy, x.detach(), axis, mean, invstd, w, b, count, m, group_size, 1e-5, activation, 0.2)
+    for g, r in zip(got, want):
+        _close(g, r, dtype)
+    assert got[0].stride() == x.stride()
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, True), (True, True, False)], ids=str)
+def test_train_backward_returns_only_what_is_needed(needs):
+    x = torch.randn(6, 4, 5)
+    w, b = torch.ones(4), torch.zeros(4)
+    _, count, mean, _, invstd, _ = cpu.train_forward(x, 1, None, None, w, b, 1e-5)
+    out = cpu.train_backward(torch.randn_like(x), x, 1, mean, invstd, w, b, count, None, None, 1e-5, needs=needs)
+    assert [o is not None for o in out] == list(needs)
+
+
+def test_memory_save_backward_from_output_matches_default():
+    x = torch.randn(10, 3, 6, dtype=torch.float64)
+    w = torch.tensor([1.5, -0.7, 1e-9], dtype=torch.float64)  # the last |γ| < eps: used as +eps in both
+    b = torch.randn(3, dtype=torch.float64)
+    eps = 1e-3
+    y, count, mean, _, invstd, _ = cpu.train_forward(x, 1, None, None, w, b, eps, "leaky_relu", 0.1, clamp=True)
+    dy = torch.randn_like(y)
+    from_y = cpu.train_backward(dy, y, 1, None, invstd, w, b, count[:, :1], None, None, eps, "leaky_relu", 0.1,
+                                from_output=True)
+    w_used = torch.tensor([1.5, -0.7, eps], dtype=torch.float64)
+    from_x = cpu.train_backward(dy, x, 1, mean, invstd, w_used, b, count, None, None, eps, "leaky_relu", 0.1)
+    for a, r in zip(from_y, from_x):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["contig", "cl"])
+def test_masked_positions_may_hold_nan_and_inf(layout):
+    """Padding never reaches the statistics, even as the first position of a parallel segment."""
+    x = _make((8, 3, 4, 5), layout, torch.float32)
+    m = torch.rand(8, 1, 4, 5) > 0.4
+    m[:, :, 0, 0] = False  # the first position of every row (and so of every segment) is padding
+    m[0, 0, 1, 1] = True
+    xp = x.clone()
+    xp[~m.expand_as(x)] = float("nan")
+    xp[:, 1][~m[:, 0]] = float("inf")
+    got = cpu.train_forward(xp, 1, m, None, None, None, 1e-5)
+    want = _general(x, 1, m, None, None, None, 1e-5, None, 0.01, False)
+    for g, r in zip(got[1:4], want[1:4]):
+        _close(g, r, torch.float32)
+    assert torch.isfinite(got[0][m.expand_as(x)]).all()
+
+
+RUNNING_CASES = [
+    # (momentum, batch kind, buffer dtype)
+    (0.1, "finite", torch.float32),
+    (None, "finite", torch.float32),
+    (0.3, "finite", torch.float64),
+    (0.1, "nan", torch.float32),
+    (None, "inf", torch.float32),
+]
+
+
+@pytest.mark.parametrize("momentum,kind,bdtype", RUNNING_CASES, ids=str)
+@pytest.mark.parametrize("group_size", [None, 3])
+def test_in_kernel_running_update_matches_functional_update_running(momentum, kind, bdtype, group_size):
+    x = torch.randn(9, 4, 5) * 3 + 2
+    if kind != "finite":
+        x[2, 1, 3] = float(kind)
+    rm, rv, nbt = torch.randn(4, dtype=bdtype), torch.rand(4, dtype=bdtype) + 0.5, torch.tensor(7)
+    rm2, rv2, nbt2 = rm.clone(), rv.clone(), nbt.clone()
+    *_, count, mean, var, _, finite = cpu.train_forward(x, 1, None, group_size, None, None, 1e-5,
+                                                        running=(rm, rv, nbt, momentum))
+    ok = Fn.update_running(rm2, rv2, mean, var, count, momentum, nbt2)
+    assert finite == bool(ok) == (kind == "finite")
+    torch.testing.assert_close(rm, rm2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(rv, rv2, rtol=1e-6, atol=1e-7)
+    assert int(nbt) == int(nbt2) == (8 if kind == "finite" else 7)
+
+
+@pytest.mark.parametrize("what", ["requires_grad", "half", "int_nbt", "no_nbt_cumulative"])
+def test_buffers_the_kernel_cannot_take_are_left_to_the_caller(what):
+    rm, rv, nbt, momentum = torch.zeros(4), torch.ones(4), torch.tensor(0), 0.1
+    if what == "requires_grad":
+        rm.requires_grad_(True)
+    elif what == "half":
+        rm, rv = rm.half(), rv.half()
+    elif what == "int_nbt":
+        nbt = torch.tensor(0, dtype=torch.int32)
+    else:
+        nbt, momentum = None, None
+    before = (rm.detach().clone(), rv.clone())
+    *_, finite = cpu.train_forward(torch.randn(8, 4), 1, None, None, None, None, 1e-5, running=(rm, rv, nbt, momentum))
+    assert finite is None  # not updated here: normalize() falls back to the torch update
+    assert torch.equal(rm.detach(), before[0]) and torch.equal(rv, before[1])
+
+
+def test_layer_updates_running_stats_once_per_step_on_numba_path():
+    import batchnorm
+
+    x = torch.randn(16, 3, 4) * 2 + 1
+    ours, ref = batchnorm.BatchNorm(3, backend="numba"), torch.nn.BatchNorm1d(3)
+    for _ in range(3):
+        ours(x)
+        ref(x)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert int(ours.num_batches_tracked) == 3
+
+
+# ------------------------------------------------------------------ output-buffer cache
+@pytest.fixture
+def cache():
+    old = buffers.cache_info()["limit_bytes"]
+    buffers.set_limit(64 << 20)
+    buffers.empty_cache()
+    yield buffers
+    buffers.set_limit(old)
+    buffers.empty_cache()
+
+
+def _big(shape=(8, 16, 64, 64)):  # 2 MiB of float32: above MIN_BYTES
+    return torch.randn(shape)
+
+
+def test_freed_output_buffer_is_reused_live_one_never(cache):
+    x = _big()
+    y1 = cpu.apply(x, 1, torch.ones(1, 16), torch.zeros(1, 16))
+    y2 = cpu.apply(x, 1, torch.ones(1, 16), torch.zeros(1, 16))
+    assert y1.data_ptr() != y2.data_ptr()  # both alive: distinct memory
+    p1 = y1.data_ptr()
+    before = cache.cache_info()["hits"]
+    del y1
+    gc.collect()
+    y3 = cpu.apply(x, 1, torch.ones(1, 16) * 2, torch.zeros(1, 16))
+    assert y3.data_ptr() == p1 and cache.cache_info()["hits"] == before + 1
+    torch.testing.assert_close(y3, 2 * x)
+    torch.testing.assert_close(y2, x)  # the reuse did not touch the live tensor
+
+
+def test_a_view_keeps_the_buffer_alive(cache):
+    x = _big()
+    y = cpu.apply(x, 1, torch.ones(1, 16), torch.zeros(1, 16))
+    view = y[1:3]
+    ptr = y.data_ptr()
+    del y
+    gc.collect()
+    z = cpu.apply(x, 1, torch.ones(1, 16), torch.zeros(1, 16))
+    assert z.data_ptr() != ptr
+    torch.testing.assert_close(view, x[1:3])
+
+
+def test_cache_limit_zero_gives_plain_tensors(cache):
+    cache.set_limit(0)
+    x = _big()
+    y = cpu.apply(x, 1, torch.ones(1, 16), torch.zeros(1, 16))
+    del y
+    gc.collect()
+    assert cache.cache_info()["held_bytes"] == 0
+
+
+def test_empty_cache_releases_free_buffers(cache):
+    y = cpu.apply(_big(), 1, torch.ones(1, 16), torch.zeros(1, 16))
+    del y
+    gc.collect()
+    held = cache.cache_info()["held_bytes"]
+    assert held >= 2 << 20
+    assert cache.empty_cache() == held and cache.cache_info()["held_bytes"] == 0
+
+
+def test_channels_last_output_from_cache_keeps_layout(cache):
+    x = _big().contiguous(memory_format=torch.channels_last)
+    y = cpu.apply(x, 1, torch.ones(1, 16), torch.zeros(1, 16))
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.stride() == x.stride()
+
+
+def test_bad_cache_settings_are_refused(cache, monkeypatch):
+    with pytest.raises(ValueError, match="set_limit expected a byte count >= 0, got -1"):
+        cache.set_limit(-1)
+    monkeypatch.setenv("BATCHNORM_BUFFER_CACHE", "lots")
+    with pytest.raises(ValueError, match="BATCHNORM_BUFFER_CACHE must be a number of bytes"):
+        buffers._limit_from_env()
