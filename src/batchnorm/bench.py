@@ -12,10 +12,12 @@ each round times a few calls of each contender), and reports medians and the rat
 * forward memory traffic: training-forward bytes that must move (two reads and one write of x)
   per second, against ``torch.Tensor.copy_`` bandwidth (one read, one write) measured in the same run;
 * bytes saved for backward (``torch.autograd.graph.saved_tensors_hooks``) by BN + leaky ReLU with
-  ``memory="save"`` against torch's ``BatchNorm2d`` → ``leaky_relu``;
+  ``memory="save"`` against torch's ``BatchNorm2d`` → ``leaky_relu``, counting the storages beyond
+  each module's own parameters and buffers (those live anyway); the count with them is printed too;
 * cold and warm first-call time of the numba path in a fresh process (cold: empty ``NUMBA_CACHE_DIR``).
 
-Usage: ``batchnorm bench [--quick] [--out results.json] [--threads N] [--rows 'name;...']``.
+Usage: ``batchnorm bench [--quick] [--out results.json] [--threads N] [--rows 'name;...'] [--shape N,C,H,W[:cl]]``.
+``--shape`` times a training step on any shape you choose (repeat it for several).
 Timings on a shared or busy machine are noisy; the JSON keeps every sample.
 """
 
@@ -79,10 +81,10 @@ def _train_row(shape, axis=1, channels_last=False, activation=None):
     x.requires_grad_(True)
     g = torch.randn_like(x)
     ours = BatchNorm(c, axis=axis, activation=activation)
-    if len(shape) == 2 or axis != 1:
-        ref = torch.nn.BatchNorm1d(c)
-    else:
-        ref = {3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[len(shape)](c)
+    ref_cls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+    if len(shape) not in ref_cls:
+        raise SystemExit(f"batchnorm bench: torch.nn.BatchNorm*d takes 2-D to 5-D input, got shape {tuple(shape)}.")
+    ref = ref_cls[len(shape)](c)  # axis=-1 inputs reach torch transposed to (N, C, ...)
     pre = (lambda t: t.transpose(1, axis)) if axis not in (1, -len(shape) + 1) else None
     post = torch.relu if activation == "relu" else None
     return {"ours": _step(ours, x, g), "torch": _step(ref, x, g, pre=pre, post=post)}
@@ -206,6 +208,24 @@ ROWS: dict[str, Callable[[], dict]] = {
     "train BN+ReLU fused (64,64,56,56)": lambda: _train_row((64, 64, 56, 56), activation="relu"),
     "eval forward (64,64,56,56)": lambda: _eval_row((64, 64, 56, 56)),
 }
+def _custom_row(spec: str) -> dict[str, Callable[[], dict]]:
+    """``"N,C,H,W[:cl][:last][:relu]"`` → one training-step row (see ``--shape``)."""
+    dims, *flags = spec.split(":")
+    try:
+        shape = tuple(int(v) for v in dims.split(","))
+    except ValueError:
+        raise SystemExit(f"batchnorm bench: --shape expects integers like 16,32,64,64 (optionally :cl, :last, :relu), "
+                         f"got {spec!r}.") from None
+    unknown = set(flags) - {"cl", "last", "relu"}
+    if len(shape) < 2 or unknown or ("cl" in flags and len(shape) != 4):
+        raise SystemExit(f"batchnorm bench: --shape {spec!r}: need at least 2 dims, flags from :cl (4-D only), :last, "
+                         f":relu; got {sorted(unknown) or shape}.")
+    axis = -1 if "last" in flags else 1
+    name = f"train {tuple(shape)}" + "".join(f" {f}" for f in flags)
+    return {name: lambda: _train_row(shape, axis=axis, channels_last="cl" in flags,
+                                     activation="relu" if "relu" in flags else None)}
+
+
 TARGETS = {
     "train (64,64,56,56)": 0.5,
     "train (64,64,56,56) channels_last": 0.5,
@@ -224,7 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default=None,
                    help="';'-separated substrings: only rows whose name contains one (e.g. 'eval;traffic')")
     p.add_argument("--no-first-call", action="store_true", help="skip the cold/warm subprocess measurement")
+    p.add_argument("--shape", action="append", default=[], metavar="N,C,...",
+                   help="add a training-step row for this input shape (repeatable); with --shape only those rows run "
+                        "unless --rows is given too. Suffix ':cl' for channels-last, ':last' for axis=-1, ':relu' "
+                        "for the fused BN+ReLU row, e.g. --shape 16,32,64,64:cl")
     args = p.parse_args(argv)
+    rows = dict(ROWS)
+    custom = {}
+    for spec in args.shape:
+        custom.update(_custom_row(spec))
+    if custom:
+        rows = {**custom, **(rows if args.rows else {})}
     repeats = args.repeats or (3 if args.quick else 15)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -244,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"batchnorm bench: torch {torch.__version__}, {torch.get_num_threads()} threads, paths {dispatch.available()}, "
           f"{repeats} rounds, medians (ratio = ours / torch, lower is better)")
     print(f"{'row':<40}{'ours ms':>10}{'torch ms':>10}{'ratio':>8}{'target':>8}")
-    for name, make in ROWS.items():
-        if not pick(name):
+    for name, make in rows.items():
+        if not pick(name) and name not in custom:
             continue
         s = side_by_side(make(), repeats)
         o, t = statistics.median(s["ours"]) * 1e3, statistics.median(s["torch"]) * 1e3
@@ -253,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         results["rows"].append({"row": name, "ours_ms": o, "torch_ms": t, "ratio": o / t, "target": target,
                                 "met": o / t <= target, "samples_s": s})
         print(f"{name:<40}{o:>10.2f}{t:>10.2f}{o / t:>8.2f}{'≤' + str(target):>8}", flush=True)
+    if custom and not args.rows:
+        args.no_first_call = True
+        pick = lambda name: False  # noqa: E731  (only the requested shapes)
     if pick("traffic"):
         tr = _traffic((64, 64, 56, 56), repeats)
         results["rows"].append(tr | {"target": 0.6, "met": tr["fraction"] >= 0.6})
@@ -262,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         sv = _saved_row((64, 64, 56, 56))
         results["rows"].append(sv | {"target": 0.5, "met": sv["ratio"] <= 0.5})
         print(f"{'saved bytes BN+leaky_relu memory=save':<40}{sv['ours_bytes'] / 2**20:>8.1f}MB{sv['torch_bytes'] / 2**20:>8.1f}MB"
-              f"{sv['ratio']:>8.3f}{'≤0.5':>8}")
+              f"{sv['ratio']:>8.3f}{'≤0.5':>8}   (beyond parameters and buffers; "
+              f"{sv['ratio_with_module_state']:.6f} counting them too)")
     if not args.no_first_call and pick("first"):
         fc = first_call_times()
         results["first_call"] = fc

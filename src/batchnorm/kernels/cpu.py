@@ -5,23 +5,28 @@ Canonical view: a tensor whose memory is dense (contiguous in *some* dimension o
 ``B`` = product of the dims physically after it. NCHW contiguous is ``(N, C, H·W)``; channels-last
 NCHW, ``(N, L, C)`` with ``axis=-1`` and dense ``(N, C)`` are ``(rows, C, 1)``. Two loop strategies:
 
-* ``B > 1`` (feature axis not innermost): each ``(a, c)`` row of ``B`` contiguous values is one
-  unit of work; a row's statistics are computed exactly in float64 (two passes while the row is
-  in cache) and Chan-merged into the running per-feature result.
-* ``B == 1`` (feature axis innermost): blocks of a few rows are reduced with vectorizable loops
-  over ``C`` (two passes per block, in cache), then Chan-merged per feature.
+* ``B > 1`` (feature axis not innermost): per segment and feature, one pass over the ``(a, c)``
+  rows of ``B`` contiguous values accumulating shifted float64 sums (see :func:`_reduce_rows`).
+* ``B == 1`` (feature axis innermost): the same sums vectorized over the contiguous features
+  (see :func:`_reduce_cols`).
 
 Parallelism: the ``A`` rows (and, when there are fewer rows than threads, the features) are cut
 into *segments*; each segment writes its own partial ``(count, mean, m2)`` or backward sums, and
 the partials are merged serially at the end (Chan, Golub & LeVeque 1979). Accumulation is always
-float64; outputs are in the statistics dtype of torch_ops (float32 for float32 input, float64 for
+float64 and per-feature constants of the apply steps are float64; outputs are in the input's dtype
+and statistics in the statistics dtype of torch_ops (float32 for float32 input, float64 for
 float64). Masks are a ``(A, B)`` uint8 view; ghost groups are ``rows_per_group`` consecutive ``A``
 rows (``group_size`` samples of axis 0 times the ``A`` rows each sample spans).
+
+Besides the four step functions, :func:`train_forward` and :func:`train_backward` run plain batch
+norm's whole forward (with the running update) or backward as one kernel call each: on small and
+mid-size tensors the glue between three separate steps cost more than the loops.
 
 Anything the view does not cover (odd strides, a ghost split when axis 0 is not the outermost
 dimension in memory, other devices and dtypes) is delegated to :mod:`batchnorm.kernels.torch_ops`.
 Compiled code is cached on disk by numba (``cache=True``: next to this module in ``__pycache__``, or
-wherever ``NUMBA_CACHE_DIR`` points).
+wherever ``NUMBA_CACHE_DIR`` points). Outputs of at least :data:`buffers.MIN_BYTES` come from the
+output-buffer cache of :mod:`batchnorm.kernels.buffers`.
 """
 
 from __future__ import annotations
