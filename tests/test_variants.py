@@ -805,3 +805,47 @@ def test_harness_ghost_equals_chunked_torch_batchnorm(case):
     ours, ref = make_pair(case, bn.GhostBatchNorm, ref_cls=ref_cls, virtual_batch_size=2)
     mask = torch.ones([s for d, s in enumerate(case.shape) if d != case.axis % len(case.shape)], dtype=torch.bool)
     run_parity(ours, ref, case, forward_kwargs={"mask": mask})
+
+
+# ------------------------------------------------------------------ kernel options on the variants
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])
+def test_ghost_batch_norm_fuses_the_activation(activation, backend):
+    from batchnorm import GhostBatchNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(10, 3, 4, requires_grad=True)
+    fused = GhostBatchNorm(3, 4, activation=activation, negative_slope=0.2)
+    plain = GhostBatchNorm(3, 4)
+    act = {None: lambda t: t, "relu": torch.relu, "leaky_relu": lambda t: torch.nn.functional.leaky_relu(t, 0.2)}
+    y1, y2 = fused(x), act[activation](plain(x))
+    torch.testing.assert_close(y1, y2)
+    g1 = torch.autograd.grad(y1.sum(), (x, fused.weight))
+    g2 = torch.autograd.grad(y2.sum(), (x, plain.weight))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused.running_var, plain.running_var)
+
+
+def test_batch_renorm_memory_save_matches_default(backend):
+    from batchnorm import BatchRenorm
+
+    torch.manual_seed(1)
+    x = torch.randn(12, 3, 5, dtype=torch.float64, requires_grad=True)
+    layers = [BatchRenorm(3, activation="leaky_relu", memory=m, dtype=torch.float64) for m in ("save", "default")]
+    for layer in layers:  # move the running estimates so that r, d differ from (1, 0)
+        with torch.no_grad():
+            layer.running_mean.fill_(0.3)
+            layer.running_var.fill_(1.7)
+    outs = [layer(x) for layer in layers]
+    torch.testing.assert_close(outs[0], outs[1])
+    grads = [torch.autograd.grad(o.pow(2).sum(), (x, layer.weight, layer.bias)) for o, layer in zip(outs, layers)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert "memory='save'" in repr(layers[0])
+
+
+def test_variant_rejects_bad_kernel_option():
+    from batchnorm import GhostBatchNorm
+
+    with pytest.raises(ValueError, match="GhostBatchNorm: memory='save' recovers the normalized input"):
+        GhostBatchNorm(3, 4, activation="relu", memory="save")

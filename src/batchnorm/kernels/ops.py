@@ -8,7 +8,10 @@ has an autograd formula. The training path differentiates through
 
 This module has the same four functions as :mod:`batchnorm.kernels.torch_ops` and
 :mod:`batchnorm.kernels.cpu` (``reduce``, ``apply``, ``backward_reduce``, ``backward_apply``); it is
-what :func:`batchnorm.kernels.dispatch.select` returns for the numba path.
+what :func:`batchnorm.kernels.dispatch.select` returns for the numba path. It also offers the numba
+path's one-call sequences for plain batch norm (``train_forward``, ``train_backward``) and its
+running update (``update_running``), eager only: while compiling they return None and the caller
+runs the three steps through the registered ops.
 """
 
 from __future__ import annotations

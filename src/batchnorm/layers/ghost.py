@@ -34,6 +34,8 @@ class GhostBatchNorm(BatchNorm):
     Args:
         num_features, eps, momentum, affine, track_running_stats, axis, device, dtype, bias: as
             :class:`BatchNorm` (``bias=False`` keeps ``γ`` and drops ``β``).
+        activation, negative_slope, memory, backend: keyword-only, as :class:`BatchNorm` (fused activation,
+            memory="save", kernel path).
         virtual_batch_size: rows of axis 0 per virtual batch, ≥ 2. The feature axis cannot be 0.
 
     Shape: input ``(N, C, *)`` (or C at ``axis`` ≠ 0), any rank ≥ 2; output the same.
@@ -62,6 +64,7 @@ class GhostBatchNorm(BatchNorm):
         device: Any = None,
         dtype: Any = None,
         bias: bool = True,
+        **options: Any,
     ) -> None:
         if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 2:
             raise ValueError(
@@ -72,7 +75,8 @@ class GhostBatchNorm(BatchNorm):
             raise ValueError(_axis0_message(axis, None))
         self.virtual_batch_size = virtual_batch_size
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, axis=axis, device=device, dtype=dtype, bias=bias
+            num_features, eps, momentum, affine, track_running_stats, axis=axis, device=device, dtype=dtype, bias=bias,
+            **options,  # activation=, negative_slope=, memory=, backend=: as BatchNorm
         )
 
     def extra_repr(self) -> str:

@@ -105,6 +105,8 @@ class BatchRenorm(BatchNorm):
     Args:
         num_features, eps, momentum, affine, track_running_stats, axis, device, dtype, bias: as
             :class:`BatchNorm` (``bias=False`` keeps ``γ`` and drops ``β``).
+        activation, negative_slope, memory, backend: keyword-only, as :class:`BatchNorm` (fused activation,
+            memory="save", kernel path).
         r_max: ≥ 1; bound of the scale correction (1 → no scale correction). Paper: 3.
         d_max: ≥ 0; bound of the shift correction in units of σ (0 → none). Paper: 5.
         warmup_steps: training steps over which the limits ramp from (1, 0) to (r_max, d_max).
@@ -137,6 +139,7 @@ class BatchRenorm(BatchNorm):
         device: Any = None,
         dtype: Any = None,
         bias: bool = True,
+        **options: Any,
     ) -> None:
         self.r_max = _check_limit(
             r_max, "r_max", 1.0, "r bounds sigma_batch / sigma_running in [1/r_max, r_max]; r_max=1 disables the "
@@ -158,7 +161,8 @@ class BatchRenorm(BatchNorm):
             )
         self.warmup_steps = warmup_steps
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, axis=axis, device=device, dtype=dtype, bias=bias
+            num_features, eps, momentum, affine, track_running_stats, axis=axis, device=device, dtype=dtype, bias=bias,
+            **options,  # activation=, negative_slope=, memory=, backend=: as BatchNorm
         )
 
     def extra_repr(self) -> str:
