@@ -244,3 +244,22 @@ def test_bad_cache_settings_are_refused(cache, monkeypatch):
     monkeypatch.setenv("BATCHNORM_BUFFER_CACHE", "lots")
     with pytest.raises(ValueError, match="BATCHNORM_BUFFER_CACHE must be a number of bytes"):
         buffers._limit_from_env()
+
+
+def test_gradient_exact_for_ambiguous_channels_last_layout(backend):
+    """(N, C, H, 1) stored as (N, H, C, 1) with a contiguous grad_output: dx matches the float64 formula.
+
+    (torch.nn.BatchNorm2d 2.13 on the CPU returns a wrong input gradient for this pair of layouts,
+    so the reference here is the formula, not torch.)
+    """
+    import batchnorm
+
+    torch.manual_seed(0)
+    x = (torch.randn(16, 3, 17, 1) * 3 + 5).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
+    assert x.stride() == (51, 1, 3, 1)
+    g = torch.randn(16, 3, 17, 1)
+    (dx,) = torch.autograd.grad(batchnorm.BatchNorm(3)(x), (x,), g)
+    xx = x.detach().double().requires_grad_(True)
+    mu, var = xx.mean((0, 2, 3), keepdim=True), xx.var((0, 2, 3), unbiased=False, keepdim=True)
+    (want,) = torch.autograd.grad((xx - mu) / torch.sqrt(var + 1e-5), (xx,), g.double())
+    torch.testing.assert_close(dx.double(), want, rtol=1e-5, atol=1e-6)
