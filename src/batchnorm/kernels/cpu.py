@@ -3,7 +3,9 @@
 Canonical view: a tensor whose memory is dense (contiguous in *some* dimension order) is viewed as
 ``(A, C, B)``: ``A`` = product of the dims physically before the feature axis, ``C`` the features,
 ``B`` = product of the dims physically after it. NCHW contiguous is ``(N, C, H·W)``; channels-last
-NCHW, ``(N, L, C)`` with ``axis=-1`` and dense ``(N, C)`` are ``(rows, C, 1)``. Two loop strategies:
+NCHW, ``(N, L, C)`` with ``axis=-1`` and dense ``(N, C)`` have ``B == 1`` and are passed as 2-D
+``(rows, C)`` arrays, the others as 3-D ``(A, C, B)``; the rank selects the loop strategy when numba
+types a call, so only the strategies a program uses get compiled. Two loop strategies:
 
 * ``B > 1`` (feature axis not innermost): per segment and feature, one pass over the ``(a, c)``
   rows of ``B`` contiguous values accumulating shifted float64 sums (see :func:`_reduce_rows`).
@@ -38,6 +40,7 @@ import numba
 import numpy as np
 import torch
 from numba import njit, prange
+from numba.extending import overload
 from numba.np.ufunc import parallel as _parallel
 
 from . import buffers
@@ -185,7 +188,7 @@ def _reduce_rows(x, m, has_mask, seg, acc):
 
 @njit(parallel=True, cache=True, fastmath=_REASSOC)
 def _reduce_cols(x, m, has_mask, seg, acc):
-    """B == 1 (x is (A, C, 1)): one pass per segment of rows, with loops over contiguous features.
+    """B == 1 (x is (A, C)): one pass per segment of rows, with loops over contiguous features.
 
     Each segment accumulates shifted sums ``S1 = Σ (x − K)`` and ``S2 = Σ (x − K)²`` in float64, where
     ``K`` is the segment's first counted row: the shift removes the offset, so ``m2 = S2 − S1²/n``
@@ -209,14 +212,14 @@ def _reduce_cols(x, m, has_mask, seg, acc):
         s1 = np.zeros(C)
         s2 = np.zeros(C)
         for c in range(C):
-            K[c] = x[k0, c, 0]
+            K[c] = x[k0, c]
         n = 0.0
         for a in range(k0, a1):
             if has_mask and not m[a, 0]:
                 continue
             n += 1.0
             for c in range(C):
-                d = x[a, c, 0] - K[c]
+                d = x[a, c] - K[c]
                 s1[c] += d
                 s2[c] += d * d
         inv_n = 1.0 / n
@@ -293,20 +296,20 @@ def _apply_rows(x, y, scale, shift, rpg, code, slope):
 
 @njit(parallel=True, cache=True)
 def _apply_cols(x, y, scale, shift, rpg, code, slope):
-    """B == 1 (x, y are (A, C, 1)): y[a, :] = act(x[a, :] · scale[g, :] + shift[g, :])."""
+    """B == 1 (x, y are (A, C)): y[a, :] = act(x[a, :] · scale[g, :] + shift[g, :])."""
     A, C = x.shape[0], x.shape[1]
     for a in prange(A):
         g = a // rpg
         if code == 0:
             for c in range(C):
-                y[a, c, 0] = x[a, c, 0] * scale[g, c] + shift[g, c]
+                y[a, c] = x[a, c] * scale[g, c] + shift[g, c]
         elif code == 1:
             for c in range(C):
-                z = x[a, c, 0] * scale[g, c] + shift[g, c]
-                y[a, c, 0] = max(z, z * 0)
+                z = x[a, c] * scale[g, c] + shift[g, c]
+                y[a, c] = max(z, z * 0)
         else:
             for c in range(C):
-                y[a, c, 0] = _act(x[a, c, 0] * scale[g, c] + shift[g, c], code, slope)
+                y[a, c] = _act(x[a, c] * scale[g, c] + shift[g, c], code, slope)
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,7 +348,7 @@ def _bwd_reduce(dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc):
 
 @njit(parallel=True, cache=True, fastmath=_REASSOC)
 def _bwd_reduce_cols(dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc):
-    """B == 1 variant of :func:`_bwd_reduce` ((A, C, 1) arrays, whole-row segments, loops over features)."""
+    """B == 1 variant of :func:`_bwd_reduce` ((A, C) arrays, whole-row segments, loops over features)."""
     C = t.shape[1]
     for s in prange(seg.shape[0]):
         s1 = np.zeros(C)
@@ -355,22 +358,22 @@ def _bwd_reduce_cols(dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc):
         if code == 0 and not inv:
             for a in range(a0, a1):
                 for c in range(C):
-                    d = dy[a, c, 0]
+                    d = dy[a, c]
                     s1[c] += d
-                    s2[c] += d * (t[a, c, 0] - p[g, c])
+                    s2[c] += d * (t[a, c] - p[g, c])
             for c in range(C):
                 s2[c] *= q[g, c]
         elif code == 1 and not inv:
             for a in range(a0, a1):
                 for c in range(C):
-                    xh = (t[a, c, 0] - p[g, c]) * q[g, c]
-                    d = dy[a, c, 0] if xh * kz[g, c] + bz[g, c] > 0 else 0.0
+                    xh = (t[a, c] - p[g, c]) * q[g, c]
+                    d = dy[a, c] if xh * kz[g, c] + bz[g, c] > 0 else 0.0
                     s1[c] += d
                     s2[c] += d * xh
         else:
             for a in range(a0, a1):
                 for c in range(C):
-                    dz, xh = _dz_xhat(dy[a, c, 0], t[a, c, 0], p[g, c], q[g, c], kz[g, c], bz[g, c], code, slope, inv)
+                    dz, xh = _dz_xhat(dy[a, c], t[a, c], p[g, c], q[g, c], kz[g, c], bz[g, c], code, slope, inv)
                     s1[c] += dz
                     s2[c] += dz * xh
         for c in range(C):
@@ -380,18 +383,18 @@ def _bwd_reduce_cols(dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc):
 
 @njit(parallel=True, cache=True)
 def _bwd_apply_cols(dy, t, dx, p, q, kz, bz, k, mdz, mdzx, u, v, m, has_mask, rpg, code, slope, inv):
-    """B == 1 variant of :func:`_bwd_apply` on (A, C, 1) arrays."""
+    """B == 1 variant of :func:`_bwd_apply` on (A, C) arrays."""
     A, C = t.shape[0], t.shape[1]
     for a in prange(A):
         g = a // rpg
         on = 1.0 if (not has_mask) or m[a, 0] != 0 else 0.0
         if code == 0 and not inv:
             for c in range(C):
-                dx[a, c, 0] = k[g, c] * dy[a, c, 0] - on * (u[g, c] * t[a, c, 0] + v[g, c])
+                dx[a, c] = k[g, c] * dy[a, c] - on * (u[g, c] * t[a, c] + v[g, c])
         else:
             for c in range(C):
-                dz, xh = _dz_xhat(dy[a, c, 0], t[a, c, 0], p[g, c], q[g, c], kz[g, c], bz[g, c], code, slope, inv)
-                dx[a, c, 0] = k[g, c] * (dz - on * (mdz[g, c] + xh * mdzx[g, c]))
+                dz, xh = _dz_xhat(dy[a, c], t[a, c], p[g, c], q[g, c], kz[g, c], bz[g, c], code, slope, inv)
+                dx[a, c] = k[g, c] * (dz - on * (mdz[g, c] + xh * mdzx[g, c]))
 
 
 @njit(parallel=True, cache=True)
@@ -522,24 +525,72 @@ def _update_running(count, mean, var, rm, rv, nbt, has_nbt, momentum, cumulative
 # --------------------------------------------------------------------------------------------
 # plain batch norm, one call per direction: reduce → statistics (→ running update) → apply
 # --------------------------------------------------------------------------------------------
+# The loop strategy is chosen when numba *types* a call, from the rank of the canonical array
+# (2-D ``(A, C)``: features innermost; 3-D ``(A, C, B)``): only the strategy a program uses gets
+# compiled, which halves the cold first call. The stubs below are never run as Python.
+def _reduce_layout(x, m, has_mask, seg, seg_group, G):
+    raise NotImplementedError("typed by numba only")
+
+
+@overload(_reduce_layout)
+def _reduce_layout_typed(x, m, has_mask, seg, seg_group, G):
+    if x.ndim == 2:
+        def cols(x, m, has_mask, seg, seg_group, G):
+            acc = np.empty((seg.shape[0], 3, x.shape[1]))
+            _reduce_cols(x, m, has_mask, seg, acc)
+            return _merge_cols(acc, seg_group, G)
+
+        return cols
+
+    def rows(x, m, has_mask, seg, seg_group, G):
+        acc = np.zeros((seg.shape[0], x.shape[1], 3))
+        _reduce_rows(x, m, has_mask, seg, acc)
+        return _merge_segments(acc, seg_group, G)
+
+    return rows
+
+
+def _apply_layout(x, y, scale, shift, rpg, code, slope):
+    raise NotImplementedError("typed by numba only")
+
+
+@overload(_apply_layout)
+def _apply_layout_typed(x, y, scale, shift, rpg, code, slope):
+    kernel = _apply_cols if x.ndim == 2 else _apply_rows
+    return lambda x, y, scale, shift, rpg, code, slope: kernel(x, y, scale, shift, rpg, code, slope)
+
+
+def _bwd_reduce_layout(dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc):
+    raise NotImplementedError("typed by numba only")
+
+
+@overload(_bwd_reduce_layout)
+def _bwd_reduce_layout_typed(dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc):
+    kernel = _bwd_reduce_cols if t.ndim == 2 else _bwd_reduce
+    return lambda dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc: kernel(
+        dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc)
+
+
+def _bwd_apply_layout(dy, t, dx, p, q, kz, bz, k, mdz, mdzx, u, v, m, has_mask, rpg, code, slope, inv):
+    raise NotImplementedError("typed by numba only")
+
+
+@overload(_bwd_apply_layout)
+def _bwd_apply_layout_typed(dy, t, dx, p, q, kz, bz, k, mdz, mdzx, u, v, m, has_mask, rpg, code, slope, inv):
+    kernel = _bwd_apply_cols if t.ndim == 2 else _bwd_apply
+    return lambda dy, t, dx, p, q, kz, bz, k, mdz, mdzx, u, v, m, has_mask, rpg, code, slope, inv: kernel(
+        dy, t, dx, p, q, kz, bz, k, mdz, mdzx, u, v, m, has_mask, rpg, code, slope, inv)
+
+
 @njit(cache=True)
 def _reduce_merged(x, m, has_mask, seg, seg_group, G):
-    """Merged per-group ``(count, mean, m2)`` as a float64 ``(G, C, 3)`` array (either loop strategy)."""
-    if x.shape[2] == 1:
-        acc = np.empty((seg.shape[0], 3, x.shape[1]))
-        _reduce_cols(x, m, has_mask, seg, acc)
-        return _merge_cols(acc, seg_group, G)
-    acc = np.zeros((seg.shape[0], x.shape[1], 3))
-    _reduce_rows(x, m, has_mask, seg, acc)
-    return _merge_segments(acc, seg_group, G)
+    """Merged per-group ``(count, mean, m2)`` as a float64 ``(G, C, 3)`` array (the array's loop strategy)."""
+    return _reduce_layout(x, m, has_mask, seg, seg_group, G)
 
 
 @njit(cache=True)
 def _apply_any(x, y, scale, shift, rpg, code, slope):
-    if x.shape[2] == 1:
-        _apply_cols(x, y, scale, shift, rpg, code, slope)
-    else:
-        _apply_rows(x, y, scale, shift, rpg, code, slope)
+    _apply_layout(x, y, scale, shift, rpg, code, slope)
 
 
 @njit(cache=True)
@@ -566,10 +617,7 @@ def _bwd_sums_any(dy, t, p, q, kz, bz, seg, seg_group, G, rpg, code, slope, inv)
     """``(Σ dz, Σ dz · x̂)`` per group as a float64 ``(G, C, 2)`` array (either loop strategy)."""
     C = t.shape[1]
     acc = np.zeros((seg.shape[0], C, 2))
-    if t.shape[2] == 1:
-        _bwd_reduce_cols(dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc)
-    else:
-        _bwd_reduce(dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc)
+    _bwd_reduce_layout(dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc)
     sums = np.zeros((G, C, 2))
     for s in range(seg.shape[0]):
         g = seg_group[s]
@@ -599,10 +647,7 @@ def _dx_any(dy, t, dx, p, q, kz, bz, k, sums, count, m, has_mask, rpg, code, slo
             mdzx[g, c] = m2
             u[g, c] = uc
             v[g, c] = k[g, c] * m1 - uc * p[g, c]
-    if t.shape[2] == 1:
-        _bwd_apply_cols(dy, t, dx, p, q, kz, bz, kk, mdz, mdzx, u, v, m, has_mask, rpg, code, slope, inv)
-    else:
-        _bwd_apply(dy, t, dx, p, q, kz, bz, kk, mdz, mdzx, u, v, m, has_mask, rpg, code, slope, inv)
+    _bwd_apply_layout(dy, t, dx, p, q, kz, bz, kk, mdz, mdzx, u, v, m, has_mask, rpg, code, slope, inv)
 
 
 @njit(cache=True)
@@ -680,7 +725,7 @@ def _plan_for(shape, strides, axis, group_size, threads, itemsize) -> _Plan | No
         rows = A // shape[0]
     p = _Plan()
     p.perm, p.identity, p.axis, p.A, p.C, p.B, p.phys = perm, perm == list(range(len(shape))), ax, A, shape[axis], B, phys
-    p.shape = (A, p.C, B)
+    p.shape = (A, p.C) if B == 1 else (A, p.C, B)  # the array's rank selects the loop strategy
     p.rpg = A if group_size is None else rows * group_size
     p.G = -(-A // p.rpg)
     p.seg, p.seg_group = _segments(A, p.C, B, p.rpg, p.G, threads)
@@ -730,7 +775,7 @@ def _segments(A: int, C: int, B: int, rpg: int, G: int, threads: int) -> tuple[n
 
 
 def _arr(t: torch.Tensor, p: _Plan) -> np.ndarray:
-    """``t`` (x-shaped: x itself, dy, y) as the canonical ``(A, C, B)`` array; copies only if its layout differs."""
+    """``t`` (x-shaped: x itself, dy, y) as the canonical array (``(A, C)`` or ``(A, C, B)``); copies only if its layout differs."""
     a = t.detach().numpy()
     if not p.identity:
         a = a.transpose(p.perm)
@@ -924,7 +969,7 @@ def train_backward(dy, t, axis, mean, invstd, weight, bias, count, m, group_size
         return None
     inv = bool(from_output)
     iv = invstd.numpy()
-    dx, dxa = _out(p, t.dtype) if needs[0] else (None, np.empty((1, 1, 1), _NP[t.dtype]))
+    dx, dxa = _out(p, t.dtype) if needs[0] else (None, np.empty((1,) * len(p.shape), _NP[t.dtype]))
     dw, dwa = _grad_out(weight, needs[1], p.C)
     db, dba = _grad_out(bias, needs[2], p.C)
     cn = count.numpy()
