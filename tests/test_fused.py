@@ -46,12 +46,12 @@ def test_train_forward_matches_three_torch_steps(shape, axis, layout, group_size
     m = _mask(shape, axis, masked)
     c = shape[axis]
     w, b = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
-    got = cpu.train_forward(x, axis, m, group_size, w, b, 1e-5, "leaky_relu", 0.2)
+    y, stats, invstd, finite = cpu.train_forward(x, axis, m, group_size, w, b, 1e-5, "leaky_relu", 0.2)
     want = _general(x, axis, m, group_size, w, b, 1e-5, "leaky_relu", 0.2, False)
-    assert got[0].stride() == x.stride()  # output keeps the input's memory format
-    for g, r in zip(got[:5], want):
+    assert y.stride() == x.stride()  # output keeps the input's memory format
+    for g, r in zip((y, stats[0], stats[1], stats[2], invstd), want):
         _close(g, r.expand_as(g), dtype)
-    assert got[5] is None  # no running buffers given: nothing updated
+    assert finite is None  # no running buffers given: nothing updated
 
 
 @pytest.mark.parametrize("activation", ACTS, ids=str)
@@ -67,8 +67,8 @@ def test_train_backward_matches_autograd_of_torch_path(shape, axis, layout, grou
     y = Fn._composite(x, w, b, m, axis, 1e-5, group_size, activation=activation, slope=0.2)
     dy = torch.randn_like(y)
     want = torch.autograd.grad(y, (x, w, b), dy)
-    _, count, mean, _, invstd, _ = cpu.train_forward(x.detach(), axis, m, group_size, w, b, 1e-5, activation, 0.2)
-    got = cpu.train_backward(dy, x.detach(), axis, mean, invstd, w, b, count, m, group_size, 1e-5, activation, 0.2)
+    _, stats, invstd, _ = cpu.train_forward(x.detach(), axis, m, group_size, w, b, 1e-5, activation, 0.2)
+    got = cpu.train_backward(dy, x.detach(), axis, stats, invstd, w, b, None, m, group_size, 1e-5, activation, 0.2)
     for g, r in zip(got, want):
         _close(g, r, dtype)
     assert got[0].stride() == x.stride()
@@ -78,8 +78,8 @@ def test_train_backward_matches_autograd_of_torch_path(shape, axis, layout, grou
 def test_train_backward_returns_only_what_is_needed(needs):
     x = torch.randn(6, 4, 5)
     w, b = torch.ones(4), torch.zeros(4)
-    _, count, mean, _, invstd, _ = cpu.train_forward(x, 1, None, None, w, b, 1e-5)
-    out = cpu.train_backward(torch.randn_like(x), x, 1, mean, invstd, w, b, count, None, None, 1e-5, needs=needs)
+    _, stats, invstd, _ = cpu.train_forward(x, 1, None, None, w, b, 1e-5)
+    out = cpu.train_backward(torch.randn_like(x), x, 1, stats, invstd, w, b, None, None, None, 1e-5, needs=needs)
     assert [o is not None for o in out] == list(needs)
 
 
@@ -88,12 +88,12 @@ def test_memory_save_backward_from_output_matches_default():
     w = torch.tensor([1.5, -0.7, 1e-9], dtype=torch.float64)  # the last |γ| < eps: used as +eps in both
     b = torch.randn(3, dtype=torch.float64)
     eps = 1e-3
-    y, count, mean, _, invstd, _ = cpu.train_forward(x, 1, None, None, w, b, eps, "leaky_relu", 0.1, clamp=True)
+    y, stats, invstd, _ = cpu.train_forward(x, 1, None, None, w, b, eps, "leaky_relu", 0.1, clamp=True)
     dy = torch.randn_like(y)
-    from_y = cpu.train_backward(dy, y, 1, None, invstd, w, b, count[:, :1], None, None, eps, "leaky_relu", 0.1,
+    from_y = cpu.train_backward(dy, y, 1, None, invstd, w, b, stats[0][:, :1], None, None, eps, "leaky_relu", 0.1,
                                 from_output=True)
     w_used = torch.tensor([1.5, -0.7, eps], dtype=torch.float64)
-    from_x = cpu.train_backward(dy, x, 1, mean, invstd, w_used, b, count, None, None, eps, "leaky_relu", 0.1)
+    from_x = cpu.train_backward(dy, x, 1, stats, invstd, w_used, b, None, None, None, eps, "leaky_relu", 0.1)
     for a, r in zip(from_y, from_x):
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10)
 
@@ -108,11 +108,11 @@ def test_masked_positions_may_hold_nan_and_inf(layout):
     xp = x.clone()
     xp[~m.expand_as(x)] = float("nan")
     xp[:, 1][~m[:, 0]] = float("inf")
-    got = cpu.train_forward(xp, 1, m, None, None, None, 1e-5)
+    y, stats, _, _ = cpu.train_forward(xp, 1, m, None, None, None, 1e-5)
     want = _general(x, 1, m, None, None, None, 1e-5, None, 0.01, False)
-    for g, r in zip(got[1:4], want[1:4]):
+    for g, r in zip(stats, want[1:4]):
         _close(g, r, torch.float32)
-    assert torch.isfinite(got[0][m.expand_as(x)]).all()
+    assert torch.isfinite(y[m.expand_as(x)]).all()
 
 
 RUNNING_CASES = [
@@ -133,8 +133,8 @@ def test_in_kernel_running_update_matches_functional_update_running(momentum, ki
         x[2, 1, 3] = float(kind)
     rm, rv, nbt = torch.randn(4, dtype=bdtype), torch.rand(4, dtype=bdtype) + 0.5, torch.tensor(7)
     rm2, rv2, nbt2 = rm.clone(), rv.clone(), nbt.clone()
-    *_, count, mean, var, _, finite = cpu.train_forward(x, 1, None, group_size, None, None, 1e-5,
-                                                        running=(rm, rv, nbt, momentum))
+    _, (count, mean, var), _, finite = cpu.train_forward(x, 1, None, group_size, None, None, 1e-5,
+                                                         running=(rm, rv, nbt, momentum))
     ok = Fn.update_running(rm2, rv2, mean, var, count, momentum, nbt2)
     assert finite == bool(ok) == (kind == "finite")
     torch.testing.assert_close(rm, rm2, rtol=1e-6, atol=1e-7)

@@ -204,11 +204,15 @@ class _TrainNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, m, axis, eps, group_size, combine, ops, activation, slope, save, running,
                 stash):
-        fused = getattr(ops, "train_forward", None) if _plain(combine) else None
+        plain = combine is _PLAIN or _plain(combine)
+        fused = getattr(ops, "train_forward", None) if plain else None
         res = fused(x, axis, m, group_size, weight, bias, eps, activation, slope, save, running) if fused else None
-        r = d = None
+        r = d = stats = None
         if res is not None:
-            y, count, mean, var, invstd, finite = res
+            y, stats, invstd, finite = res  # stats: (3, G, C) = count, mean, var
+            count = stats[0]
+            # the kernel call updated the running estimates (finite set): nobody needs the statistics
+            stash.extend((None, None, None, finite) if finite is not None else (stats[1], stats[2], count, None))
         else:
             count, mean, m2 = combine.stats(*ops.reduce(x, axis, m, group_size))
             var = m2 / count.clamp_min(1)
@@ -218,6 +222,8 @@ class _TrainNorm(torch.autograd.Function):
             kz, bz = _affine(weight, bias, r, d, save, eps, mean)
             scale = kz * invstd
             y = ops.apply(x, axis, scale, bz - mean * scale, group_size, activation, slope)
+            # the statistics leave through ``stash`` (not as outputs: each output costs autograd bookkeeping)
+            stash.extend((mean, var, count, None))
         if save:
             # the count is the same for every feature (masks have no feature axis): one column is enough,
             # kept as Python numbers when that costs no device sync (CPU, eager)
@@ -226,22 +232,25 @@ class _TrainNorm(torch.autograd.Function):
             if counts.device.type == "cpu" and not torch.compiler.is_compiling():
                 ctx.counts, counts = counts.tolist(), None
             ctx.save_for_backward(y, m, invstd, weight, bias, r, d, counts)
+        elif stats is not None:
+            ctx.save_for_backward(x, weight, bias, m, invstd, stats)
         else:
-            ctx.save_for_backward(x, weight, bias, m, mean, invstd, count, r, d)
-        ctx.cfg = (axis, eps, group_size, combine, ops, activation, slope, save)
-        # the statistics leave through ``stash`` (not as outputs: each output costs autograd bookkeeping)
-        stash.extend((mean, var, count, finite if res is not None else None))
+            ctx.save_for_backward(x, weight, bias, m, invstd, r, d, mean, count)
+        ctx.cfg = (axis, eps, group_size, combine, ops, activation, slope, save, plain, stats is not None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        axis, eps, group_size, combine, ops, activation, slope, save = ctx.cfg
+        axis, eps, group_size, combine, ops, activation, slope, save, plain, from_stats = ctx.cfg
+        stats = mean = count = r = d = None
         if save:
             t, m, invstd, weight, bias, r, d, count = ctx.saved_tensors
             if count is None:
                 count = torch.tensor(ctx.counts, dtype=invstd.dtype)
+        elif from_stats:
+            t, weight, bias, m, invstd, stats = ctx.saved_tensors
         else:
-            t, weight, bias, m, mean, invstd, count, r, d = ctx.saved_tensors
+            t, weight, bias, m, invstd, r, d, mean, count = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the formula itself
             if save:
                 raise NotImplementedError(
@@ -250,12 +259,14 @@ class _TrainNorm(torch.autograd.Function):
                 )
             return _double_backward(ctx, dy, t, weight, bias, m, r, d)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        fused = getattr(ops, "train_backward", None) if _plain(combine) else None
+        fused = getattr(ops, "train_backward", None) if plain and (save or from_stats) else None
         if fused is not None:
-            res = fused(dy, t, axis, None if save else mean, invstd, weight, bias, count, m, group_size, eps,
-                        activation, slope, save, (need_x, need_w, need_b))
+            res = fused(dy, t, axis, stats, invstd, weight, bias, count, m, group_size, eps, activation, slope, save,
+                        (need_x, need_w, need_b))
             if res is not None:
                 return (*res, None, None, None, None, None, None, None, None, None, None, None)
+            if stats is not None:  # kernels could not take t after all: the general steps need mean, count
+                count, mean = stats[0], stats[1]
         kz, bz = _affine(weight, bias, r, d, save, eps, invstd)
         p, q = (bz, 1.0 / kz) if save else (mean, invstd)
         kw = {"activation": activation, "negative_slope": slope, "zscale": kz, "zshift": bz, "from_output": save}
@@ -312,7 +323,7 @@ def _traced_train(x, weight, bias, m, axis, eps, group_size, combine, activation
 
 
 def _double_backward(ctx, dy, x, weight, bias, m, r, d):
-    axis, eps, group_size, combine, _, activation, slope, _ = ctx.cfg
+    axis, eps, group_size, combine, _, activation, slope, *_ = ctx.cfg
     if type(combine).stats is not Combine.stats:
         raise NotImplementedError(
             "double backward (create_graph=True) through synchronized batch statistics is not supported; "

@@ -680,7 +680,8 @@ def _train_bwd(dy, t, m, has_mask, seg, seg_group, G, rpg, mean, invstd, w, b, e
 class _Plan:
     """How a tensor of one shape/stride/axis/grouping is cut for the kernels (cached per signature)."""
 
-    __slots__ = ("perm", "identity", "axis", "A", "C", "B", "shape", "phys", "rpg", "G", "seg", "seg_group")
+    __slots__ = ("perm", "identity", "axis", "A", "C", "B", "shape", "phys", "rpg", "G", "seg", "seg_group", "nbytes",
+                 "inverse")
 
 
 def fork_unsafe() -> bool:
@@ -729,6 +730,8 @@ def _plan_for(shape, strides, axis, group_size, threads, itemsize) -> _Plan | No
     p.rpg = A if group_size is None else rows * group_size
     p.G = -(-A // p.rpg)
     p.seg, p.seg_group = _segments(A, p.C, B, p.rpg, p.G, threads)
+    p.nbytes = A * p.C * B * itemsize
+    p.inverse = [perm.index(d) for d in range(len(perm))]
     return p
 
 
@@ -784,6 +787,9 @@ def _arr(t: torch.Tensor, p: _Plan) -> np.ndarray:
 
 def _out(p: _Plan, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
     """A new x-shaped output in x's memory order, and its canonical array (large ones from the buffer cache)."""
+    if p.nbytes < buffers.MIN_BYTES:  # small: a plain tensor (the allocator recycles these cheaply)
+        t = torch.empty(p.phys, dtype=dtype)
+        return (t if p.identity else t.permute(p.inverse)), t.numpy().reshape(p.shape)
     t, phys = buffers.empty(p.phys, p.perm, dtype)
     return t, phys.reshape(p.shape)
 
@@ -883,24 +889,26 @@ def train_forward(x, axis, m, group_size, weight, bias, eps, activation=None, ne
 
     ``running = (running_mean, running_var, num_batches_tracked, momentum)`` also updates the running
     estimates in the same call (rule of :func:`batchnorm.functional.update_running`) when the buffers
-    are contiguous CPU float32/float64. Returns ``(y, count, mean, var, invstd, finite)`` (statistics
-    ``(G, C)`` in the statistics dtype; ``finite`` is None when the running estimates were not
-    updated here), or None when the kernels cannot take ``x``. ``clamp``: memory="save"'s
+    are CPU float32/float64. Returns ``(y, stats, invstd, finite)``: ``stats`` is ``(3, G, C)`` =
+    (count, mean, biased var) and ``invstd`` ``(G, C)``, in the statistics dtype; ``finite`` is None
+    when the running estimates were not updated here. None when the kernels cannot take ``x``. ``clamp``: memory="save"'s
     ``|γ| < eps → ±eps``.
     """
     p = _plan(x, axis, group_size)
     if p is None:
         return None
-    sd = _NP[_t.stat_dtype(x.dtype)]
+    sd = _NP[x.dtype]  # the statistics dtype is the input's for the dtypes the kernels take
     out = np.empty((3, p.G, p.C), sd)
     inv = np.empty((p.G, p.C), sd)
     y, ya = _out(p, x.dtype)
     ra = _running_args(running)
-    finite = _train_fwd(_arr(x, p), _mask(m, p), m is not None, p.seg, p.seg_group, p.G, p.rpg,
-                        _vec(weight, p.C, 1.0), _vec(bias, p.C, 0.0), float(eps), bool(clamp),
-                        _t.activation_code(activation), float(negative_slope), ya, out, inv, *ra)
-    stats = torch.from_numpy(out)
-    return y, stats[0], stats[1], stats[2], torch.from_numpy(inv), (bool(finite) if ra[0] else None)
+    finite = _train_fwd(_arr(x, p), _NO_MASK if m is None else _mask(m, p), m is not None, p.seg, p.seg_group, p.G,
+                        p.rpg, _vec(weight, p.C, 1.0), _vec(bias, p.C, 0.0), float(eps), bool(clamp),
+                        _CODES[activation], float(negative_slope), ya, out, inv, *ra)
+    return y, torch.from_numpy(out), torch.from_numpy(inv), (bool(finite) if ra[0] else None)
+
+
+_CODES = {None: 0, **{name: i for i, name in enumerate(ACTIVATIONS)}}
 
 
 def update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked=None):
@@ -955,27 +963,29 @@ def backward_apply(dy, x, axis, mean, invstd, k, mean_dy, mean_dy_xhat, m, group
     return dx
 
 
-def train_backward(dy, t, axis, mean, invstd, weight, bias, count, m, group_size, eps, activation=None,
+def train_backward(dy, t, axis, stats, invstd, weight, bias, count, m, group_size, eps, activation=None,
                    negative_slope=0.01, from_output=False, needs=(True, True, True)):
     """Plain batch norm's whole backward in one kernel call: reduce ``(Σ dz, Σ dz·x̂)`` → means → apply ``dx``.
 
-    ``t`` is the input (``from_output=False``; ``mean`` and ``invstd`` are the batch statistics) or the
-    output of memory="save" (``mean`` unused, ``x̂ = (act⁻¹(y) − β) / γ`` with γ clamped to ``±eps``
-    as in the forward). ``count`` is the ``(G, C)`` or ``(G, 1)`` counted values; ``needs`` says which
-    of ``(dx, dγ, dβ)`` to return (others are None). Returns None when the kernels cannot take ``t``.
+    ``t`` is the input (``from_output=False``; ``stats`` the ``(3, G, C)`` (count, mean, var) of
+    :func:`train_forward`) or the output of memory="save" (``stats`` unused, ``x̂ = (act⁻¹(y) − β) / γ``
+    with γ clamped to ``±eps`` as in the forward). ``count``: ``(G, C)`` or ``(G, 1)`` counted values,
+    or None to take them from ``stats``. ``needs`` says which of ``(dx, dγ, dβ)`` to return (others are
+    None). Returns None when the kernels cannot take ``t``.
     """
     p = _plan(t, axis, group_size)
     if p is None:
         return None
     inv = bool(from_output)
     iv = invstd.numpy()
+    st = stats.numpy() if stats is not None else None
     dx, dxa = _out(p, t.dtype) if needs[0] else (None, np.empty((1,) * len(p.shape), _NP[t.dtype]))
     dw, dwa = _grad_out(weight, needs[1], p.C)
     db, dba = _grad_out(bias, needs[2], p.C)
-    cn = count.numpy()
-    _train_bwd(_arr(dy if dy.dtype == t.dtype else dy.to(t.dtype), p), _arr(t, p), _mask(m, p), m is not None,
-               p.seg, p.seg_group, p.G, p.rpg, iv if inv else mean.numpy(), iv, _vec(weight, p.C, 1.0),
-               _vec(bias, p.C, 0.0), float(eps), inv, _t.activation_code(activation), float(negative_slope),
+    cn = count.numpy() if count is not None else st[0]
+    _train_bwd(_arr(dy if dy.dtype == t.dtype else dy.to(t.dtype), p), _arr(t, p), _NO_MASK if m is None else _mask(m, p),
+               m is not None, p.seg, p.seg_group, p.G, p.rpg, iv if inv else st[1], iv, _vec(weight, p.C, 1.0),
+               _vec(bias, p.C, 0.0), float(eps), inv, _CODES[activation], float(negative_slope),
                cn if cn.dtype == np.float64 else cn.astype(np.float64), needs[0], dxa, dwa, dba)
     if dw is not None and dw.dtype != weight.dtype:
         dw = dw.to(weight.dtype)

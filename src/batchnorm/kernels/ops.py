@@ -202,12 +202,12 @@ def train_forward(x, axis, m, group_size, weight, bias, eps, activation=None, ne
     return cpu.train_forward(x, axis, m, group_size, weight, bias, eps, activation, negative_slope, clamp, running)
 
 
-def train_backward(dy, t, axis, mean, invstd, weight, bias, count, m, group_size, eps, activation=None,
+def train_backward(dy, t, axis, stats, invstd, weight, bias, count, m, group_size, eps, activation=None,
                    negative_slope=0.01, from_output=False, needs=(True, True, True)):
     """:func:`cpu.train_backward` when eager (None while compiling)."""
     if _compiling():
         return None
-    return cpu.train_backward(dy, t, axis, mean, invstd, weight, bias, count, m, group_size, eps, activation,
+    return cpu.train_backward(dy, t, axis, stats, invstd, weight, bias, count, m, group_size, eps, activation,
                               negative_slope, from_output, needs)
 
 

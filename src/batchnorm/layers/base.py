@@ -195,8 +195,8 @@ class BatchNorm(nn.Module):
 
     # -- hooks for variants (the *combine* step) ----------------------------------------------
     def _combine(self) -> F.Combine:
-        """How batch statistics become the normalizing ones (identity here)."""
-        return F.Combine()
+        """How batch statistics become the normalizing ones (identity here: the shared stateless instance)."""
+        return F._PLAIN
 
     def _group_size(self, x: torch.Tensor) -> int | None:
         """Rows of axis 0 per ghost batch, or None for one batch."""
@@ -218,29 +218,30 @@ class BatchNorm(nn.Module):
         self.__dict__["last_input_shape"] = tuple(x.shape)  # plain attribute: skip nn.Module.__setattr__'s checks
         return x, axis
 
-    def _use_batch_stats(self) -> bool:
-        # As torch.nn.BatchNorm*d: eval uses batch statistics only when there are no running buffers;
-        # flipping ``track_running_stats`` to False on a built layer stops the updates, nothing more.
-        return self.training or self.running_mean is None or self.running_var is None
-
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Normalize ``x``; ``mask`` selects the positions that count toward the statistics."""
         x, axis = self._validated(x)
-        update = self.training and self.track_running_stats and self.running_mean is not None
+        # parameters and buffers read from their dicts once (nn.Module.__getattr__ is slow on a hot path)
+        params, bufs = self._parameters, self._buffers
+        rm, rv = bufs.get("running_mean"), bufs.get("running_var")
+        training = self.training
+        update = training and self.track_running_stats and rm is not None
         return F.normalize(
             x,
-            self.weight,
-            self.bias,
+            params.get("weight"),
+            params.get("bias"),
             axis=axis,
             eps=self.eps,
-            use_batch_stats=self._use_batch_stats(),
-            running_mean=self.running_mean,
-            running_var=self.running_var,
+            # as torch.nn.BatchNorm*d: eval uses batch statistics only when there are no running buffers;
+            # flipping ``track_running_stats`` to False on a built layer stops the updates, nothing more
+            use_batch_stats=training or rm is None or rv is None,
+            running_mean=rm,
+            running_var=rv,
             update=update,
             momentum=self.momentum,
-            num_batches_tracked=self.num_batches_tracked if update else None,
+            num_batches_tracked=bufs.get("num_batches_tracked") if update else None,
             mask=mask,
-            group_size=self._group_size(x) if self.training else None,
+            group_size=self._group_size(x) if training else None,
             combine=self._combine(),
             name=type(self).__name__,
             activation=getattr(self, "activation", None),
