@@ -11,7 +11,7 @@ does not do this; ``THP_MEM_ALLOC_ENABLE=1`` only makes its faults cheaper.
 Rules:
 
 * A buffer returns to the cache only when the tensor that used it (and every view of it) is gone:
-  its storage is a NumPy array watched by :func:`weakref.finalize`. Nothing alive is ever reused.
+  its storage is a NumPy array watched by a weak reference. Nothing alive is ever reused.
 * Sizes are rounded up to 2 MiB, buffers are 2 MiB-aligned and advised ``MADV_HUGEPAGE`` (Linux),
   so a new buffer is faulted in huge pages and a cached one fits any output of its size class.
 * The cache keeps at most ``BATCHNORM_BUFFER_CACHE`` bytes of *free* buffers (default 1 GiB;
@@ -134,6 +134,16 @@ def set_limit(nbytes: int) -> None:
 
 
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+_LIVE: dict[int, tuple] = {}  # id(weakref) -> (weakref, buffer) for outputs in use
+
+
+def _release(ref: weakref.ref) -> None:
+    """Weakref callback: the output's array is gone, so its buffer may serve again."""
+    try:
+        _, buf = _LIVE.pop(id(ref))
+    except (KeyError, TypeError):  # interpreter shutdown
+        return
+    _CACHE.give(buf)
 
 
 def empty(physical_shape: tuple[int, ...], perm: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
@@ -153,7 +163,8 @@ def empty(physical_shape: tuple[int, ...], perm: list[int], dtype: torch.dtype) 
         size = _size_class(n)
         buf = _CACHE.take(size)
         arr = buf[:n].view(_NP_DTYPES[dtype]).reshape(physical_shape)
-        weakref.finalize(arr, _CACHE.give, buf)
+        ref = weakref.ref(arr, _release)  # cheaper than weakref.finalize (a few µs per output)
+        _LIVE[id(ref)] = (ref, buf)
         t = torch.from_numpy(arr)
     return (t if identity else t.permute(_inverse(perm))), arr
 
