@@ -263,3 +263,40 @@ def test_gradient_exact_for_ambiguous_channels_last_layout(backend):
     mu, var = xx.mean((0, 2, 3), keepdim=True), xx.var((0, 2, 3), unbiased=False, keepdim=True)
     (want,) = torch.autograd.grad((xx - mu) / torch.sqrt(var + 1e-5), (xx,), g.double())
     torch.testing.assert_close(dx.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"], ids=str)
+@pytest.mark.parametrize("bdtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape,axis,layout,group_size", [c for c in LAYOUTS if c[3] is None], ids=str)
+def test_eval_forward_matches_eval_scale_shift_then_apply(shape, axis, layout, group_size, bdtype, activation):
+    x = _make(shape, layout, torch.float32)
+    c = shape[axis]
+    w, b = torch.randn(c), torch.randn(c)
+    rm, rv = torch.randn(c, dtype=bdtype), torch.rand(c, dtype=bdtype) + 0.1
+    y = cpu.eval_forward(x, axis, w, b, rm, rv, 1e-3, activation, 0.01)
+    a, sh = Fn.eval_scale_shift(w, b, rm, rv, 1e-3, x.dtype)
+    want = T.apply(x, axis, a, sh, None, activation, 0.01)
+    assert y.stride() == x.stride()
+    _close(y, want, torch.float32)
+
+
+def test_eval_forward_declines_buffers_it_cannot_take():
+    x = torch.randn(8, 4)
+    assert cpu.eval_forward(x, 1, None, None, torch.zeros(4).half(), torch.ones(4).half(), 1e-5) is None
+
+
+def test_eval_layer_without_grad_uses_one_call_and_matches_torch(backend):
+    import batchnorm
+
+    x = torch.randn(16, 5, 3, 3)
+    ours, ref = batchnorm.BatchNorm(5).eval(), torch.nn.BatchNorm2d(5).eval()
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-1, 1)
+        torch.testing.assert_close(ours(x), ref(x))
+    y = ours(x.requires_grad_(True))  # grad enabled: the differentiable path still gives gradients
+    y.sum().backward()
+    assert x.grad is not None and ours.weight.grad is not None

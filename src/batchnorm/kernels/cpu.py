@@ -613,6 +613,23 @@ def _train_fwd(x, m, has_mask, seg, seg_group, G, rpg, w, b, eps, clamp, code, s
 
 
 @njit(cache=True)
+def _eval_fwd(x, y, rm, rv, w, b, eps, code, slope, rpg):
+    """Evaluation forward: the apply constants of running statistics (count 1, mean ``rm``, m2 ``rv``), then apply."""
+    C = rm.shape[0]
+    st = np.empty((1, C, 3))
+    for c in range(C):
+        st[0, c, 0] = 1.0
+        st[0, c, 1] = rm[c]
+        st[0, c, 2] = rv[c]
+    out = np.empty((3, 1, C))
+    inv = np.empty((1, C))
+    scale = np.empty((1, C))
+    shift = np.empty((1, C))
+    _constants(st, w, b, eps, False, out, inv, scale, shift)
+    _apply_layout(x, y, scale, shift, rpg, code, slope)
+
+
+@njit(cache=True)
 def _bwd_sums_any(dy, t, p, q, kz, bz, seg, seg_group, G, rpg, code, slope, inv):
     """``(Σ dz, Σ dz · x̂)`` per group as a float64 ``(G, C, 2)`` array (either loop strategy)."""
     C = t.shape[1]
@@ -909,6 +926,28 @@ def train_forward(x, axis, m, group_size, weight, bias, eps, activation=None, ne
 
 
 _CODES = {None: 0, **{name: i for i, name in enumerate(ACTIVATIONS)}}
+
+
+def eval_forward(x, axis, weight, bias, running_mean, running_var, eps, activation=None, negative_slope=0.01):
+    """Evaluation-mode batch norm in one kernel call: ``y = act(γ·(x − μ)/sqrt(σ² + eps) + β)`` with running μ, σ².
+
+    The constants are formed in float64 (as :func:`batchnorm.functional.eval_scale_shift`, but never
+    narrower than float64). Returns None when the kernels cannot take ``x`` or the buffers (CPU
+    float32/float64 only). No autograd: callers use it when no gradient is needed.
+    """
+    p = _plan(x, axis, None)
+    if p is None:
+        return None
+    try:
+        rm, rv = running_mean.detach().numpy(), running_var.detach().numpy()
+    except (RuntimeError, TypeError):
+        return None
+    if rm.dtype not in _F_TYPES or rv.dtype not in _F_TYPES:
+        return None
+    y, ya = _out(p, x.dtype)
+    _eval_fwd(_arr(x, p), ya, rm, rv, _vec(weight, p.C, 1.0), _vec(bias, p.C, 0.0), float(eps), _CODES[activation],
+              float(negative_slope), p.rpg)
+    return y
 
 
 def update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked=None):

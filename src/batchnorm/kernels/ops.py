@@ -9,7 +9,8 @@ has an autograd formula. The training path differentiates through
 This module has the same four functions as :mod:`batchnorm.kernels.torch_ops` and
 :mod:`batchnorm.kernels.cpu` (``reduce``, ``apply``, ``backward_reduce``, ``backward_apply``); it is
 what :func:`batchnorm.kernels.dispatch.select` returns for the numba path. It also offers the numba
-path's one-call sequences for plain batch norm (``train_forward``, ``train_backward``) and its
+path's one-call sequences for plain batch norm (``train_forward``, ``train_backward``,
+``eval_forward``) and its
 running update (``update_running``), eager only: while compiling they return None and the caller
 runs the three steps through the registered ops.
 """
@@ -216,3 +217,10 @@ def update_running(running_mean, running_var, mean, var, count, momentum, num_ba
     if _compiling():
         return None
     return cpu.update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
+
+
+def eval_forward(x, axis, weight, bias, running_mean, running_var, eps, activation=None, negative_slope=0.01):
+    """:func:`cpu.eval_forward` when eager (None while compiling, or for inputs/buffers it does not take)."""
+    if _compiling():
+        return None
+    return cpu.eval_forward(x, axis, weight, bias, running_mean, running_var, eps, activation, negative_slope)
