@@ -202,8 +202,9 @@ class _TrainNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, m, axis, eps, group_size, combine, ops, activation, slope, save, running,
-                stash):
+    def forward(ctx, x, weight, bias, m, cfg, running, stash):
+        # non-tensor settings travel as one tuple: every argument of apply() costs autograd bookkeeping
+        axis, eps, group_size, combine, ops, activation, slope, save = cfg
         plain = combine is _PLAIN or _plain(combine)
         fused = getattr(ops, "train_forward", None) if plain else None
         res = fused(x, axis, m, group_size, weight, bias, eps, activation, slope, save, running) if fused else None
@@ -264,7 +265,7 @@ class _TrainNorm(torch.autograd.Function):
             res = fused(dy, t, axis, stats, invstd, weight, bias, count, m, group_size, eps, activation, slope, save,
                         (need_x, need_w, need_b))
             if res is not None:
-                return (*res, None, None, None, None, None, None, None, None, None, None, None)
+                return (*res, None, None, None, None)
             if stats is not None:  # kernels could not take t after all: the general steps need mean, count
                 count, mean = stats[0], stats[1]
         kz, bz = _affine(weight, bias, r, d, save, eps, invstd)
@@ -284,7 +285,7 @@ class _TrainNorm(torch.autograd.Function):
             dweight = dw.sum(0).to(weight.dtype)
         if need_b:
             dbias = sum_dy.sum(0).to(bias.dtype)
-        return dx, dweight, dbias, None, None, None, None, None, None, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None
 
 
 def _composite(x, weight, bias, m, axis, eps, group_size, r=None, d=None, activation=None, slope=0.01, stats=None):
@@ -333,7 +334,7 @@ def _double_backward(ctx, dy, x, weight, bias, m, r, d):
     with torch.enable_grad():
         y = _composite(x, weight, bias, m, axis, eps, group_size, r, d, activation, slope)
         grads = torch.autograd.grad(y, [t for _, t in inputs], dy, create_graph=True, allow_unused=True)
-    out: list[torch.Tensor | None] = [None] * 14
+    out: list[torch.Tensor | None] = [None] * 7
     for (i, t), g in zip(inputs, grads):
         out[i] = g if g is not None else torch.zeros_like(t)
     return tuple(out)
@@ -396,7 +397,7 @@ def normalize(
         running = (running_mean, running_var, num_batches_tracked, momentum) if updating else None
         stash: list = []  # (mean, var, count, finite); finite is set when the kernel call updated the buffers
         y = _TrainNorm.apply(
-            x, weight, bias, m, axis, eps, group_size, combine, ops, activation, negative_slope, memory == "save",
+            x, weight, bias, m, (axis, eps, group_size, combine, ops, activation, negative_slope, memory == "save"),
             running, stash,
         )
         mean, var, count, finite = stash
