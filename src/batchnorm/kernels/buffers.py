@@ -19,6 +19,15 @@ Rules:
   releases them; :func:`cache_info` reports hits, misses and bytes held.
 * The tensors are ordinary CPU tensors in the input's dtype and memory format, except that their
   storage cannot be resized (``y.resize_()`` to a larger size raises, as for ``torch.from_numpy``).
+
+Example::
+
+    >>> from batchnorm.kernels import buffers
+    >>> buffers.cache_info()["limit_bytes"]        # BATCHNORM_BUFFER_CACHE, default 1 GiB
+    1073741824
+    >>> freed = buffers.empty_cache()              # bytes of free buffers handed back
+
+Reference: the caching-allocator idea of PyTorch's CUDA allocator (``torch.cuda.empty_cache``).
 """
 
 from __future__ import annotations

@@ -910,6 +910,9 @@ def train_forward(x, axis, m, group_size, weight, bias, eps, activation=None, ne
     (count, mean, biased var) and ``invstd`` ``(G, C)``, in the statistics dtype; ``finite`` is None
     when the running estimates were not updated here. None when the kernels cannot take ``x``. ``clamp``: memory="save"'s
     ``|γ| < eps → ±eps``.
+
+    Shape: ``x`` any dense layout with C at ``axis``; ``weight``, ``bias`` ``(C,)`` or None; ``y`` like ``x``.
+    Reference: Ioffe & Szegedy (2015), Algorithms 1 and 2.
     """
     p = _plan(x, axis, group_size)
     if p is None:
@@ -934,6 +937,9 @@ def eval_forward(x, axis, weight, bias, running_mean, running_var, eps, activati
     The constants are formed in float64 (as :func:`batchnorm.functional.eval_scale_shift`, but never
     narrower than float64). Returns None when the kernels cannot take ``x`` or the buffers (CPU
     float32/float64 only). No autograd: callers use it when no gradient is needed.
+
+    Shape: ``x`` any dense layout with C at ``axis``; parameters and buffers ``(C,)``; output like ``x``.
+    Reference: Ioffe & Szegedy (2015), Algorithm 2, step 11.
     """
     p = _plan(x, axis, None)
     if p is None:
@@ -1011,6 +1017,9 @@ def train_backward(dy, t, axis, stats, invstd, weight, bias, count, m, group_siz
     with γ clamped to ``±eps`` as in the forward). ``count``: ``(G, C)`` or ``(G, 1)`` counted values,
     or None to take them from ``stats``. ``needs`` says which of ``(dx, dγ, dβ)`` to return (others are
     None). Returns None when the kernels cannot take ``t``.
+
+    Shape: ``dy``, ``t`` and ``dx`` like the layer input; ``dγ``, ``dβ`` ``(C,)`` in the parameters' dtype.
+    Reference: the analytic backward ``dx = γ/σ · (dy − mean(dy) − x̂ · mean(dy·x̂))`` (Ioffe & Szegedy 2015).
     """
     p = _plan(t, axis, group_size)
     if p is None:
