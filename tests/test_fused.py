@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif("numba" not in dispatch.available(), reason="num
 if "numba" in dispatch.available():
     from batchnorm.kernels import buffers, cpu
 
-from test_kernels import LAYOUTS, _close, _make, _mask  # noqa: E402
+from test_kernels import LAYOUTS, _close, _make, _mask, every_layout  # noqa: E402
 
 ACTS = [None, "relu", "leaky_relu", "silu", "gelu", "tanh"]
 
@@ -38,9 +38,7 @@ def _general(x, axis, m, group_size, w, b, eps, activation, slope, save):
     return y, count, mean, var, invstd
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
-@pytest.mark.parametrize("shape,axis,layout,group_size", LAYOUTS, ids=str)
+@every_layout
 def test_train_forward_matches_three_torch_steps(shape, axis, layout, group_size, masked, dtype):
     x = _make(shape, layout, dtype)
     m = _mask(shape, axis, masked)

@@ -66,15 +66,20 @@ def _mask(shape, axis, masked):
     return m
 
 
+def every_layout(test):
+    """Run ``test`` over every loop strategy / layout / grouping, with and without a mask, in f32 and f64."""
+    test = pytest.mark.parametrize("shape,axis,layout,group_size", LAYOUTS, ids=str)(test)
+    test = pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])(test)
+    return pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)(test)
+
+
 def _close(a, b, dtype, scale=1.0):
     rtol, atol = (1e-4, 1e-5) if dtype == torch.float32 else (1e-10, 1e-12)
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale)
 
 
 @needs_numba
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
-@pytest.mark.parametrize("shape,axis,layout,group_size", LAYOUTS, ids=str)
+@every_layout
 def test_reduce_and_apply_match_torch_path(shape, axis, layout, group_size, masked, dtype):
     x = _make(shape, layout, dtype)
     m = _mask(shape, axis, masked)
@@ -92,9 +97,7 @@ def test_reduce_and_apply_match_torch_path(shape, axis, layout, group_size, mask
 
 
 @needs_numba
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
-@pytest.mark.parametrize("shape,axis,layout,group_size", LAYOUTS, ids=str)
+@every_layout
 def test_backward_kernels_match_torch_path(shape, axis, layout, group_size, masked, dtype):
     x = _make(shape, layout, dtype)
     m = _mask(shape, axis, masked)
