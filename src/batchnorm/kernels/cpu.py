@@ -433,6 +433,14 @@ def _bwd_apply(dy, t, dx, p, q, kz, bz, k, mdz, mdzx, u, v, m, has_mask, rpg, co
 # --------------------------------------------------------------------------------------------
 # per-feature constants and the running update (tiny serial kernels: one call instead of ~20 torch ops)
 # --------------------------------------------------------------------------------------------
+@njit(inline="always", cache=True)
+def _clamped(wc, eps):
+    """memory="save"'s γ rule: ``|γ| < eps`` is used as ``±eps`` (sign kept, sign(0) = +1)."""
+    if abs(wc) < eps:
+        return -eps if wc < 0 else eps
+    return wc
+
+
 @njit(cache=True)
 def _constants(st, w, b, eps, clamp, out, inv, scale, shift):
     """Merged ``st[g, c] = (count, mean, m2)`` → ``out = (count, mean, var)``, ``inv`` and apply constants.
@@ -447,9 +455,7 @@ def _constants(st, w, b, eps, clamp, out, inv, scale, shift):
             mu = st[g, c, 1]
             var = st[g, c, 2] / max(n, 1.0)
             iv = 1.0 / math.sqrt(var + eps)
-            wc = w[c]
-            if clamp and abs(wc) < eps:
-                wc = -eps if wc < 0 else eps
+            wc = _clamped(w[c], eps) if clamp else w[c]
             sc = wc * iv
             out[0, g, c] = n
             out[1, g, c] = mu
@@ -469,9 +475,7 @@ def _bwd_constants(mean, invstd, w, b, eps, inv, p, q, kz, bz, k):
     G, C = invstd.shape
     for g in range(G):
         for c in range(C):
-            wc = w[c]
-            if inv and abs(wc) < eps:
-                wc = -eps if wc < 0 else eps
+            wc = _clamped(w[c], eps) if inv else w[c]
             kz[g, c] = wc
             bz[g, c] = b[c]
             k[g, c] = wc * invstd[g, c]
@@ -648,7 +652,6 @@ def _bwd_sums_any(dy, t, p, q, kz, bz, seg, seg_group, G, rpg, code, slope, inv)
 def _dx_any(dy, t, dx, p, q, kz, bz, k, sums, count, m, has_mask, rpg, code, slope, inv):
     """``dx = k · (dz − m · (mean(dz) + x̂ · mean(dz · x̂)))`` with means over each group's ``count``."""
     G, C = p.shape
-    kk = np.empty((G, C))
     mdz = np.empty((G, C))
     mdzx = np.empty((G, C))
     u = np.empty((G, C))
@@ -659,12 +662,11 @@ def _dx_any(dy, t, dx, p, q, kz, bz, k, sums, count, m, has_mask, rpg, code, slo
             m1 = sums[g, c, 0] / n
             m2 = sums[g, c, 1] / n
             uc = k[g, c] * m2 * q[g, c]
-            kk[g, c] = k[g, c]
             mdz[g, c] = m1
             mdzx[g, c] = m2
             u[g, c] = uc
             v[g, c] = k[g, c] * m1 - uc * p[g, c]
-    _bwd_apply_layout(dy, t, dx, p, q, kz, bz, kk, mdz, mdzx, u, v, m, has_mask, rpg, code, slope, inv)
+    _bwd_apply_layout(dy, t, dx, p, q, kz, bz, k, mdz, mdzx, u, v, m, has_mask, rpg, code, slope, inv)
 
 
 @njit(cache=True)
@@ -811,14 +813,6 @@ def _out(p: _Plan, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
     return t, phys.reshape(p.shape)
 
 
-def empty_like(x: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor like ``x`` (same memory order); large ones come from :mod:`.buffers`."""
-    p = _plan(x, 0, None) if x.dim() else None
-    if p is None:
-        return torch.empty_like(x)
-    return _out(p, x.dtype)[0]
-
-
 _NO_MASK = np.zeros((1, 1), dtype=np.uint8)
 
 
@@ -922,7 +916,7 @@ def train_forward(x, axis, m, group_size, weight, bias, eps, activation=None, ne
     inv = np.empty((p.G, p.C), sd)
     y, ya = _out(p, x.dtype)
     ra = _running_args(running)
-    finite = _train_fwd(_arr(x, p), _NO_MASK if m is None else _mask(m, p), m is not None, p.seg, p.seg_group, p.G,
+    finite = _train_fwd(_arr(x, p), _mask(m, p), m is not None, p.seg, p.seg_group, p.G,
                         p.rpg, _vec(weight, p.C, 1.0), _vec(bias, p.C, 0.0), float(eps), bool(clamp),
                         _CODES[activation], float(negative_slope), ya, out, inv, *ra)
     return y, torch.from_numpy(out), torch.from_numpy(inv), (bool(finite) if ra[0] else None)
@@ -959,8 +953,8 @@ def eval_forward(x, axis, weight, bias, running_mean, running_var, eps, activati
 def update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked=None):
     """:func:`batchnorm.functional.update_running` in one kernel call; None if the buffers do not suit it.
 
-    Buffers must be contiguous CPU float32/float64 (and ``num_batches_tracked`` an int64 CPU tensor).
-    Returns the Python bool "the batch statistics were finite".
+    Buffers must be CPU float32/float64 tensors that need no gradient (and ``num_batches_tracked`` an
+    int64 CPU tensor). Returns the Python bool "the batch statistics were finite".
     """
     ra = _running_args((running_mean, running_var, num_batches_tracked, momentum))
     if not ra[0] or mean.device.type != "cpu":
@@ -1031,10 +1025,10 @@ def train_backward(dy, t, axis, stats, invstd, weight, bias, count, m, group_siz
     dw, dwa = _grad_out(weight, needs[1], p.C)
     db, dba = _grad_out(bias, needs[2], p.C)
     cn = count.numpy() if count is not None else st[0]
-    _train_bwd(_arr(dy if dy.dtype == t.dtype else dy.to(t.dtype), p), _arr(t, p), _NO_MASK if m is None else _mask(m, p),
+    _train_bwd(_arr(dy if dy.dtype == t.dtype else dy.to(t.dtype), p), _arr(t, p), _mask(m, p),
                m is not None, p.seg, p.seg_group, p.G, p.rpg, iv if inv else st[1], iv, _vec(weight, p.C, 1.0),
                _vec(bias, p.C, 0.0), float(eps), inv, _CODES[activation], float(negative_slope),
-               cn if cn.dtype == np.float64 else cn.astype(np.float64), needs[0], dxa, dwa, dba)
+               cn.astype(np.float64, copy=False), needs[0], dxa, dwa, dba)
     if dw is not None and dw.dtype != weight.dtype:
         dw = dw.to(weight.dtype)
     if db is not None and db.dtype != bias.dtype:
