@@ -24,7 +24,7 @@ if "numba" in dispatch.available():
 
 from test_kernels import LAYOUTS, _close, _make, _mask, every_layout  # noqa: E402
 
-ACTS = [None, "relu", "leaky_relu", "silu", "gelu", "tanh"]
+ACTS = [None, "relu", "leaky_relu", "silu", "gelu", "tanh", "relu6"]
 
 
 def _general(x, axis, m, group_size, w, b, eps, activation, slope, save):

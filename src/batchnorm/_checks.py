@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from . import activations as _activations
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -133,7 +135,7 @@ def too_few_values(n: int, shape: tuple[int, ...], masked: bool, name: str = "Ba
     )
 
 
-ACTIVATIONS = (None, "identity", "relu", "leaky_relu", "silu", "gelu", "sigmoid", "tanh")
+ACTIVATIONS = _activations.NAMES  # the one table: batchnorm.activations
 MEMORY_MODES = ("default", "save")
 
 
@@ -149,7 +151,7 @@ def check_activation(activation: str | None, negative_slope: float, memory: str,
     if memory not in MEMORY_MODES:
         raise ValueError(f"{name} expected memory to be one of {MEMORY_MODES}, got {memory!r}.")
     if memory == "save":
-        if activation not in (None, "identity", "leaky_relu"):
+        if not _activations.get(activation).invertible:
             raise ValueError(
                 f"{name}: memory='save' recovers the normalized input from the output, so the activation must be "
                 f"invertible, got activation={activation!r}. Use activation='leaky_relu' (negative_slope > 0) or "

@@ -43,10 +43,11 @@ from numba import njit, prange
 from numba.extending import overload
 from numba.np.ufunc import parallel as _parallel
 
+from .. import activations as _activations
 from . import buffers
 from . import torch_ops as _t
 
-# Activation codes shared with torch_ops.ACTIVATIONS (index = code).
+# Activation codes: batchnorm.activations.TABLE[name].code (the branches of _act/_dact below).
 ACTIVATIONS = _t.ACTIVATIONS
 _SQRT1_2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
@@ -71,7 +72,12 @@ def _act(z, code, slope):
         return 0.5 * z * (1 + math.erf(z * _SQRT1_2))
     if code == 5:
         return 1 / (1 + math.exp(-z))
-    return math.tanh(z)
+    if code == 6:
+        return math.tanh(z)
+    # 7: relu6 = hardtanh(0, 6); NaN falls through both tests and stays NaN, as in torch
+    if z > 6:
+        return z * 0 + 6
+    return z if not z < 0 else z * 0
 
 
 @njit(inline="always", cache=True)
@@ -91,8 +97,10 @@ def _dact(z, code, slope):
     if code == 5:
         s = 1 / (1 + math.exp(-z))
         return s * (1 - s)
-    th = math.tanh(z)
-    return 1 - th * th
+    if code == 6:
+        th = math.tanh(z)
+        return 1 - th * th
+    return 1.0 if 0 < z < 6 else 0.0  # 7: relu6 (hardtanh(0, 6): zero at both kinks, as torch)
 
 
 @njit(inline="always", cache=True)
@@ -922,7 +930,7 @@ def train_forward(x, axis, m, group_size, weight, bias, eps, activation=None, ne
     return y, torch.from_numpy(out), torch.from_numpy(inv), (bool(finite) if ra[0] else None)
 
 
-_CODES = {None: 0, **{name: i for i, name in enumerate(ACTIVATIONS)}}
+_CODES = {None: 0, **{a.name: a.code for a in _activations.TABLE.values()}}
 
 
 def eval_forward(x, axis, weight, bias, running_mean, running_var, eps, activation=None, negative_slope=0.01):

@@ -12,48 +12,28 @@ broadcast by :func:`batchnorm._checks.mask_for` (size 1 along the feature axis),
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-#: Fused activations; the index is the code the numba kernels use. None means "identity".
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu", "gelu", "sigmoid", "tanh")
-#: Activations whose input can be recovered from their output (memory="save").
-INVERTIBLE = ("identity", "leaky_relu")
+from .. import activations as _activations
+
+#: Fused activations (names in code order) — read from the one table, :mod:`batchnorm.activations`.
+ACTIVATIONS = tuple(_activations.TABLE)
 
 
 def activation_code(activation: str | None) -> int:
-    """Index of ``activation`` in :data:`ACTIVATIONS` (None → identity)."""
-    return 0 if activation is None else ACTIVATIONS.index(activation)
+    """The numba code of ``activation`` (None → identity)."""
+    return _activations.code_of(activation)
 
 
 def act(z: torch.Tensor, activation: str | None, negative_slope: float = 0.01) -> torch.Tensor:
     """The fused activation ``act(z)`` (gelu is the exact erf form, as ``torch.nn.GELU()``)."""
     if activation is None or activation == "identity":
         return z
-    if activation == "leaky_relu":
-        return F.leaky_relu(z, negative_slope)
-    return {"relu": torch.relu, "silu": F.silu, "gelu": F.gelu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}[
-        activation
-    ](z)
+    return _activations.TABLE[activation].forward(z, negative_slope)
 
 
 def act_grad(z: torch.Tensor, activation: str | None, negative_slope: float = 0.01) -> torch.Tensor:
-    """``d act / dz`` at ``z`` (at 0, relu and leaky_relu take the left slope, as PyTorch)."""
-    if activation is None or activation == "identity":
-        return torch.ones_like(z)
-    if activation == "relu":
-        return (z > 0).to(z.dtype)
-    if activation == "leaky_relu":
-        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, negative_slope))
-    if activation == "silu":
-        s = torch.sigmoid(z)
-        return s * (1 + z * (1 - s))
-    if activation == "gelu":
-        return 0.5 * (1 + torch.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * torch.exp(-0.5 * z * z)
-    if activation == "sigmoid":
-        s = torch.sigmoid(z)
-        return s * (1 - s)
-    th = torch.tanh(z)
-    return 1 - th * th
+    """``d act / dz`` at ``z`` (at a kink the left value, as PyTorch: relu'(0) = 0, leaky_relu'(0) = slope)."""
+    return _activations.get(activation).derivative(z, negative_slope)
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
