@@ -1,38 +1,158 @@
-"""``batchnorm bench``: the ``--shape`` rows a user adds (structure and errors only; no timing is asserted)."""
+"""``batchnorm bench``: the sweep, model, fixed-cost and ``--shape`` rows build and run (no timing is asserted)."""
 
 from __future__ import annotations
 
+import json
+import math
+import re
+
 import pytest
+import torch
 
 from batchnorm import bench
+from batchnorm.kernels import dispatch
+
+# ------------------------------------------------------------------ the sweep covers what issue 11 asks for
+
+
+def test_sweep_spans_the_sizes_ranks_and_layouts_the_issue_asks_for():
+    sweep = bench.SWEEP
+    assert len(sweep) >= 30
+    assert len({c.name for c in sweep}) == len(sweep), "row names must be unique (they key the results)"
+    sizes = [c.nbytes for c in sweep]
+    assert min(sizes) <= 1024 and max(sizes) >= 200 * 10**6
+    assert {len(c.shape) for c in sweep} == {2, 3, 4, 5}
+    assert {len(c.shape) for c in sweep if c.layout == "cl"} == {4, 5}
+    assert any(c.layout == "last" for c in sweep)
+    for name in ("train (64, 64, 56, 56)", "train (64, 64, 56, 56) cl", "train (32, 256, 28, 28)"):
+        assert name in {c.name for c in sweep} and bench.TARGETS[name] == 0.5
+
+
+def _tiny(case: bench.Case) -> bench.Case:
+    """The same rank and layout at toy size (features kept distinct from the other dims)."""
+    shape = [min(d, 3) for d in case.shape]
+    shape[case.axis] = 5
+    shape[0] = 4
+    return bench.Case(tuple(shape), case.layout, case.activation)
+
+
+@pytest.mark.parametrize("case", sorted({_tiny(c) for c in bench.SWEEP}, key=lambda c: c.name), ids=lambda c: c.name)
+def test_every_sweep_kind_builds_and_runs_both_contenders(case):
+    row = bench.train_row(case)
+    assert set(row.fns) == {"ours", "torch"}
+    for fn in row.fns.values():
+        fn()
+    if case.layout == "cl":
+        assert not row.x.is_contiguous() and row.x.is_contiguous(
+            memory_format=torch.channels_last if row.x.dim() == 4 else torch.channels_last_3d)
+    assert row.backend() in dispatch.available() or row.backend() == "?"
+
+
+@pytest.mark.parametrize("case", [bench.Case((4, 3, 5), "last"), bench.Case((4, 5, 3, 3), "cl"), bench.Case((6, 5))],
+                         ids=lambda c: c.name)
+def test_both_contenders_compute_the_same_input_gradient(case):
+    """Else the timing would compare different work (torch gets axis=-1 input through a transpose)."""
+    row = bench.train_row(case)
+    grads = []
+    for name in ("ours", "torch"):
+        row.fns[name]()
+        grads.append(row.x.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ models and fixed cost
+
+
+@pytest.mark.parametrize("name", list(bench.MODELS))
+def test_model_rows_build_and_take_a_training_step_at_toy_size(name):
+    try:
+        row = bench.model_row(name, small=True)
+    except bench._Skip as why:  # pragma: no cover - only without batchnorm.zoo
+        pytest.skip(str(why))
+    from batchnorm.layers import BatchNorm
+
+    ours_layers = [m for m in row.layer.modules() if isinstance(m, BatchNorm)]
+    assert ours_layers, "the converted model must hold our layers"
+    params = [p.detach().clone() for p in row.layer.parameters()]
+    for fn in row.fns.values():
+        fn()
+    moved = [not torch.equal(a, b.detach()) for a, b in zip(params, row.layer.parameters())]
+    assert any(moved), "the optimizer step must change our model's parameters"
+    summary = row.backend()
+    counts = [int(n) for n in re.findall(r" x(\d+)", summary)]
+    assert sum(counts) == len(ours_layers), summary
+
+
+def test_fixed_cost_row_has_every_backend_and_auto():
+    row = bench.fixed_cost_row((8, 16))
+    assert set(row.fns) == {"torch", "auto", *dispatch.available()}
+    for fn in row.fns.values():
+        fn()
+
+
+def test_side_by_side_rotates_and_returns_one_sample_per_round():
+    order = []
+    fns = {k: (lambda k=k: order.append(k)) for k in "abc"}
+    s = bench.side_by_side(fns, repeats=3, warmup=0, budget=0.0)
+    assert {k: len(v) for k, v in s.items()} == {"a": 3, "b": 3, "c": 3}
+    timed = order[3:]  # the first three calls measure one call each to size the rounds
+    assert timed == list("abcbcacab")
+
+
+# ------------------------------------------------------------------ --shape rows
 
 
 @pytest.mark.parametrize(
     "spec,name",
-    [("8,4,5", "train (8, 4, 5)"), ("4,3,6,6:cl", "train (4, 3, 6, 6) cl"), ("6,5,3:last:relu", "train (6, 5, 3) last relu")],
+    [("8,4,5", "train (8, 4, 5)"), ("4,3,6,6:cl", "train (4, 3, 6, 6) cl"), ("6,5,3:last:relu", "train (6, 5, 3) axis=-1 +relu"),
+     ("2,3,2,2,2:cl", "train (2, 3, 2, 2, 2) cl")],
 )
 def test_shape_spec_builds_one_runnable_side_by_side_row(spec, name):
     rows = bench._custom_row(spec)
     assert list(rows) == [name]
-    fns = rows[name]()
-    assert set(fns) == {"ours", "torch"}
-    for fn in fns.values():
+    row = rows[name]()
+    assert set(row.fns) == {"ours", "torch"}
+    for fn in row.fns.values():
         fn()  # one training step of each contender runs
 
 
 @pytest.mark.parametrize(
     "spec,match",
     [("3,x", "--shape expects integers like 16,32,64,64"), ("8", "need at least 2 dims"),
-     ("2,3,4:cl", "flags from :cl \\(4-D only\\)"), ("2,3:fast", "got \\['fast'\\]")],
+     ("2,3,4:cl", "flags from :cl \\(4-D or 5-D only\\)"), ("2,3:fast", "got \\['fast'\\]"),
+     ("2,3,4,4:cl:last", ":last \\(not with :cl\\)")],
 )
 def test_bad_shape_spec_says_what_is_expected(spec, match):
     with pytest.raises(SystemExit, match=match):
         bench._custom_row(spec)
 
 
-def test_main_with_shape_prints_only_that_row(capsys, tmp_path):
+def test_main_with_shape_prints_only_that_row_and_writes_json(capsys, tmp_path):
     out = tmp_path / "b.json"
     assert bench.main(["--shape", "8,4,5", "--repeats", "1", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "train (8, 4, 5)" in text and "train (64,64,56,56)" not in text and "first call" not in text
-    assert out.exists()
+    assert "train (8, 4, 5)" in text and "train (64, 64, 56, 56)" not in text and "first call" not in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["row"] for r in rows] == ["train (8, 4, 5)"]
+    assert rows[0]["bytes"] == 4 * 8 * 4 * 5 and math.isclose(rows[0]["ratio"], rows[0]["ours_ms"] / rows[0]["torch_ms"])
+
+
+def test_main_sweep_rows_filter_runs_the_chosen_sweep_rows(capsys):
+    assert bench.main(["--sweep", "--rows", "(8, 16);(2, 4, 4, 4, 4)", "--repeats", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "train (8, 16) " in text and "train (2, 4, 4, 4, 4)" in text and "model" not in text
+
+
+# ------------------------------------------------------------------ --help
+
+
+def test_help_is_plain_words_and_describes_every_option(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    text = capsys.readouterr().out
+    assert ":class:" not in text and "``" not in text and ":func:" not in text
+    parser = bench._parser()
+    for action in parser._actions:
+        assert action.help, f"option {action.option_strings} has no help text"
+    for opt in ("--sweep", "--models", "--fixed", "--calibrate", "--quick", "--shape", "--rows", "--backend"):
+        assert opt in text
