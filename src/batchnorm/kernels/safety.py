@@ -23,9 +23,12 @@ Rules (the kernel dispatch applies them on every call):
   - the layer numba uses (or, before its first parallel kernel, could pick) is ``workqueue``:
     fork-safe, the child may use numba;
   - ``tbb``: fork-safe when the fork happens on the main thread;
-  - ``omp`` (or not known yet): safe only when the parent has no native threads besides the ones
-    Python's :mod:`threading` knows about — every OpenMP, TBB or other pool thread counts, since
-    on Linux we cannot tell a torch ``libgomp`` worker from any other native thread;
+  - ``omp`` (or not known yet): safe only when the parent had no OpenMP pool thread. A native
+    thread that :mod:`threading` does not know counts as one unless it is provably elsewhere: on
+    Linux x86-64 an idle libgomp worker waits in a futex system call made from libgomp's own code,
+    so the thread's program counter (``/proc/self/task/<tid>/syscall``) names the library, while
+    OpenBLAS's idle workers (started by ``import numpy``) sit in libc. A running thread, or any
+    native thread on other platforms, counts (conservative: the child then takes another backend);
   - any layer: unsafe when another thread held numba's compiler lock at the fork (the child's copy
     of that lock would never be released).
 
@@ -53,6 +56,8 @@ Reference: numba documentation, "The Threading Layers" (thread and fork safety o
 from __future__ import annotations
 
 import os
+import platform
+import re
 import sys
 import threading
 
@@ -180,14 +185,67 @@ def _possible_layers() -> set[str]:
     return {"tbb", "omp", "workqueue"}  # "default": the first of these that loads
 
 
-def _foreign_native_threads() -> int | None:
-    """Native threads of this process that :mod:`threading` does not know (pool threads); None if unknown."""
+_OPENMP_LIBS = re.compile(r"lib(gomp|iomp5|omp)[-.\w]*\.(so|dylib)")
+# Where libgomp's idle workers wait in a futex syscall issued from libgomp's own code (inline `syscall`
+# instruction, GCC config/linux/x86/futex.h), so the thread's program counter names the library. Elsewhere
+# (generic Linux futex.h calls libc's syscall()) a pool thread cannot be told from any other native thread.
+_PC_NAMES_LIBRARY = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64", "i686", "i386")
+
+
+def _foreign_native_threads() -> list[int] | None:
+    """Thread ids of native threads :mod:`threading` does not know (pool threads); None if they cannot be listed."""
     try:
         tids = {int(t) for t in os.listdir("/proc/self/task")}
     except (OSError, ValueError):
         return None
     known = {t.native_id for t in threading.enumerate()}
-    return len(tids - known)
+    return sorted(tids - known)
+
+
+def _executable_mappings() -> list[tuple[int, int, str]]:
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and "x" in parts[1]:
+                lo, hi = parts[0].split("-")
+                out.append((int(lo, 16), int(hi, 16), parts[5].strip()))
+    return out
+
+
+def _openmp_pool_threads() -> tuple[int, str]:
+    """``(n, how)``: how many native threads may belong to an OpenMP pool (n > 0: forking now is unsafe for omp).
+
+    A native thread counts unless it is provably elsewhere: blocked in a system call issued from a
+    library that is not an OpenMP runtime (OpenBLAS's idle workers sit in libc). A running thread
+    (e.g. a libgomp worker still spinning after a parallel region) counts.
+    """
+    foreign = _foreign_native_threads()
+    if foreign is None:
+        return -1, "the parent's native threads could not be listed (no /proc/self/task)"
+    if not foreign:
+        return 0, ""
+    if not _PC_NAMES_LIBRARY:
+        return len(foreign), "native worker thread(s) that cannot be told apart from an OpenMP pool on this platform"
+    try:
+        maps = _executable_mappings()
+    except OSError:
+        return len(foreign), "native worker thread(s) whose library could not be read"
+    suspects = 0
+    for tid in foreign:
+        try:
+            with open(f"/proc/self/task/{tid}/syscall") as f:
+                fields = f.read().split()
+        except OSError:
+            continue  # the thread has exited meanwhile
+        if len(fields) < 3:  # "running" (or not readable): could be an OpenMP worker spinning
+            suspects += 1
+            continue
+        pc = int(fields[-1], 16)
+        lib = next((name for lo, hi, name in maps if lo <= pc < hi), "")
+        if not lib or _OPENMP_LIBS.search(os.path.basename(lib)):
+            suspects += 1
+    return suspects, "OpenMP pool thread(s) (torch's intra-op threads share numba's libgomp)"
 
 
 def _compiler_lock_held_elsewhere() -> bool:
@@ -215,16 +273,13 @@ def fork_verdict() -> str:
     if "tbb" in layers and threading.current_thread() is not threading.main_thread():
         return "numba's TBB threading layer is not fork-safe when fork() is called from a thread other than the main thread"
     if "omp" in layers:
-        foreign = _foreign_native_threads()
-        if foreign is None:
+        n, what = _openmp_pool_threads()
+        if n < 0:
+            return f"numba may use GNU OpenMP, which is not fork-safe, and {what}"
+        if n:
             return (
-                "numba may use GNU OpenMP, which is not fork-safe, and the parent's native threads could not be counted "
-                "(no /proc/self/task)"
-            )
-        if foreign:
-            return (
-                f"the parent had {foreign} native worker thread(s) (an OpenMP pool such as torch's intra-op threads or "
-                "numba's own) when it forked; GNU OpenMP is not fork-safe, so numba's parallel kernels could hang here"
+                f"the parent had {n} {what} when it forked; GNU OpenMP is not fork-safe, "
+                "so numba's parallel kernels could hang in this process"
             )
     return ""
 
