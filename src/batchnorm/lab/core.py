@@ -87,6 +87,8 @@ class Section:
     figures: list[Figure] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)  # plain numbers for results.json
     notes: list[str] = field(default_factory=list)
+    #: one or two sentences for the report's "findings at a glance" (deciding number and its uncertainty)
+    finding: str = ""
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -1,14 +1,24 @@
 """Turn experiment sections into ``report.html`` (one self-contained file), ``report.md`` (+ PNGs) and ``results.json``.
 
+A finished :class:`~batchnorm.lab.core.Section` is first *rendered* (:func:`render`): its figures become
+PNG bytes and everything else plain data, so a rendered section can travel between processes, be
+stored in ``results.json`` and be reused by ``batchnorm lab --resume``. :func:`write_report` writes
+the whole report from the rendered sections finished so far; the lab calls it after every section,
+so the files on disk are always a valid (possibly partial) report. Files are replaced atomically.
+
 ``report.html`` embeds every figure as a base64 PNG and uses no script and no external resource,
 so it opens anywhere (and renders in headless Chromium without console errors). ``report.md``
 references ``fig-<section>-<i>.png`` files written next to it. ``results.json`` holds each
-section's ``results`` dict (plain numbers), its tables, the run settings and the wall times.
+section's ``results`` dict (plain numbers), its texts and tables, the run settings and the wall times.
+
+The report opens with "findings at a glance": the five seed questions (:data:`SEED_QUESTIONS`),
+each answered by the ``finding`` sentences of the sections that answer it, linked to them.
 
 Example::
 
-    >>> from batchnorm.lab.report import write_report
-    >>> paths = write_report(sections, Path("lab-report"), ctx=ctx, timings={"x": 1.0}, total_seconds=1.0)
+    >>> from batchnorm.lab.report import render, write_report
+    >>> done = {s.name: render(s, seconds=1.0, settings={}) for s in sections}
+    >>> paths = write_report(done, Path("lab-report"), ctx=ctx, order=[s.name for s in sections])
 """
 
 from __future__ import annotations
@@ -19,7 +29,9 @@ import html
 import io
 import json
 import math
+import os
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +39,19 @@ import numpy as np
 import torch
 
 from .core import Context, Section, Table
+
+#: (seed file, the question in one line, the sections whose findings answer it)
+SEED_QUESTIONS: list[tuple[str, str, list[str]]] = [
+    ("000", "Is a BatchNorm layer at the input equivalent to standardizing the inputs?",
+     ["input-bn-vs-standardization"]),
+    ("001", "Why does BN standardize before γx + β, when γ and β could learn any scale and shift?",
+     ["why-normalize-before-affine"]),
+    ("002", "Does BN make each layer's inputs Gaussian?", ["is-it-gaussian"]),
+    ("003", "Does BN work by removing internal covariate shift, and are its listed drawbacks (small batches, "
+            "test-time estimates, overhead) real?",
+     ["internal-covariate-shift", "batch-size", "test-time-statistics", "overhead"]),
+    ("004", "Over which values are a hidden layer's BN statistics computed?", ["hidden-layer-statistics"]),
+]
 
 _CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; max-width: 1100px; margin: 2em auto;
@@ -36,6 +61,10 @@ h2 { margin-top: 2.2em; border-bottom: 1px solid #ccd; padding-bottom: .2em; }
 .question { font-size: 1.08em; font-style: italic; }
 .answer { background: #eef5ea; border-left: 4px solid #4e9a06; padding: .6em 1em; }
 .failed { background: #fbeaea; border-left: 4px solid #cc0000; padding: .6em 1em; }
+.banner { background: #fff4d6; border-left: 4px solid #c4a000; padding: .6em 1em; font-weight: 600; }
+.glance { background: #f2f5fa; border: 1px solid #c8d2e4; padding: .4em 1.2em; }
+.glance dt { font-weight: 600; margin-top: .6em; }
+.glance dd { margin-left: 1.2em; }
 .setup { color: #333; }
 table { border-collapse: collapse; margin: .8em 0; font-size: .92em; }
 th, td { border: 1px solid #c8ccd4; padding: .25em .6em; text-align: right; }
@@ -45,10 +74,15 @@ caption { caption-side: top; text-align: left; font-weight: 600; padding-bottom:
 figure { margin: 1em 0; }
 figure img { max-width: 100%; border: 1px solid #dde; }
 figcaption { font-size: .9em; color: #444; }
-nav ol { columns: 2; }
+nav ul { columns: 2; list-style: none; padding-left: 0; }
 .meta { color: #555; font-size: .9em; }
 pre { background: #f6f6f6; padding: .6em; overflow-x: auto; font-size: .85em; }
 """
+
+QUICK_BANNER = (
+    "Smoke test (--quick): one seed and small budgets. These numbers show that the code runs end to end; they are "
+    "not evidence, and no comparison in this report is resolved. Run `batchnorm lab` for the answers."
+)
 
 
 def _cell(value: Any) -> str:
@@ -92,6 +126,33 @@ def _jsonable(obj: Any) -> Any:
     return obj if obj is None or isinstance(obj, str) else str(obj)
 
 
+def render(section: Section, *, seconds: float | None, settings: dict[str, Any]) -> dict[str, Any]:
+    """A finished section as plain data: texts, tables as dicts, figures as ``{"caption", "file", "png"}``.
+
+    ``settings`` (seeds, seed, quick, code version) is stored with it so ``--resume`` can tell whether the
+    section can be reused. The matplotlib figures are closed. Shape: n/a (a dict).
+    Example: ``render(section, seconds=2.5, settings={"seeds": 3})["figures"][0]["file"] == "fig-<name>-1.png"``.
+    """
+    figures = []
+    for i, f in enumerate(section.figures, 1):
+        figures.append({"caption": f.caption, "file": f"fig-{section.name}-{i}.png", "png": _png(f.figure)})
+    return {
+        "name": section.name,
+        "title": section.title,
+        "question": section.question,
+        "setup": section.setup,
+        "answer": section.answer,
+        "finding": section.finding,
+        "tables": [{"caption": t.caption, "headers": list(t.headers), "rows": _jsonable(t.rows)} for t in section.tables],
+        "figures": figures,
+        "results": _jsonable(section.results),
+        "notes": list(section.notes),
+        "seconds": seconds,
+        "settings": dict(settings),
+        "failed": "error" in section.results,
+    }
+
+
 def _table_html(t: Table) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in t.headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in row) + "</tr>" for row in t.rows)
@@ -112,26 +173,68 @@ def _paragraphs(text: str) -> str:
     return "".join(f"<p>{html.escape(p.strip())}</p>" for p in text.split("\n\n") if p.strip())
 
 
+def _write(path: Path, data: bytes | str) -> None:
+    """Replace ``path`` atomically (a Ctrl-C or crash never leaves a half-written file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(data, str):
+        tmp.write_text(data, encoding="utf-8")
+    else:
+        tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def glance(done: dict[str, dict[str, Any]], order: Sequence[str]) -> list[tuple[str, str, list[tuple[str, str, str]]]]:
+    """``[(seed id, question, [(section name, section title, finding text)])]`` for the sections in ``order``.
+
+    A section that has not finished yet (or failed) contributes a sentence saying so.
+    """
+    out = []
+    for seed, question, names in SEED_QUESTIONS:
+        items = []
+        for name in names:
+            if name not in order:
+                continue
+            sec = done.get(name)
+            if sec is None:
+                items.append((name, name, "Not run yet (the run was interrupted or is still going)."))
+            elif sec["failed"]:
+                items.append((name, sec["title"], "The experiment failed; see its section."))
+            else:
+                items.append((name, sec["title"], sec["finding"] or "(see the section's answer)"))
+        if items:
+            out.append((seed, question, items))
+    return out
+
+
 def write_report(
-    sections: list[Section],
+    done: dict[str, dict[str, Any]],
     out: Path,
     *,
     ctx: Context,
-    timings: dict[str, float] | None = None,
+    order: Sequence[str],
     total_seconds: float | None = None,
+    partial: bool = False,
 ) -> list[Path]:
-    """Write ``report.html``, ``report.md``, the figure PNGs and ``results.json`` into ``out``; returns their paths."""
-    import matplotlib.pyplot as plt
+    """Write ``report.html``, ``report.md``, the figure PNGs and ``results.json`` into ``out``; returns their paths.
 
+    ``done`` maps section names to :func:`render` output; ``order`` is every section the run was asked for
+    (those not in ``done`` are listed as missing). ``partial`` marks a report written mid-run or after an
+    interruption.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    timings = timings or {}
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     settings = (
         f"seeds={ctx.seeds} (first seed {ctx.seed}), quick={ctx.quick}; torch {torch.__version__}, "
-        f"Python {platform.python_version()}, {torch.get_num_threads()} threads; {when}"
+        f"Python {platform.python_version()}; {when}"
     )
     wall = f"total wall time {total_seconds:.1f} s" if total_seconds is not None else ""
+    sections = [done[n] for n in order if n in done]
+    missing = [n for n in order if n not in done]
+    status = ""
+    if missing:
+        status = (f"Partial report: {len(sections)} of {len(order)} sections finished; not yet run: "
+                  f"{', '.join(missing)}. Run the same command with --resume to add them.")
 
     html_parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
@@ -139,72 +242,112 @@ def write_report(
         "<title>batchnorm lab report</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>batchnorm lab</h1>",
-        f"<p class='meta'>Every number below was measured in this run: {html.escape(settings)}; {html.escape(wall)}. "
-        "Numbers are mean ± standard deviation over the seeds.</p>",
-        "<nav><ol>" + "".join(f"<li><a href='#{html.escape(s.name)}'>{html.escape(s.title)}</a></li>" for s in sections)
-        + "</ol></nav>",
     ]
-    md_parts = [
-        "# batchnorm lab",
-        "",
-        f"Every number below was measured in this run: {settings}; {wall}. Numbers are mean ± standard deviation "
-        "over the seeds.",
-        "",
-    ]
-    md_parts += [f"{i}. [{s.title}](#{s.name})" for i, s in enumerate(sections, 1)] + [""]
+    md_parts = ["# batchnorm lab", ""]
+    if ctx.quick:
+        html_parts.append(f"<p class='banner'>{html.escape(QUICK_BANNER)}</p>")
+        md_parts += [f"> **{QUICK_BANNER}**", ""]
+    if status:
+        html_parts.append(f"<p class='banner'>{html.escape(status)}</p>")
+        md_parts += [f"> **{status}**", ""]
+    html_parts.append(
+        f"<p class='meta'>Every number below was measured in this run: {html.escape(settings)}"
+        f"{'; ' + html.escape(wall) if wall else ''}. Numbers are mean ± standard deviation over the seeds unless a "
+        "line says it shows a 95 % interval; a difference is called resolved only when the 95 % interval of the "
+        "per-seed differences excludes zero (batchnorm.lab.stats).</p>")
+    md_parts += [f"Every number below was measured in this run: {settings}{'; ' + wall if wall else ''}. Numbers are "
+                 "mean ± standard deviation over the seeds unless a line says it shows a 95 % interval; a difference "
+                 "is called resolved only when the 95 % interval of the per-seed differences excludes zero "
+                 "(batchnorm.lab.stats).", ""]
+
+    # findings at a glance
+    html_parts.append("<h2 id='glance'>Findings at a glance</h2><dl class='glance'>")
+    md_parts += ["## Findings at a glance", ""]
+    for seed, question, items in glance(done, order):
+        html_parts.append(f"<dt>{html.escape(question)} <span class='meta'>(seeds/{seed})</span></dt>")
+        md_parts.append(f"**{question}** *(seeds/{seed})*")
+        md_parts.append("")
+        for name, title, text in items:
+            html_parts.append(f"<dd>{html.escape(text)} <a href='#{html.escape(name)}'>→ {html.escape(title)}</a></dd>")
+            md_parts.append(f"- {text} [→ {title}](#{name})")
+        md_parts.append("")
+    html_parts.append("</dl>")
+
+    # table of contents: the titles carry their own numbers, so the list adds none
+    html_parts.append("<nav><ul>" + "".join(
+        f"<li><a href='#{html.escape(s['name'])}'>{html.escape(s['title'])}</a></li>" for s in sections) + "</ul></nav>")
+    md_parts += [f"- [{s['title']}](#{s['name']})" for s in sections] + [""]
+
     results: dict[str, Any] = {
         "settings": {"seeds": ctx.seeds, "seed": ctx.seed, "quick": ctx.quick, "torch": torch.__version__,
                      "generated": when},
+        "complete": not missing,
+        "missing": missing,
         "total_seconds": total_seconds,
-        "timings": timings,
+        "timings": {s["name"]: s["seconds"] for s in sections},
         "sections": {},
     }
     written: list[Path] = []
     for s in sections:
-        failed = "error" in s.results
-        secs = timings.get(s.name)
-        html_parts.append(f"<section id='{html.escape(s.name)}'><h2>{html.escape(s.title)}</h2>")
-        html_parts.append(f"<p class='question'><b>Question.</b> {html.escape(s.question)}</p>")
-        html_parts.append(f"<div class='setup'><b>Setup.</b> {_paragraphs(s.setup)}</div>")
-        md_parts += [f"<a id='{s.name}'></a>", f"## {s.title}", "", f"**Question.** {s.question}", "",
-                     f"**Setup.** {s.setup}", ""]
-        for t in s.tables:
-            html_parts.append(_table_html(t))
-            md_parts += [_table_md(t), ""]
-        for i, f in enumerate(s.figures, 1):
-            png = _png(f.figure)
-            plt.close(f.figure)
-            name = f"fig-{s.name}-{i}.png"
-            (out / name).write_bytes(png)
-            written.append(out / name)
+        failed = s["failed"]
+        name = s["name"]
+        html_parts.append(f"<section id='{html.escape(name)}'><h2>{html.escape(s['title'])}</h2>")
+        html_parts.append(f"<p class='question'><b>Question.</b> {html.escape(s['question'])}</p>")
+        html_parts.append(f"<div class='setup'><b>Setup.</b> {_paragraphs(s['setup'])}</div>")
+        md_parts += [f"<a id='{name}'></a>", f"## {s['title']}", "", f"**Question.** {s['question']}", "",
+                     f"**Setup.** {s['setup']}", ""]
+        for t in s["tables"]:
+            table = Table(t["headers"], t["rows"], t["caption"])
+            html_parts.append(_table_html(table))
+            md_parts += [_table_md(table), ""]
+        for i, f in enumerate(s["figures"], 1):
+            png = f["png"]
+            path = out / f["file"]
+            if not path.exists() or path.read_bytes() != png:
+                _write(path, png)
+            written.append(path)
             b64 = base64.b64encode(png).decode("ascii")
             html_parts.append(
-                f"<figure><img alt='{html.escape(f.caption)}' src='data:image/png;base64,{b64}'>"
-                f"<figcaption>Figure {i}. {html.escape(f.caption)}</figcaption></figure>"
+                f"<figure><img alt='{html.escape(f['caption'])}' src='data:image/png;base64,{b64}'>"
+                f"<figcaption>Figure {i}. {html.escape(f['caption'])}</figcaption></figure>"
             )
-            md_parts += [f"![{f.caption}]({name})", "", f"*Figure {i}. {f.caption}*", ""]
+            md_parts += [f"![{f['caption']}]({f['file']})", "", f"*Figure {i}. {f['caption']}*", ""]
         klass = "failed" if failed else "answer"
-        html_parts.append(f"<div class='{klass}'><b>Answer.</b> {_paragraphs(s.answer)}</div>")
-        md_parts += [f"**Answer.** {s.answer}", ""]
-        for note in s.notes:
+        html_parts.append(f"<div class='{klass}'><b>Answer.</b> {_paragraphs(s['answer'])}</div>")
+        md_parts += [f"**Answer.** {s['answer']}", ""]
+        for note in s["notes"]:
             html_parts.append(f"<pre>{html.escape(note)}</pre>" if failed else f"<p class='meta'>{html.escape(note)}</p>")
             md_parts += [("```\n" + note + "\n```") if failed else f"*{note}*", ""]
-        if secs is not None:
-            html_parts.append(f"<p class='meta'>Wall time: {secs:.1f} s.</p>")
-            md_parts += [f"*Wall time: {secs:.1f} s.*", ""]
+        if s["seconds"] is not None:
+            html_parts.append(f"<p class='meta'>Wall time: {s['seconds']:.1f} s.</p>")
+            md_parts += [f"*Wall time: {s['seconds']:.1f} s.*", ""]
         html_parts.append("</section>")
-        results["sections"][s.name] = {
-            "title": s.title,
-            "question": s.question,
-            "answer": s.answer,
-            "results": s.results,
-            "tables": [{"caption": t.caption, "headers": t.headers, "rows": t.rows} for t in s.tables],
-            "figures": [f.caption for f in s.figures],
-            "seconds": secs,
-        }
+        results["sections"][name] = {k: v for k, v in s.items() if k != "figures"} | {
+            "figures": [{"caption": f["caption"], "file": f["file"]} for f in s["figures"]]}
     html_parts.append("</body></html>")
     paths = [out / "report.html", out / "report.md", out / "results.json"]
-    paths[0].write_text("\n".join(html_parts), encoding="utf-8")
-    paths[1].write_text("\n".join(md_parts), encoding="utf-8")
-    paths[2].write_text(json.dumps(_jsonable(results), indent=1, allow_nan=False), encoding="utf-8")
+    _write(paths[0], "\n".join(html_parts))
+    _write(paths[1], "\n".join(md_parts))
+    _write(paths[2], json.dumps(_jsonable(results), indent=1, allow_nan=False))
     return paths + written
+
+
+def load_rendered(out: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Read back ``results.json`` and the figure PNGs of an earlier run: ``(top-level dict, {name: rendered})``.
+
+    Sections whose PNG files are missing are left out. Returns empty dicts when there is no readable report.
+    """
+    path = Path(out) / "results.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}, {}
+    done: dict[str, dict[str, Any]] = {}
+    for name, sec in (data.get("sections") or {}).items():
+        try:
+            figures = [{"caption": f["caption"], "file": f["file"], "png": (Path(out) / f["file"]).read_bytes()}
+                       for f in sec.get("figures", [])]
+            done[name] = dict(sec) | {"figures": figures}
+        except (OSError, KeyError, TypeError):
+            continue
+    return data, done
