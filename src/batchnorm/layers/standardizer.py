@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -115,6 +115,37 @@ class Standardizer(nn.Module):
         self.m2.zero_()
         return self
 
+    def _chunk_stats(
+        self, x: torch.Tensor, mask: torch.Tensor | None, name: str, where: str = "a chunk"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """float64 ``(count, mean, m2)`` of one chunk on the buffers' device; refuses non-finite values."""
+        x, ax = _checks.layer_input(self, x, name)
+        m = _checks.mask_for(x, ax, mask)
+        xd = x.detach().to(device=self.mean.device, dtype=torch.float64)
+        m = m.to(self.mean.device) if m is not None else None
+        count, mean, m2 = _t.reduce(xd, ax, m, None)
+        count, mean, m2 = count[0], mean[0], m2[0]
+        bad = ~(torch.isfinite(mean) & torch.isfinite(m2))
+        if bool(bad.any()):
+            feats = bad.nonzero().flatten().tolist()
+            shown = ", ".join(map(str, feats[:10])) + (", ..." if len(feats) > 10 else "")
+            raise ValueError(
+                f"{name} expected finite values, got NaN or Inf in feature(s) [{shown}] of {where} "
+                f"of shape {tuple(x.shape)}; the statistics were left unchanged. Impute or drop those values first, "
+                + ("or exclude their positions with mask=." if name.endswith("partial_fit") else
+                   "or exclude their positions with a mask: partial_fit(chunk, mask=...) after reset().")
+            )
+        return count, mean, m2
+
+    def _state64(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        f64 = torch.float64
+        return self.count.to(f64), self.mean.to(f64), self.m2.to(f64)
+
+    def _commit(self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        self.count.copy_(count)
+        self.mean.copy_(mean)
+        self.m2.copy_(m2)
+
     @torch.no_grad()
     def partial_fit(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> Standardizer:
         """Merge the statistics of one chunk into the running totals; returns self.
@@ -126,63 +157,110 @@ class Standardizer(nn.Module):
         Shape: x any rank ≥ 2 with C at ``axis``; mask: x's shape without ``axis``.
         Example: ``s = Standardizer(3).partial_fit(torch.randn(10, 3)).partial_fit(torch.randn(5, 3))``.
         """
-        x, ax = _checks.layer_input(self, x, "Standardizer.partial_fit")
-        m = _checks.mask_for(x, ax, mask)
-        xd = x.detach().to(device=self.mean.device, dtype=torch.float64)
-        m = m.to(self.mean.device) if m is not None else None
-        count, mean, m2 = _t.reduce(xd, ax, m, None)
-        count, mean, m2 = count[0], mean[0], m2[0]
-        bad = ~(torch.isfinite(mean) & torch.isfinite(m2))
-        if bool(bad.any()):
-            feats = bad.nonzero().flatten().tolist()
-            shown = ", ".join(map(str, feats[:10])) + (", ..." if len(feats) > 10 else "")
-            raise ValueError(
-                f"Standardizer.partial_fit expected finite values, got NaN or Inf in feature(s) [{shown}] of a chunk "
-                f"of shape {tuple(x.shape)}; the statistics were left unchanged. Impute or drop those values first, "
-                "or exclude their positions with mask=."
-            )
-        f64 = torch.float64
-        n, mu, s = F.merge_stats(self.count.to(f64), self.mean.to(f64), self.m2.to(f64), count, mean, m2)
-        self.count.copy_(n)
-        self.mean.copy_(mu)
-        self.m2.copy_(s)
+        stats = self._chunk_stats(x, mask, "Standardizer.partial_fit")
+        self._commit(*F.merge_stats(*self._state64(), *stats))
         return self
 
-    def fit(self, data: torch.Tensor | Iterable[Any], progress: bool = False) -> Standardizer:
-        """Reset, then :meth:`partial_fit` every chunk of ``data``; returns self.
+    @torch.no_grad()
+    def fit(
+        self,
+        data: torch.Tensor | Iterable[Any],
+        progress: bool = False,
+        *,
+        key: str | int | Callable[[Any], torch.Tensor] | None = None,
+    ) -> Standardizer:
+        """Fit on the whole of ``data`` from scratch; returns self. Atomic: all of ``data`` or nothing.
 
-        ``data``: one tensor, or any iterable of tensors or of tuples/lists whose first element is
-        the input (a ``DataLoader`` yielding ``(x, y)``). ``progress=True`` shows a tqdm bar.
+        Equivalent to ``reset()`` followed by :meth:`partial_fit` on every chunk, except that the
+        statistics are accumulated in fresh state and committed only after the last chunk: if any
+        chunk fails (non-finite values, wrong shape, an error raised by the loader itself, Ctrl-C),
+        the layer keeps exactly the statistics it had before the call. An empty source (``fit([])``,
+        an exhausted generator, chunks without a single counted value) is a ``ValueError`` that
+        also leaves the layer unchanged.
 
-        Example: ``Standardizer(40).fit(DataLoader(TensorDataset(x, y), batch_size=256))``.
+        ``data``: one tensor, or any iterable of batches (e.g. a ``DataLoader``). How the input is
+        taken from each batch:
+
+        * ``key=None`` (default): the batch itself if it is a tensor, else the first element of a
+          tuple/list (``(x, y)`` from a ``TensorDataset``); a dict batch needs ``key``;
+        * ``key="x"`` (or an int index): ``batch[key]``, for dict batches (Hugging Face style
+          ``{"x": ..., "label": ...}``) or to pick another tuple element;
+        * ``key=callable``: ``key(batch)`` returns the input tensor.
+
+        ``progress=True`` shows a tqdm bar.
+
+        Shape: every input chunk has C at ``axis`` (any rank ≥ 2).
+
+        Example::
+
+            >>> from torch.utils.data import DataLoader, TensorDataset
+            >>> x, y = torch.randn(100, 3), torch.zeros(100)
+            >>> Standardizer(3).fit(DataLoader(TensorDataset(x, y), batch_size=32)).count[0]
+            tensor(100., dtype=torch.float64)
+            >>> Standardizer(3).fit([{"x": x, "y": y}], key="x").is_fitted
+            True
+
+        Reference: scikit-learn ``StandardScaler.fit`` (``fit`` = reset + ``partial_fit``).
         """
-        self.reset()
+        if key is not None and not (callable(key) or isinstance(key, (str, int))):
+            raise TypeError(
+                f"Standardizer.fit expected key to be None, a str/int index into each batch or a callable batch -> "
+                f"tensor, got {type(key).__name__}. Example: fit(loader, key='x') for dict batches."
+            )
         if isinstance(data, torch.Tensor):
-            return self.partial_fit(data)
-        if hasattr(data, "__array__") and not isinstance(data, (tuple, list)):
+            if key is not None:
+                raise TypeError(
+                    "Standardizer.fit got a tensor and key=; key selects the input inside each batch of an iterable. "
+                    "Pass the tensor alone: fit(x)."
+                )
+            chunks: Iterable[Any] = (data,)
+        elif hasattr(data, "__array__") and not isinstance(data, (tuple, list)):
             raise TypeError(
                 f"Standardizer.fit expected a torch.Tensor or an iterable of tensors / (x, y) tuples, got "
                 f"{type(data).__name__}. Convert it with torch.as_tensor(data)."
             )
-        if not isinstance(data, Iterable):
+        elif not isinstance(data, Iterable):
             raise TypeError(
                 f"Standardizer.fit expected a tensor or an iterable of tensors / (x, y) tuples (e.g. a DataLoader), "
                 f"got {type(data).__name__}."
             )
-        items: Iterable[Any] = data
+        else:
+            chunks = data
         if progress:
             from tqdm.auto import tqdm
 
-            items = tqdm(data, desc="Standardizer.fit", unit="batch")
-        for i, item in enumerate(items):
-            chunk = item[0] if isinstance(item, (tuple, list)) and len(item) > 0 else item
-            if not isinstance(chunk, torch.Tensor):
-                raise TypeError(
-                    f"Standardizer.fit expected item {i} of the data to be a tensor or a tuple/list starting with "
-                    f"one, got {type(item).__name__}. A DataLoader over a TensorDataset(x, y) yields [x, y] batches."
+            chunks = tqdm(chunks, desc="Standardizer.fit", unit="batch")
+        dev = self.mean.device
+        state = tuple(torch.zeros(self.num_features, dtype=torch.float64, device=dev) for _ in range(3))
+        seen = 0
+        try:
+            for i, batch in enumerate(chunks):
+                chunk = _select_input(batch, key, i)
+                where = "the data" if isinstance(data, torch.Tensor) else f"batch {i}"
+                state = F.merge_stats(*state, *self._chunk_stats(chunk, None, "Standardizer.fit", where))
+                seen = i + 1
+        except BaseException as exc:
+            if hasattr(exc, "add_note"):  # Python >= 3.11: say what happened to the layer
+                exc.add_note(
+                    f"Standardizer.fit stopped after {seen} complete batch(es) and committed nothing: the layer keeps "
+                    f"the statistics it had before this call ({self._describe_state()})."
                 )
-            self.partial_fit(chunk)
+            raise
+        if seen == 0 or not bool((state[0] > 0).any()):
+            what = "no batches (an empty iterable, or an iterator/generator that was already exhausted)"
+            if seen:
+                what = f"{seen} batch(es) without a single counted value"
+            raise ValueError(
+                f"Standardizer.fit received {what}; the layer was left unchanged ({self._describe_state()}). "
+                "Pass the training data (a tensor or a DataLoader); re-create a generator before fitting again."
+            )
+        self._commit(*state)
         return self
+
+    def _describe_state(self) -> str:
+        if not bool((self.count > 0).any()):
+            return "not fitted"
+        return f"fitted on {int(self.count.max())} value(s) per feature"
 
     # -- fitted statistics ---------------------------------------------------------------------
     @property
@@ -233,3 +311,41 @@ class Standardizer(nn.Module):
         """``x = y · scale + mean``, the inverse of :meth:`forward` (e.g. to report predictions in data units)."""
         _, hi, lo, scale, sd = self._map(y, "Standardizer.inverse_transform")
         return (y.to(sd) * scale + lo + hi).to(y.dtype)
+
+
+def _select_input(batch: Any, key: str | int | Callable[[Any], torch.Tensor] | None, i: int) -> torch.Tensor:
+    """The input tensor of one batch of :meth:`Standardizer.fit` (rules in its docstring)."""
+    if callable(key):
+        chunk = key(batch)
+        got = f"key(batch {i}) returned {type(chunk).__name__}"
+    elif key is not None:
+        try:
+            chunk = batch[key]
+        except (KeyError, IndexError, TypeError) as exc:
+            keys = f" (its keys: {list(batch)[:10]})" if isinstance(batch, dict) else ""
+            raise TypeError(
+                f"Standardizer.fit could not take key={key!r} from batch {i} of type {type(batch).__name__}{keys}: "
+                f"{exc!r}. Pass the name/index of the input tensor in each batch, or key=callable(batch) -> tensor."
+            ) from None
+        got = f"batch {i}[{key!r}] is {type(chunk).__name__}"
+    elif isinstance(batch, dict):
+        names = list(batch)[:10]
+        example = next((k for k in names if isinstance(batch[k], torch.Tensor)), names[0] if names else "x")
+        raise TypeError(
+            f"Standardizer.fit got a dict batch (keys {names}) and cannot tell which entry is the input. Pass "
+            f"key={example!r} (the name of the input tensor), or key=lambda batch: batch[{example!r}], "
+            "or a DataLoader whose batches are tensors or (x, y) tuples (e.g. over a TensorDataset)."
+        )
+    elif isinstance(batch, (tuple, list)) and len(batch) > 0:
+        chunk = batch[0]
+        got = f"item {i} of the data is a {type(batch).__name__} starting with {type(chunk).__name__}"
+    else:
+        chunk = batch
+        got = f"item {i} of the data is {type(batch).__name__}"
+    if not isinstance(chunk, torch.Tensor):
+        raise TypeError(
+            f"Standardizer.fit expected item {i} of the data to be a tensor or a tuple/list starting with one, but "
+            f"{got}. A DataLoader over a TensorDataset(x, y) yields [x, y] batches; for dict batches pass "
+            "key='name'; key=callable(batch) -> tensor selects the input from anything else."
+        )
+    return chunk
