@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .. import activations as _activations
 from ..layers.frozen import FrozenBatchNorm
 from .convert import is_bn_like
 
@@ -38,24 +39,15 @@ class _Unfoldable(Exception):
     pass
 
 
-_ACTS = {
-    "relu": lambda bn: nn.ReLU(),
-    "leaky_relu": lambda bn: nn.LeakyReLU(float(getattr(bn, "negative_slope", 0.01))),
-    "silu": lambda bn: nn.SiLU(),
-    "gelu": lambda bn: nn.GELU(),
-    "sigmoid": lambda bn: nn.Sigmoid(),
-    "tanh": lambda bn: nn.Tanh(),
-}
-
-
 def _activation(bn: nn.Module) -> nn.Module | None:
-    """The fused activation of one of our layers as a torch module (None: no activation)."""
+    """The fused activation of one of our layers as a torch module (None: no activation), from the one table
+    :data:`batchnorm.activations.TABLE`."""
     name = getattr(bn, "activation", None)
     if name in (None, "identity"):
         return None
-    if name not in _ACTS:
+    if name not in _activations.TABLE:
         raise _Unfoldable(f"its fused activation={name!r} has no torch module equivalent here")
-    return _ACTS[name](bn)
+    return _activations.to_module(name, float(getattr(bn, "negative_slope", 0.01)))
 
 
 def _affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor, nn.Module | None]:
