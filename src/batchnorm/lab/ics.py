@@ -15,6 +15,12 @@ layer (Ioffe & Szegedy, Figure 1), the gradient-based ICS of every weight layer
 smoothness of the loss along the gradient (:func:`batchnorm.diagnostics.loss_landscape`: loss range,
 gradient predictiveness, effective β-smoothness).
 
+Second part, where Santurkar et al. claim the landscape effect: a deep linear network (their
+Appendix uses a 25-layer one on synthetic Gaussian data) at depths :data:`DEPTHS`, with and without
+BN, each trained at the learning rate (from a small grid) with the lowest final training loss, and the
+same four measurements against depth, taken at a common probe step size so BN and no-BN are measured
+over the same distances.
+
 References: S. Ioffe and C. Szegedy, "Batch Normalization", ICML 2015 (Figure 1); S. Santurkar,
 D. Tsipras, A. Ilyas and A. Madry, "How Does Batch Normalization Help Optimization?", NeurIPS 2018
 (Figures 2-4).
@@ -32,6 +38,7 @@ from ..diagnostics import internal_covariate_shift, loss_landscape
 from ..layers.base import BatchNorm
 from . import data, models, train
 from .core import Context, Figure, Section, Table, fmt, mean_std, subplots
+from .stats import compare, crossing, pm
 
 NAME = "internal-covariate-shift"
 TITLE = "4. Internal covariate shift: Ioffe & Szegedy's Figure 1 and Santurkar et al.'s tests"
@@ -43,6 +50,19 @@ HIDDEN = (100, 100, 100)
 PERCENTILES = (15.0, 50.0, 85.0)
 TARGET = 0.85  # test accuracy whose first crossing measures training speed
 VARIANTS = ("no BN", "BN", "noisy BN")
+EVAL_EVERY = 10  # test accuracy every 10 steps; the 85 % crossing is interpolated between evaluations
+SMOOTH = 25  # window (steps) of the running mean drawn over the per-step percentiles in Figure 1
+
+#: deep linear network sweep (Santurkar et al. 2018, Appendix: 25-layer DLN on synthetic Gaussian data)
+DEPTHS = (2, 4, 8, 16, 25)
+DLN_WIDTH = 20
+DLN_OUT = 5
+DLN_BATCH = 128
+DLN_SAMPLES = 4096
+DLN_LRS = (0.001, 0.003, 0.01, 0.03, 0.1)
+PROBE_LR = 0.01  # step size of the ICS and landscape probes, the same for every network
+LAND_MEASURES = (("loss_range", "loss range"), ("grad_pred", "gradient change ‖∇L(θ′) − ∇L(θ)‖"),
+                 ("beta", "effective β-smoothness"))
 
 
 class NoisyBatchNorm(nn.Module):
@@ -89,14 +109,12 @@ def percentiles(values: torch.Tensor, qs: tuple[float, ...] = PERCENTILES) -> np
 
 
 def steps_to(eval_steps: list[int], accuracies: list[float], target: float) -> float:
-    """First evaluated step whose accuracy reaches ``target`` (NaN if none does).
+    """Step at which the test accuracy first reaches ``target``, interpolated linearly between evaluations.
 
-    Example: ``steps_to([50, 100, 150], [0.5, 0.9, 0.95], 0.85) == 100``.
+    (:func:`batchnorm.lab.stats.crossing`; NaN if it never does.) Example:
+    ``steps_to([50, 100, 150], [0.5, 0.9, 0.95], 0.85) == 93.75``.
     """
-    for step, acc in zip(eval_steps, accuracies):
-        if acc >= target:
-            return float(step)
-    return math.nan
+    return crossing(eval_steps, accuracies, target)
 
 
 def median_jitter(series: np.ndarray) -> float:
@@ -159,7 +177,7 @@ def _train_one(ctx: Context, variant: str, seed: int, steps: int, every: int, di
             record["grad_norm"].append(land["grad_norm"])
 
     hist = train.fit(model, (x, y), ctx=ctx, lr=LR, seed=seed, steps=steps, batch_size=BATCH, optimizer="sgd",
-                     eval_data=(xt, yt), eval_every=max(1, every // 2), on_step=on_step, final_train_eval=False,
+                     eval_data=(xt, yt), eval_every=EVAL_EVERY, on_step=on_step, final_train_eval=False,
                      desc=f"{variant} s={seed}")
     hook.remove()
     record["eval_steps"] = hist.eval_steps
@@ -169,15 +187,146 @@ def _train_one(ctx: Context, variant: str, seed: int, steps: int, every: int, di
     return record
 
 
+def dln(depth: int, bn: bool, width: int = DLN_WIDTH, out: int = DLN_OUT) -> nn.Module:
+    """Deep linear network: ``depth`` bias-free Linear layers, BatchNorm after every one but the last if ``bn``.
+
+    Weights are LeCun-normal (std 1/√fan_in) so the signal keeps its scale through depth without BN.
+    The same seed gives the same weights with and without BN (BN adds no random draw), so the two are
+    paired. Shape: ``(N, width)`` → ``(N, out)``. Example: ``dln(25, True)(torch.randn(8, 20)).shape == (8, 5)``.
+    """
+    if depth < 1:
+        raise ValueError(f"dln expected depth >= 1, got {depth}.")
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        lin = nn.Linear(width, out if i == depth - 1 else width, bias=False)
+        nn.init.normal_(lin.weight, std=1 / math.sqrt(width))
+        layers.append(lin)
+        if bn and i < depth - 1:
+            layers.append(BatchNorm(width))
+    return nn.Sequential(*layers)
+
+
+def dln_data(seed: int, n: int = DLN_SAMPLES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic regression: x ~ N(0, I_20), y = A x + 0.1·noise with a fixed random A (5 × 20, std 1/√20)."""
+    gen = torch.Generator().manual_seed(30_000 + seed)
+    a = torch.randn(DLN_OUT, DLN_WIDTH, generator=gen) / math.sqrt(DLN_WIDTH)
+    x = torch.randn(n, DLN_WIDTH, generator=gen)
+    return x, x @ a.T + 0.1 * torch.randn(n, DLN_OUT, generator=gen)
+
+
+def _dln_run(ctx: Context, depth: int, bn: bool, lr: float, seed: int, steps: int, measure: bool) -> dict:
+    x, y = dln_data(seed)
+    model = train.seeded(ctx, seed, lambda: dln(depth, bn))
+    mse = nn.functional.mse_loss
+    probe_gen = torch.Generator().manual_seed(40_000 + seed)
+    points = {int(round(steps * f)) for f in (0.25, 0.5, 0.75, 1.0)} if measure else set()
+    rec: dict[str, list[float]] = {"ics_l2": [], "ics_cos": [], "loss_range": [], "grad_pred": [], "beta": []}
+
+    def on_step(step: int, net: nn.Module, loss: torch.Tensor) -> None:
+        if step not in points:
+            return
+        idx = torch.randperm(len(x), generator=probe_gen)[:DLN_BATCH]
+        batch = (x[idx], y[idx])
+        net.train()
+        ics = internal_covariate_shift(net, mse, batch, lr=PROBE_LR)
+        rec["ics_l2"].append(float(np.mean([v["l2"] for v in ics.values()])))
+        rec["ics_cos"].append(float(np.nanmean([v["cos"] for v in ics.values()])))
+        land = loss_landscape(net, mse, batch, lr=PROBE_LR, steps=(0.5, 1, 2, 4))
+        rec["loss_range"].append(land["loss_range"])
+        rec["grad_pred"].append(land["gradient_predictiveness"])
+        rec["beta"].append(land["beta_smoothness"])
+
+    hist = train.fit(model, (x, y), ctx=ctx.quiet(), lr=lr, seed=seed, steps=steps, batch_size=DLN_BATCH,
+                     optimizer="sgd-plain", loss_fn=mse, on_step=on_step, final_train_eval=False)
+    final = float(np.mean(hist.losses[-max(1, steps // 10):])) if hist.losses and not hist.diverged else math.nan
+    out = {"final_loss": final, "diverged": hist.diverged, "initial_loss": hist.losses[0] if hist.losses else math.nan}
+    for k, v in rec.items():
+        out[k] = float(np.nanmean(v)) if v and not hist.diverged else math.nan
+    return out
+
+
+def depth_sweep(ctx: Context) -> dict:
+    """Santurkar et al.'s measurements against depth on deep linear networks, with and without BN.
+
+    Per (depth, BN or not): the learning rate is the one of :data:`DLN_LRS` with the lowest final training loss
+    on the first seed (a rate where that network trains); every seed then trains at it and is measured four
+    times (at 25/50/75/100 % of training) with probe step :data:`PROBE_LR`. Returns nested dicts of per-seed values.
+    """
+    steps = ctx.budget(300, 40)
+    depths = DEPTHS if not ctx.quick else (2, 8)
+    lrs = DLN_LRS if not ctx.quick else (0.01, 0.03)
+    seeds = ctx.seed_values()
+    res: dict = {"steps": steps, "depths": list(depths), "lrs": list(lrs), "runs": {}}
+    for depth in depths:
+        for bn in (False, True):
+            key = f"{depth}-{'bn' if bn else 'plain'}"
+            grid = {lr: _dln_run(ctx, depth, bn, lr, seeds[0], steps, measure=False)["final_loss"] for lr in lrs}
+            ok = {lr: v for lr, v in grid.items() if math.isfinite(v)}
+            lr = min(ok, key=ok.get) if ok else min(lrs)
+            runs = [_dln_run(ctx, depth, bn, lr, s, steps, measure=True) for s in seeds]
+            res["runs"][key] = {"lr": lr, "grid_final_loss": {str(k): v for k, v in grid.items()},
+                                **{m: [r[m] for r in runs] for m in runs[0] if m != "diverged"},
+                                "diverged": sum(r["diverged"] for r in runs)}
+    return res
+
+
+def _reached_pm(values: list[float], steps: int) -> str:
+    """``pm`` of the seeds that reached the target, or how many never did within ``steps``."""
+    hit = [v for v in values if math.isfinite(v)]
+    if len(hit) == len(values):
+        return pm(hit, ".0f")
+    if not hit:
+        return f"never within {steps} steps"
+    return f"{pm(hit, '.0f')} in {len(hit)} of {len(values)} seeds (never within {steps} in the others)"
+
+
+def speed_text(metrics: dict, speed, steps: int) -> str:
+    """Steps to the target, BN vs no BN, handling seeds that never reached it (censored at ``steps``)."""
+    b, n = metrics["BN"]["steps_to_target"], metrics["no BN"]["steps_to_target"]
+    label = f"steps to {100 * TARGET:.0f}% test accuracy"
+    if all(math.isfinite(v) for v in b + n):
+        return f"{label}, {speed.text('.0f')}."
+    missed_b = sum(not math.isfinite(v) for v in b)
+    missed_n = sum(not math.isfinite(v) for v in n)
+    if missed_n and not missed_b:
+        return (f"{label}: BN {pm(b, '.0f')}; without BN {missed_n} of {len(n)} seed(s) never reached it within {steps} "
+                f"steps (those that did: {_reached_pm(n, steps)}).")
+    return f"{label}: BN {_reached_pm(b, steps)}, no BN {_reached_pm(n, steps)}."
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Running mean over ``window`` records (shorter at the start), per column."""
+    c = np.cumsum(np.vstack([np.zeros((1,) + values.shape[1:]), values]), axis=0)
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(idx - window, 0)
+    return (c[idx] - c[lo]) / (idx - lo).reshape(-1, *([1] * (values.ndim - 1)))
+
+
+def smooths_at(sweep: dict) -> dict[int, dict[str, object]]:
+    """Per depth: the three landscape comparisons (BN vs no BN, paired by seed) and whether BN smooths there.
+
+    Rule: BN smooths the landscape at a depth when at least two of the three measures are resolved lower with
+    BN and none is resolved higher (:func:`batchnorm.lab.stats.compare`).
+    """
+    out = {}
+    for depth in sweep["depths"]:
+        b, p = sweep["runs"][f"{depth}-bn"], sweep["runs"][f"{depth}-plain"]
+        cmps = {k: compare(b[k], p[k], paired=True, names=("BN", "no BN")) for k, _ in LAND_MEASURES}
+        ics_cmp = compare(b["ics_l2"], p["ics_l2"], paired=True, names=("BN", "no BN"))
+        lower = sum(c.sign < 0 for c in cmps.values())
+        higher = sum(c.sign > 0 for c in cmps.values())
+        out[depth] = {"cmp": cmps, "ics": ics_cmp, "smoother": lower >= 2 and higher == 0, "lower": lower,
+                      "higher": higher}
+    return out
+
+
 def run(ctx: Context) -> Section:
     digits = data.mnist_digits()
-    steps = ctx.budget(1000, 300)
-    every = ctx.budget(100, 100)
+    steps = ctx.budget(1000, 120)
+    every = ctx.budget(100, 60)
     seeds = ctx.seed_values()
     runs = {v: [_train_one(ctx, v, s, steps, every, digits) for s in seeds] for v in VARIANTS}
-
-    def per_seed(v: str, key: str, reduce=np.nanmean) -> list[float]:
-        return [float(reduce(r[key])) for r in runs[v]]
+    sweep = depth_sweep(ctx)
 
     half = lambda r, k: r[k][len(r[k]) // 2:]  # noqa: E731 - second half of training, after the first transient
     metrics = {
@@ -197,7 +346,9 @@ def run(ctx: Context) -> Section:
     cols = [("final_acc", "test accuracy (%)", 2), ("steps_to_target", f"steps to {100 * TARGET:.0f}% test accuracy", 0),
             ("jitter", "median jitter of a sigmoid input", 3),
             ("ics_l2", "ICS ‖G − G′‖", 4), ("ics_cos", "ICS cos(G, G′)", 3), ("loss_range", "loss range", 3),
-            ("grad_pred", "gradient change ‖∇L(θ′) − ∇L(θ)‖", 3), ("beta", "effective β-smoothness", 3), ("grad_norm", "gradient norm ‖∇L‖", 3)]
+            ("grad_pred", "gradient change ‖∇L(θ′) − ∇L(θ)‖", 3), ("beta", "effective β-smoothness", 3),
+            ("grad_norm", "gradient norm ‖∇L‖", 3)]
+
     def reached(vals: list[float]) -> str:
         """Steps to the target over seeds, saying how many seeds never got there (instead of printing nan)."""
         hit = [x for x in vals if math.isfinite(x)]
@@ -207,109 +358,191 @@ def run(ctx: Context) -> Section:
             return f"never within {steps} steps"
         return f"{np.mean(hit):.0f} in {len(hit)} of {len(vals)} seeds (never within {steps} in the others)"
 
-    def when(vals: list[float]) -> str:
-        text = reached(vals)
-        return text if text.startswith("never") else f"after {text} steps"
-
     cell = lambda v, k, d: reached(metrics[v][k]) if k == "steps_to_target" else fmt(metrics[v][k], d)  # noqa: E731
     table = Table(["network"] + [c[1] for c in cols],
                   [[v] + [cell(v, k, d) for k, _, d in cols] for v in VARIANTS],
-                  caption="Mean ± std over seeds. ICS and landscape numbers average the measurements of the second "
-                          "half of training (every layer for ICS); jitter is per step, over the second half, relative "
-                          "to the 15–85 band (see setup)")
+                  caption="Figure-1 net: mean ± std over seeds. Steps to 85 % are interpolated between evaluations "
+                          f"every {EVAL_EVERY} steps. ICS and landscape numbers average the measurements of the second "
+                          "half of training (every weight layer for ICS); jitter is per step, over the second half, "
+                          "relative to the 15–85 band (see setup)")
 
-    colors = {"no BN": "tab:gray", "BN": "tab:blue", "noisy BN": "tab:orange"}
-    fig1, axes = subplots(1, 4, figsize=(15, 3.4))
-    for v in VARIANTS:
-        acc = np.array([r["test_acc"] for r in runs[v]]) * 100
-        axes[0].plot(runs[v][0]["eval_steps"], acc.mean(0), color=colors[v], label=v)
-    axes[0].set_title("(a) test accuracy")
-    axes[0].set_xlabel("training step")
-    axes[0].set_ylabel("test accuracy (%)")
-    axes[0].legend(fontsize=8)
-    for ax, v, tag in zip(axes[1:], VARIANTS, "bcd"):
-        r = runs[v][0]
-        p = r["pct"][:, :, 0]
-        for i, (q, ls) in enumerate(zip(PERCENTILES, (":", "-", "--"))):
-            ax.plot(r["steps"], p[:, i], color=colors[v], ls=ls, lw=0.8, label=f"{q:.0f}th percentile")
-        ax.set_title(f"({tag}) {v}: input of a last-layer sigmoid")
-        ax.set_xlabel("training step")
-        ax.set_ylabel("sigmoid input (unit 0)")
-        ax.legend(fontsize=7)
-    figure1 = Figure(fig1, "Ioffe & Szegedy's Figure 1 at CPU scale: (a) test accuracy (mean over seeds) of the "
-                           "3×100 sigmoid MLP with batch 60; (b–d) 15/50/85th percentiles, over each training batch, "
-                           "of the input to one sigmoid of the last hidden layer (first seed).")
+    smooth = smooths_at(sweep)
+    d_rows = []
+    for depth in sweep["depths"]:
+        for variant, key in (("no BN", f"{depth}-plain"), ("BN", f"{depth}-bn")):
+            r = sweep["runs"][key]
+            d_rows.append([depth, variant, f"{r['lr']:g}", fmt(r["final_loss"], 4), fmt(r["ics_l2"], 4),
+                           fmt(r["ics_cos"], 3)] + [fmt(r[k], 4) for k, _ in LAND_MEASURES])
+        sm = smooth[depth]
+        d_rows.append([depth, "BN − no BN (paired)", "", "", sm["ics"].verdict("higher", "lower")]
+                      + [""] + [sm["cmp"][k].verdict("higher", "lower") for k, _ in LAND_MEASURES])
+    d_table = Table(["depth", "network", "lr (chosen)", "final train loss", "ICS ‖G − G′‖", "ICS cos(G, G′)"]
+                    + [label for _, label in LAND_MEASURES], d_rows,
+                    caption=f"Deep linear networks (width {DLN_WIDTH}, MSE on synthetic Gaussian data, plain SGD, batch "
+                            f"{DLN_BATCH}, {sweep['steps']} steps): mean ± std over seeds of the average of four "
+                            f"measurements during training, probe step {PROBE_LR}. 'BN − no BN' rows: the verdict of a "
+                            "paired 95 % interval per seed (BN and no-BN nets start from the same weights)")
 
-    fig2, axes2 = subplots(1, 4, figsize=(15, 3.4))
-    for ax, key, label in zip(axes2, ("ics_l2", "ics_cos", "loss_range", "beta"),
-                              ("ICS ‖G − G′‖ (mean over layers)", "ICS cos(G, G′)", "loss range along the gradient",
-                               "effective β-smoothness")):
-        for v in VARIANTS:
-            vals = np.array([r[key] for r in runs[v]], dtype=float)
-            ax.plot(runs[v][0]["land_steps"], np.nanmean(vals, 0), marker="o", ms=3, color=colors[v], label=v)
-        ax.set_xlabel("training step")
-        ax.set_ylabel(label)
-        ax.set_title(label)
-        if key != "ics_cos":
-            ax.set_yscale("log")
-        ax.legend(fontsize=8)
-    figure2 = Figure(fig2, "Santurkar et al.'s measurements over training (mean over seeds): gradient-based ICS of "
-                           "the weight layers (lower ‖G − G′‖ and higher cos mean less shift) and the loss landscape "
-                           f"along the gradient, moving 0.5–4 × lr = {LR} (lower is smoother).")
+    figure1 = _figure1(runs, steps)
+    figure2 = _figure2(runs)
+    figure3 = _figure3(sweep)
 
     m = lambda v, k: mean_std(metrics[v][k])[0]  # noqa: E731
-    noisy_ok = m("noisy BN", "final_acc") >= m("BN", "final_acc") - 1.0
-    ics_lower = m("BN", "ics_l2") < m("no BN", "ics_l2") and m("BN", "ics_cos") >= m("no BN", "ics_cos")
-    ics_higher = m("BN", "ics_l2") > m("no BN", "ics_l2") and m("BN", "ics_cos") <= m("no BN", "ics_cos")
-    if ics_lower:
-        ics_text = ("by this measure BN does reduce ICS here (Santurkar et al. found no reduction on VGG), but noisy BN "
-                    f"has far more of it (‖G − G′‖ {m('noisy BN', 'ics_l2'):.3g}, cos {m('noisy BN', 'ics_cos'):.3f}) "
-                    "and trains as well, so the reduction does not explain the speed-up. ")
-    elif ics_higher:
-        ics_text = "BN does not reduce ICS in this sense, as Santurkar et al. found. "
+    speed = compare(metrics["BN"]["steps_to_target"], metrics["no BN"]["steps_to_target"], paired=True,
+                    names=("BN", "no BN"))
+    noisy = compare(metrics["noisy BN"]["final_acc"], metrics["BN"]["final_acc"], paired=True,
+                    names=("noisy BN", "BN"))
+    ics_c = compare(metrics["BN"]["ics_l2"], metrics["no BN"]["ics_l2"], paired=True, names=("BN", "no BN"))
+    land = {k: compare(metrics["BN"][k], metrics["no BN"][k], paired=True, names=("BN", "no BN"))
+            for k, _ in LAND_MEASURES}
+    smoother_depths = [d for d in sweep["depths"] if smooth[d]["smoother"]]
+    rougher_depths = [d for d in sweep["depths"] if smooth[d]["higher"] >= 2 and smooth[d]["lower"] == 0]
+
+    if smoother_depths:
+        depth_text = (f"On deep linear networks BN smooths the landscape (≥ 2 of 3 measures resolved lower, none higher) "
+                      f"at depth(s) {', '.join(map(str, smoother_depths))} of {', '.join(map(str, sweep['depths']))}")
     else:
-        ics_text = "the two measures disagree, so BN neither clearly reduces nor increases ICS here. "
+        depth_text = (f"On deep linear networks BN's landscape measures are not resolved lower at any depth of "
+                      f"{', '.join(map(str, sweep['depths']))}")
+    if rougher_depths:
+        depth_text += f"; they are resolved higher (rougher) at depth(s) {', '.join(map(str, rougher_depths))}"
+    deepest = sweep["depths"][-1]
+    dd = smooth[deepest]
+    depth_text += (f". At depth {deepest}: " + "; ".join(f"{label}: {dd['cmp'][k].text('.3g')}"
+                                                        for k, label in LAND_MEASURES) + ".")
 
-    def compare(key: str, label: str, digits: str = ".3g") -> str:
-        b, n = m("BN", key), m("no BN", key)
-        return f"{label} {b:{digits}} with BN vs {n:{digits}} without ({'lower' if b < n else 'higher'} with BN)"
-
-    smoother = sum(m("BN", k) < m("no BN", k) for k in ("loss_range", "grad_pred", "beta"))
-    answer = (
-        f"BN reaches {100 * TARGET:.0f}% test accuracy {when(metrics['BN']['steps_to_target'])} (without BN: "
-        f"{when(metrics['no BN']['steps_to_target'])}; mean over seeds; "
-        f"Ioffe & Szegedy's Figure 1 shows the same faster start), and ends at {m('BN', 'final_acc'):.1f}% vs "
-        f"{m('no BN', 'final_acc'):.1f}% after {steps} steps. Noisy BN, whose layer inputs jump at every step (median jitter "
-        f"{m('noisy BN', 'jitter'):.2f} vs {m('BN', 'jitter'):.2f} with BN and {m('no BN', 'jitter'):.2f} without), "
-        f"reaches {100 * TARGET:.0f}% {when(metrics['noisy BN']['steps_to_target'])} and ends at "
-        f"{m('noisy BN', 'final_acc'):.1f}%"
-        + (" — as well as BN, so stable layer-input distributions are not what makes BN train well. " if noisy_ok
-           else " — clearly below BN here, so this run does not reproduce that part of Santurkar et al. ")
-        + f"Gradient-based ICS: ‖G − G′‖ {m('BN', 'ics_l2'):.3g} with BN vs {m('no BN', 'ics_l2'):.3g} without, cos "
-        f"{m('BN', 'ics_cos'):.3f} vs {m('no BN', 'ics_cos'):.3f}: " + ics_text
-        + f"Landscape ({smoother} of 3 measures lower with BN): " + "; ".join(
-            [compare("loss_range", "loss range"), compare("grad_pred", "gradient change"),
-             compare("beta", "effective β-smoothness")])
-        + (". Santurkar et al.'s smoother-landscape explanation is supported here." if smoother >= 2
-           else ". The smoother-landscape explanation is not supported by this run's numbers.")
+    answer = "\n\n".join([
+        f"Speed (Ioffe & Szegedy's Figure 1 net): {speed_text(metrics, speed, steps)} Final test accuracy after "
+        f"{steps} steps: BN {pm(metrics['BN']['final_acc'], '.1f', '%')}, no BN "
+        f"{pm(metrics['no BN']['final_acc'], '.1f', '%')} (mean ± 95 % interval).",
+        f"Noisy BN, whose layer inputs jump at every step (median jitter {m('noisy BN', 'jitter'):.2f} vs "
+        f"{m('BN', 'jitter'):.2f} with BN and {m('no BN', 'jitter'):.2f} without), ends at final accuracy "
+        f"{noisy.text('.1f', unit='%')}"
+        + ((". No difference from BN is resolved although its inputs move far more, consistent with Santurkar et al.: "
+            "stable layer inputs are not what makes BN train well here." if noisy.sign == 0 else
+            ". It is resolved below BN here, so this run does not reproduce that part of Santurkar et al.")
+           if noisy.informative else ".")
+        + f" Gradient-based ICS ‖G − G′‖: {ics_c.text('.3g')}.",
+        "Landscape on the sigmoid MLP (second half of training): " + "; ".join(
+            f"{label}: {land[k].verdict('higher', 'lower')}" for k, label in LAND_MEASURES) + ".",
+        depth_text,
+    ])
+    n_land_lower = sum(c.sign < 0 for c in land.values())
+    finding = (
+        f"Steps to {100 * TARGET:.0f}% accuracy: BN {pm(metrics['BN']['steps_to_target'], '.0f')}, no BN "
+        f"{_reached_pm(metrics['no BN']['steps_to_target'], steps)}; noisy BN ended at "
+        f"{pm(metrics['noisy BN']['final_acc'], '.1f', '%')} vs BN {pm(metrics['BN']['final_acc'], '.1f', '%')} "
+        f"({noisy.verdict()})"
+        + (", so stable layer inputs are not what helps" if noisy.informative and noisy.sign == 0 else "")
+        + f". BN's landscape is resolved smoother on {n_land_lower} of 3 measures on the sigmoid MLP, and on deep "
+        f"linear nets at depth(s) {', '.join(map(str, smoother_depths)) if smoother_depths else 'none'} of "
+        f"{', '.join(map(str, sweep['depths']))}."
     )
+    results = {
+        "steps": steps,
+        "metrics": {v: {k: mean_std(vals)[0] for k, vals in metrics[v].items()} for v in VARIANTS},
+        "per_seed": metrics,
+        "depth_sweep": {k: v for k, v in sweep.items()},
+        "smoother_depths": smoother_depths,
+        "rougher_depths": rougher_depths,
+    }
     return Section(
         name=NAME, title=TITLE, question=QUESTION,
         setup=(
-            f"MLP 784-{'-'.join(map(str, HIDDEN))}-10 with sigmoids (Ioffe & Szegedy's Figure 1 net; Glorot-normal weights) on "
-            f"4000 MNIST digits (1000 test), SGD (momentum 0.9) lr {LR}, batch {BATCH}, {steps} steps, for three variants: no "
-            "normalization (linear layers with bias, zero-initialized), BatchNorm before every sigmoid, and noisy BN (BN, then y·s + m "
-            "with per-unit m ~ U(−1, 1) and log s ~ U(−log 2, log 2) redrawn every step; no noise in eval). "
-            f"Every {every} steps, on a fresh training batch of {BATCH}: internal_covariate_shift (every weight layer, "
-            f"lr {LR}) and loss_landscape (steps 0.5, 1, 2, 4 × lr), in training mode. Percentiles are of the "
-            "training batch's input to the last hidden layer's sigmoids at every step; 'median jitter' is "
-            "mean_t |p50[t+1] − p50[t]| / mean_t (p85 − p15), averaged over the 100 units, second half of training. "
-            f"{len(seeds)} seed(s)."
+            f"Part 1: MLP 784-{'-'.join(map(str, HIDDEN))}-10 with sigmoids (Ioffe & Szegedy's Figure 1 net; "
+            f"Glorot-normal weights) on 4000 MNIST digits (1000 test), SGD (momentum 0.9) lr {LR}, batch {BATCH}, "
+            f"{steps} steps, for three variants: no normalization (linear layers with bias, zero-initialized), "
+            "BatchNorm before every sigmoid, and noisy BN (BN, then y·s + m with per-unit m ~ U(−1, 1) and log s ~ "
+            "U(−log 2, log 2) redrawn every step; no noise in eval). Test accuracy every "
+            f"{EVAL_EVERY} steps (the 85 % crossing interpolated linearly between evaluations). Every {every} steps, "
+            f"on a fresh training batch of {BATCH}: internal_covariate_shift (every weight layer, lr {LR}) and "
+            "loss_landscape (steps 0.5, 1, 2, 4 × lr), in training mode. Percentiles are of the training batch's "
+            "input to the last hidden layer's sigmoids at every step; 'median jitter' is mean_t |p50[t+1] − p50[t]| / "
+            "mean_t (p85 − p15), averaged over the 100 units, second half of training.\n\n"
+            f"Part 2: deep linear networks of depth {', '.join(map(str, sweep['depths']))} (width {DLN_WIDTH}, no "
+            f"biases, LeCun-normal weights, BatchNorm after every layer but the last or none) regress y = A x + noise "
+            f"on {DLN_SAMPLES} synthetic Gaussian samples (MSE, plain SGD, batch {DLN_BATCH}, {sweep['steps']} steps). "
+            f"Each network trains at the rate of {', '.join(f'{lr:g}' for lr in sweep['lrs'])} with the lowest final "
+            f"training loss on the first seed; ICS and the landscape are measured at 25/50/75/100 % of training with "
+            f"the same probe step {PROBE_LR} for every network. {len(seeds)} seed(s); comparisons are paired by seed."
         ),
-        answer=answer, tables=[table], figures=[figure1, figure2],
-        results={"steps": steps, "metrics": {v: {k: mean_std(vals)[0] for k, vals in metrics[v].items()}
-                                             for v in VARIANTS}},
-        notes=["Ioffe & Szegedy trained 50 000 steps on the full MNIST; this run is much shorter, on 4000 digits.",
-               "Santurkar et al. measure on VGG/CIFAR-10 and a 25-layer linear net; this is the same protocol on a "
-               "small MLP."],
+        answer=answer, finding=finding, tables=[table, d_table], figures=[figure1, figure2, figure3],
+        results=results,
+        notes=["Ioffe & Szegedy trained 50 000 steps on the full MNIST; part 1 is much shorter, on 4000 digits.",
+               "Santurkar et al. measure on VGG/CIFAR-10 and a 25-layer linear net; part 2 follows their deep-linear "
+               "protocol at CPU scale (width, data and step counts are this lab's choices)."],
     )
+
+
+def _figure1(runs, steps) -> Figure:
+    colors = {"no BN": "tab:gray", "BN": "tab:blue", "noisy BN": "tab:orange"}
+    fig, axes = subplots(1, 4, figsize=(15, 3.4))
+    for v in VARIANTS:
+        n = min(len(r["test_acc"]) for r in runs[v])
+        acc = np.array([r["test_acc"][:n] for r in runs[v]]) * 100
+        axes[0].plot(runs[v][0]["eval_steps"][:n], acc.mean(0), color=colors[v], label=v)
+    axes[0].axhline(100 * TARGET, color="k", lw=0.7, ls=":", label=f"{100 * TARGET:.0f}% target")
+    axes[0].set_title("(a) test accuracy")
+    axes[0].set_xlabel("training step")
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].legend(fontsize=8, loc="lower right")
+    smoothed = {v: _smooth(runs[v][0]["pct"][:, :, 0], SMOOTH) for v in VARIANTS}
+    lo = min(float(np.min(p)) for p in smoothed.values())
+    hi = max(float(np.max(p)) for p in smoothed.values())
+    pad = 0.05 * (hi - lo + 1e-9)
+    for ax, v, tag in zip(axes[1:], VARIANTS, "bcd"):
+        p = smoothed[v]
+        for i, (q, ls) in enumerate(zip(PERCENTILES, (":", "-", "--"))):
+            ax.plot(runs[v][0]["steps"], p[:, i], color=colors[v], ls=ls, lw=1.2, label=f"{q:.0f}th percentile")
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_title(f"({tag}) {v}: a last-layer sigmoid input")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("sigmoid input (unit 0)")
+        ax.legend(fontsize=7, loc="best")
+    return Figure(fig, "Ioffe & Szegedy's Figure 1 at CPU scale: (a) test accuracy (mean over seeds) of the 3×100 "
+                       "sigmoid MLP with batch 60; (b–d) 15/50/85th percentiles, over each training batch, of the input "
+                       f"to one sigmoid of the last hidden layer (first seed), running mean over {SMOOTH} steps, the "
+                       "same y-axis in (b–d).")
+
+
+def _figure2(runs) -> Figure:
+    colors = {"no BN": "tab:gray", "BN": "tab:blue", "noisy BN": "tab:orange"}
+    fig, axes = subplots(1, 4, figsize=(15, 3.4))
+    for ax, key, label in zip(axes, ("ics_l2", "ics_cos", "loss_range", "beta"),
+                              ("ICS ‖G − G′‖ (mean over layers)", "ICS cos(G, G′)", "loss range along the gradient",
+                               "effective β-smoothness")):
+        for v, mk in zip(VARIANTS, "osD"):
+            vals = np.array([r[key] for r in runs[v]], dtype=float)
+            ax.plot(runs[v][0]["land_steps"], np.nanmean(vals, 0), marker=mk, ms=3, color=colors[v], label=v)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+        ax.set_title(label, fontsize=9)
+        if key != "ics_cos":
+            ax.set_yscale("log")
+        ax.legend(fontsize=7, loc="best")
+    return Figure(fig, "Santurkar et al.'s measurements over training on the sigmoid MLP (mean over seeds): "
+                       "gradient-based ICS of the weight layers (lower ‖G − G′‖ and higher cos mean less shift) and the "
+                       f"loss landscape along the gradient, moving 0.5–4 × lr = {LR} (lower is smoother).")
+
+
+def _figure3(sweep) -> Figure:
+    fig, axes = subplots(1, 4, figsize=(15, 3.4))
+    keys = [("ics_l2", "ICS ‖G − G′‖")] + list(LAND_MEASURES)
+    depths = np.asarray(sweep["depths"], dtype=float)
+    for ax, (k, label) in zip(axes, keys):
+        for bn, color, mk, ls, shift in ((False, "tab:gray", "o", "--", 0.97), (True, "tab:blue", "s", "-", 1.03)):
+            vals = np.array([sweep["runs"][f"{d}-{'bn' if bn else 'plain'}"][k] for d in sweep["depths"]], dtype=float)
+            mean = np.nanmean(vals, axis=1)
+            std = np.nanstd(vals, axis=1)
+            ax.errorbar(depths * shift, mean, yerr=std, color=color, marker=mk, ls=ls, capsize=2,
+                        label="BN" if bn else "no BN")
+        ax.set_xscale("log")
+        ax.set_xticks(depths, [str(int(d)) for d in depths])
+        ax.set_yscale("log")
+        ax.set_xlabel("depth (linear layers)")
+        ax.set_ylabel(label)
+        ax.set_title(label, fontsize=9)
+        ax.legend(fontsize=7, loc="best")
+    return Figure(fig, "Deep linear networks: ICS and the three landscape measures against depth, with and without BN "
+                       "(mean ± std over seeds, each network at its own best learning rate, probe step "
+                       f"{PROBE_LR}; the two series are offset slightly along x so neither hides the other).")

@@ -63,17 +63,17 @@ def interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, floa
     return float(arr.mean()), _t(arr.size - 1, level) * float(arr.std(ddof=1)) / math.sqrt(arr.size)
 
 
-def pm(values: Sequence[float], spec: str = ".3f", level: float = LEVEL) -> str:
-    """``"0.912 ± 0.010"`` with the ± the half-width of the 95 % interval of the mean (``"0.912 (1 run)"`` for one).
+def pm(values: Sequence[float], spec: str = ".3f", unit: str = "", level: float = LEVEL) -> str:
+    """``"0.912 ± 0.010"``: the mean ± the half-width of its 95 % interval (``"0.912 (1 run)"`` for one value).
 
-    Example: ``pm([1.0, 1.0, 1.0]) == "1.000 ± 0.000"``.
+    Example: ``pm([1.0, 1.0, 1.0]) == "1.000 ± 0.000"``; ``pm([88.3], ".1f", "%") == "88.3% (1 run)"``.
     """
     m, h = interval(values, level)
     if not math.isfinite(m):
         return "n/a"
     if not math.isfinite(h):
-        return f"{m:{spec}} (1 run)"
-    return f"{m:{spec}} ± {h:{spec}}"
+        return f"{m:{spec}}{unit} (1 run)"
+    return f"{m:{spec}}{unit} ± {h:{spec}}{unit}"
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,11 @@ class Comparison:
     paired: bool
     floor: float
     resolved: bool
+
+    @property
+    def informative(self) -> bool:
+        """True when there were at least two pairs/values, so "not resolved" says something about the effect."""
+        return self.n >= 2
 
     @property
     def sign(self) -> int:
