@@ -44,7 +44,8 @@ def test_compile_train_and_eval_match_eager():
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
 
 
-def test_export_eval_model_contains_our_op_and_matches():
+def test_export_eval_model_lowers_to_aten_batch_norm_and_matches():
+    # eval-mode export records ATen's batch_norm + the activation (portable: ONNX, AOTInductor), not our ops
     model = _model("silu").eval()
     with torch.no_grad():
         model[1].running_mean.uniform_(-1, 1)
@@ -52,9 +53,19 @@ def test_export_eval_model_contains_our_op_and_matches():
     x = torch.randn(2, 3, 5, 5)
     ep = torch.export.export(model, (x,))
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
-    assert any("batchnorm.apply" in t for t in targets), targets
+    assert "aten.batch_norm.default" in targets and "aten.silu.default" in targets, targets
+    assert not any(t.startswith("batchnorm.") for t in targets), targets
     x2 = torch.randn(2, 3, 5, 5)
     torch.testing.assert_close(ep.module()(x2), model(x2))
+
+
+def test_export_train_model_keeps_our_ops():
+    # training semantics (non-finite guard, masks, variants) live in our ops: export keeps them
+    model = _model("silu")
+    x = torch.randn(2, 3, 5, 5)
+    ep = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert any(t.startswith("batchnorm.") for t in targets), targets
 
 
 def test_fake_impls_give_output_shapes():

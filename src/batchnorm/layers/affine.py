@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import _checks
 from ..kernels import torch_ops as _t
+from . import _export
 
 
 class AffineOnly(nn.Module):
@@ -60,6 +61,8 @@ class AffineOnly(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``y = γ · x + β``; ``mask`` is accepted for interface parity and changes nothing."""
+        if isinstance(x, torch.fx.Proxy):  # a leaf call in fx graphs (the checks below cannot read a Proxy)
+            return _export.fx_leaf(self, x, mask)
         x, axis = _checks.layer_input(self, x, "AffineOnly")
         _checks.mask_for(x, axis, mask)
         self.last_input_shape = tuple(x.shape)

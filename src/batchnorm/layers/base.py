@@ -11,13 +11,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _checks
 from .. import functional as F
 from ..kernels import dispatch
+from . import _export
 
 
-class BatchNorm(nn.Module):
+class BatchNorm(_BatchNorm):
     r"""Batch normalization over any rank and feature axis; a drop-in for ``torch.nn.BatchNorm1d/2d/3d``.
 
     Training: per feature ``c``, over every position ``i`` of every axis except ``axis`` (only where
@@ -70,6 +72,12 @@ class BatchNorm(nn.Module):
         >>> x, lengths = torch.randn(4, 10, 16), torch.tensor([10, 7, 3, 9])
         >>> y = seq(x, mask=torch.arange(10) < lengths[:, None])
 
+    Recognized as batch norm by the PyTorch ecosystem: an instance of
+    ``torch.nn.modules.batchnorm._BatchNorm`` (so ``swa_utils.update_bn``, weight-decay filters and
+    BN-freeze loops find it); traceable with ``torch.fx`` (a leaf call), ``torch.jit.trace`` and
+    exportable (``torch.export``, ``torch.onnx.export``), where it lowers to ATen's batch norm.
+    See docs/ecosystem.md.
+
     Reference: Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training by
     Reducing Internal Covariate Shift", ICML 2015.
     """
@@ -101,7 +109,8 @@ class BatchNorm(nn.Module):
         memory: str = "default",
         backend: str | None = None,
     ) -> None:
-        super().__init__()
+        # nn.Module's init only: _NormBase.__init__ would build its own parameters and buffers; ours are below
+        nn.Module.__init__(self)
         _checks.check_activation(activation, negative_slope, memory, type(self).__name__)
         self.activation = activation
         self.negative_slope = float(negative_slope)
@@ -193,6 +202,10 @@ class BatchNorm(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    def __prepare_scriptable__(self):
+        """Called by ``torch.jit.script``: refuse with one error naming what works instead (see docs/ecosystem.md)."""
+        raise _export.script_error(self)
+
     # -- hooks for variants (the *combine* step) ----------------------------------------------
     def _combine(self) -> F.Combine:
         """How batch statistics become the normalizing ones (identity here: the shared stateless instance)."""
@@ -220,6 +233,8 @@ class BatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Normalize ``x``; ``mask`` selects the positions that count toward the statistics."""
+        if _export.active(x) and (traced := _export.forward(self, x, mask)) is not None:  # fx/jit/export: see _export
+            return traced
         x, axis = self._validated(x)
         # parameters and buffers read from their dicts once (nn.Module.__getattr__ is slow on a hot path)
         params, bufs = self._parameters, self._buffers

@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import _checks
 from .. import functional as F
+from . import _export
 
 
 class FrozenBatchNorm(nn.Module):
@@ -112,6 +113,8 @@ class FrozenBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``y = x · scale + shift``; ``mask`` is accepted for interface parity and changes nothing."""
+        if _export.active(x):  # fx: a leaf call; jit.trace/export: ATen's batch_norm in eval mode
+            return _export.fx_leaf(self, x, mask) if isinstance(x, torch.fx.Proxy) else _export.lowered(self, x, False)
         x, axis = _checks.layer_input(self, x, "FrozenBatchNorm")
         _checks.mask_for(x, axis, mask)
         self.__dict__["last_input_shape"] = tuple(x.shape)  # plain attribute: skip nn.Module.__setattr__'s checks

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from .. import _checks
+from . import _export
 from .base import BatchNorm
 
 
@@ -87,6 +88,8 @@ class GhostBatchNorm(BatchNorm):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Normalize ``x``; in training each virtual batch uses its own statistics (see the class docstring)."""
+        if _export.active(x):  # fx/jit/export: BatchNorm.forward decides (no checks on Proxies)
+            return super().forward(x, mask)
         x = _checks.check_input(x, "GhostBatchNorm")
         axis = _checks.normalize_axis(self.axis, x.dim(), x.shape)
         if axis == 0:
