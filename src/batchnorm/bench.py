@@ -433,17 +433,23 @@ bn(x).sum().backward()
 t2 = time.perf_counter()
 bn(x).sum().backward()
 t3 = time.perf_counter()
-takeover = None
+takeover, status = None, getattr(dispatch, "warm_up_status", lambda: "?")()
 deadline = t3 + float(sys.argv[2])
-if hasattr(dispatch, "chosen"):
-    while time.perf_counter() < deadline:
-        if dispatch.chosen(bn, x) == "numba":
-            takeover = time.perf_counter() - t1
-            break
-        bn(x).sum().backward()  # keep serving calls as a training loop would
-        time.sleep(0.05)
+while hasattr(dispatch, "warm_up_status") and time.perf_counter() < deadline:
+    status = dispatch.warm_up_status()
+    if status != "warming":
+        break
+    bn(x).sum().backward()  # keep serving calls, as a training loop would
+    time.sleep(0.02)
+if status == "ready":
+    takeover = time.perf_counter() - t1
+t4 = time.perf_counter()
+bn(x).sum().backward()
+t5 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "first_call_s": t2 - t1, "second_call_s": t3 - t2,
-                  "first_backend": first_backend, "numba_takeover_s": takeover}))
+                  "first_backend": first_backend, "numba_takeover_s": takeover, "status": status,
+                  "backend_after": dispatch.chosen(bn, x) if hasattr(dispatch, "chosen") else "?",
+                  "call_after_takeover_s": t5 - t4}))
 """
 
 #: A shape on which ``auto`` prefers numba once it is compiled (so the takeover is observable).
@@ -453,8 +459,9 @@ FIRST_CALL_SHAPE = (64, 64, 28, 28)
 def first_call_times(shape: tuple[int, ...] = FIRST_CALL_SHAPE, wait_s: float = 120.0) -> dict:
     """Cold (empty numba cache) and warm (cache filled by the cold run) first training step, each in a fresh process.
 
-    Also reports the backend that served the first call and the seconds after import until ``auto``
-    switches to numba (``None`` if it did not within ``wait_s``).
+    Also reports the backend that served the first call, the seconds after import until the numba
+    warm-up is ready (``dispatch.warm_up_status()``, ``None`` if not within ``wait_s``; calls keep
+    running meanwhile, as in a training loop), and the backend and time of a call after that.
     """
     out = {}
     with tempfile.TemporaryDirectory() as cache:
@@ -477,15 +484,129 @@ def first_call_times(shape: tuple[int, ...] = FIRST_CALL_SHAPE, wait_s: float = 
 # calibration of the dispatch table
 
 
-def calibrate(repeats: int = 7, out: str | None = None) -> dict:
-    """Re-measure the crossover points of the dispatch table and print them in the table's format."""
+#: Size ladder of the calibration: bytes of x, powers of two from 4 KB to 64 MB.
+CALIBRATION_BYTES = tuple(1 << k for k in range(12, 27))
+
+
+def calibration_shape(layout: str, nbytes: int) -> tuple[tuple[int, ...], int]:
+    """The float32 input ``(shape, axis)`` of ``nbytes`` bytes for a layout class of the dispatch table.
+
+    ``"inner"`` (features innermost in memory): a dense ``(N, 256)`` batch, N = nbytes / 1 KB (at least 4).
+    ``"outer"`` (NCHW-like): ``(32, 64, L)``, L = nbytes / 8 KB (at least 2, so the feature axis is not innermost).
+
+    Example: ``calibration_shape("outer", 1 << 20) == ((32, 64, 128), 1)``.
+    """
+    n = nbytes // 4
+    if layout == "inner":
+        return (max(4, n // 256), 256), 1
+    if layout == "outer":
+        return (32, 64, max(2, n // (32 * 64))), 1
+    raise ValueError(f"calibration_shape expected layout 'inner' or 'outer', got {layout!r}.")
+
+
+def _calibration_fns(mode: str, shape: tuple[int, ...], axis: int) -> dict[str, Fn]:
+    x = torch.randn(shape, requires_grad=mode == "train")
+    g = torch.randn(shape)
+    fns: dict[str, Fn] = {}
+    for name in ("native", "numba"):
+        layer = BatchNorm(shape[axis], axis=axis, backend=name)
+        if mode == "train":
+            fns[name] = _step(layer, x, g)
+        else:
+            layer.eval()
+
+            def fwd(layer=layer):
+                with torch.no_grad():
+                    layer(x)
+
+            fns[name] = fwd
+    return fns
+
+
+def crossover(sizes: list[int], native_ms: list[float], numba_ms: list[float]) -> int | None:
+    """Smallest ladder size from which numba is faster than native at that size and every larger one.
+
+    None when native is at least as fast at the largest size measured. Example::
+
+        >>> crossover([1, 2, 4, 8], [1.0, 2.0, 3.0, 4.0], [2.0, 1.5, 3.5, 3.0])
+        8
+    """
+    last_native = -1
+    for i, (a, b) in enumerate(zip(native_ms, numba_ms)):
+        if a <= b:
+            last_native = i
+    if last_native == len(sizes) - 1:
+        return None
+    return sizes[last_native + 1]
+
+
+def _bytes_literal(n: int) -> str:
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20} << 20"
+    if n >= 1 << 10 and n % (1 << 10) == 0:
+        return f"{n >> 10} << 10"
+    return str(n)
+
+
+def calibrate(repeats: int = 7, out: str | None = None, sizes: tuple[int, ...] = CALIBRATION_BYTES) -> dict:
+    """Re-measure the crossover points of ``dispatch.CROSSOVER_BYTES`` and print a replacement for that dict.
+
+    Rule: for each ``(mode, layout)`` key of the table, time forced ``backend="native"`` against
+    ``backend="numba"`` side by side on the ladder :data:`CALIBRATION_BYTES` (inputs from
+    :func:`calibration_shape`; mode ``"train"`` = forward + backward, ``"eval"`` = forward without
+    autograd), and take :func:`crossover` of the medians. Returns ``{"table": {key: bytes}, "ladder": [...]}``.
+
+    Shape: not applicable. Example: ``batchnorm bench --calibrate --out calibration.json``.
+    Method: the alternating side-by-side medians of :func:`side_by_side`.
+    """
     from .kernels import dispatch
 
-    fn = getattr(dispatch, "calibration_cases", None)
-    if fn is None:
-        raise SystemExit("batchnorm bench --calibrate: this version of batchnorm.kernels.dispatch has no table to "
-                         "calibrate (dispatch.calibration_cases is missing).")
-    raise SystemExit("not implemented yet")
+    table = getattr(dispatch, "CROSSOVER_BYTES", None)
+    if table is None or "numba" not in dispatch.available():
+        raise SystemExit("batchnorm bench --calibrate: needs numba and a dispatch table "
+                         "(batchnorm.kernels.dispatch.CROSSOVER_BYTES); neither is here to calibrate.")
+    waited = time.perf_counter()
+    if hasattr(dispatch, "wait_ready") and not dispatch.wait_ready(600):
+        raise SystemExit("batchnorm bench --calibrate: the numba kernels did not become ready within 600 s "
+                         f"(status {dispatch.warm_up_status()!r}).")
+    waited = time.perf_counter() - waited
+    print(f"batchnorm bench --calibrate: native vs numba, {repeats} rounds per size, medians "
+          f"(numba ready after {waited:.1f} s); ratio = numba / native")
+    result: dict = {"machine": _machine(), "repeats": repeats, "ladder": [], "table": {}}
+    for mode, lay in table:
+        print(f"\n{mode} {lay}: {'bytes':>9}{'shape':>22}{'native ms':>11}{'numba ms':>10}{'ratio':>7}")
+        nat, nb = [], []
+        for nbytes in sizes:
+            shape, axis = calibration_shape(lay, nbytes)
+            s = side_by_side(_calibration_fns(mode, shape, axis), repeats)
+            a, b = _median_ms(s["native"]), _median_ms(s["numba"])
+            nat.append(a)
+            nb.append(b)
+            result["ladder"].append({"mode": mode, "layout": lay, "bytes": nbytes, "shape": list(shape),
+                                     "native_ms": a, "numba_ms": b, "samples_s": s})
+            print(f"{'':>{len(mode) + len(lay) + 2}}  {_fmt_bytes(nbytes):>9}{str(shape):>22}{a:>11.3f}{b:>10.3f}"
+                  f"{b / a:>7.2f}", flush=True)
+        result["table"][f"{mode},{lay}"] = crossover(list(sizes), nat, nb)
+    print("\n# batchnorm.kernels.dispatch: paste over the old table")
+    print(f"#: Measured with `batchnorm bench --calibrate` on {platform.node() or 'this machine'}, "
+          f"{time.strftime('%Y-%m-%d')} (torch {torch.__version__}, {torch.get_num_threads()} threads).")
+    print("CROSSOVER_BYTES: dict[tuple[str, str], int] = {")
+    for key in table:
+        v = result["table"][f"{key[0]},{key[1]}"]
+        note = "" if v is not None else f"  # numba never won up to {_fmt_bytes(sizes[-1])}"
+        print(f"    {key!r}: {_bytes_literal(v) if v is not None else '1 << 62'},{note}")
+    print("}")
+    if out:
+        _finish(result, out)
+    return result
+
+
+def _machine() -> dict:
+    from .kernels import dispatch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "backends": dispatch.available(),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -578,6 +699,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .kernels import dispatch
 
+    if hasattr(dispatch, "wait_ready"):  # time the steady state: numba compiled (or loaded from its cache)
+        t = time.perf_counter()
+        ready = dispatch.wait_ready(600)
+        print(f"numba kernels {'ready' if ready else 'NOT ready: ' + dispatch.warm_up_status()} after "
+              f"{time.perf_counter() - t:.1f} s of waiting")
     repeats = args.repeats or (3 if args.quick else 15)
     model_repeats = args.repeats or (3 if args.quick else 7)
     sections = {s for s in ("sweep", "models", "fixed") if getattr(args, s)}
@@ -588,9 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         return not wanted or any(w in name for w in wanted)
 
     results: dict = {
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cpu": platform.processor() or platform.machine(), "backends": dispatch.available(),
-                    "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None},
+        "machine": _machine(),
         "repeats": repeats, "model_repeats": model_repeats, "quick": args.quick, "rows": [],
     }
     print(f"batchnorm bench: torch {torch.__version__}, {torch.get_num_threads()} threads, backends "
@@ -688,7 +812,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"first call ({label}): failed: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'}")
                 continue
             take = r.get("numba_takeover_s")
-            take_s = f"numba took over after {take:.1f} s" if take is not None else "numba did not take over"
+            take_s = (f"numba ready {take:.1f} s after import, then {r['backend_after']} "
+                      f"{r['call_after_takeover_s'] * 1e3:.0f} ms" if take is not None
+                      else f"numba warm-up status {r.get('status', '?')}")
             print(f"{'first call ' + label:<42}{'':>9}{r['first_call_s'] * 1e3:>10.0f}{'':>10}{'':>7}  "
                   f"{r.get('first_backend', '?'):<18}{'<=1 s' if label == 'cold' else '<=0.3 s':>7}   "
                   f"(import {r['import_s']:.2f} s; {take_s})")
