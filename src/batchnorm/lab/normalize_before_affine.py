@@ -34,6 +34,7 @@ from .. import functional as F
 from ..layers import AffineOnly
 from . import data, models, train
 from .core import Context, Figure, Section, Table, fmt, mean_std, num, subplots
+from .stats import compare, pm
 
 NAME = "why-normalize-before-affine"
 TITLE = "2. Why normalize before the affine map γx + β?"
@@ -46,10 +47,21 @@ QUESTION = (
 NORMS = [
     ("bn", "BatchNorm", "bn", False),
     ("affine", "AffineOnly γx+β", "affine", False),
+    ("affine-he", "AffineOnly γx+β, He init", "affine", True),
     ("bn-noaffine", "BN without γ, β", "bn-noaffine", False),
     ("none", "nothing (default init)", "none", False),
     ("none-he", "nothing (He init)", "none", True),
 ]
+#: what each row of the sweep controls for (shown as a table in the report)
+CONTROLS = {
+    "bn": "the method itself: standardize with batch statistics, then γx̂ + β",
+    "affine": "γx + β with the same (default) initialization as BN's linear layers: is the learnable affine map enough?",
+    "affine-he": "γx + β with He initialization, so the signal does not shrink with depth at the start: separates "
+                 "'no normalization' from 'bad initialization'",
+    "bn-noaffine": "standardization without γ, β: whether the learnable scale and shift matter",
+    "none": "no normalization, default initialization (the baseline every row changes one thing from)",
+    "none-he": "no normalization with He initialization: what a good initialization alone buys",
+}
 ARCHS = ("MLP 8×128", "CNN 3×32")
 PROBE_LAYER = 3  # the hidden layer whose weights are scaled / tracked
 CHANCE = 0.1  # ten balanced classes
@@ -151,8 +163,9 @@ def _as_affine(model: nn.Module) -> nn.Module:
 
 
 def run(ctx: Context) -> Section:
-    steps = ctx.budget(150, 30)
-    lrs = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0] if not ctx.quick else [0.05, 1.0]
+    steps = ctx.budget(300, 20)  # the learning-rate sweep
+    probe_steps = ctx.budget(150, 20)  # the mechanism probes (weight norms, continuation)
+    lrs = [0.01, 0.1, 0.3, 1.0, 3.0] if not ctx.quick else [0.1, 1.0]
     dyn_lr = 1.0
     cont_lrs = [0.1, 1.0]
     seeds = ctx.seed_values()
@@ -188,9 +201,9 @@ def run(ctx: Context) -> Section:
                 if key in probes:
                     probes[key].append(_scale_probe(model, probe_x, probe_y, ks))
                 if key in dyn:
-                    dyn[key].append(_dynamics(model, (x, y), ctx, dyn_lr, steps, seed))
+                    dyn[key].append(_dynamics(model, (x, y), ctx, dyn_lr, probe_steps, seed))
             base = train.seeded(ctx, seed, lambda: _build(ARCHS[0], "bn", False))
-            train.fit(base, (x, y), ctx=ctx.quiet(), lr=0.1, seed=seed, steps=steps, optimizer="sgd-plain",
+            train.fit(base, (x, y), ctx=ctx.quiet(), lr=0.1, seed=seed, steps=probe_steps, optimizer="sgd-plain",
                       final_train_eval=False)
             base.eval()
             twin = _as_affine(base)
@@ -198,7 +211,7 @@ def run(ctx: Context) -> Section:
                 twin_err.append(float((twin(xt) - base(xt)).abs().max() / base(xt).abs().max()))
             for lr in cont_lrs:
                 for name, m in (("bn", copy.deepcopy(base)), ("affine-twin", copy.deepcopy(twin))):
-                    h = train.fit(m, (x, y), ctx=ctx.quiet(), lr=lr, seed=seed + 1000, steps=steps,
+                    h = train.fit(m, (x, y), ctx=ctx.quiet(), lr=lr, seed=seed + 1000, steps=probe_steps,
                                   optimizer="sgd-plain", eval_data=(xt, yt))
                     cont[lr][name].append({"losses": h.losses, "train_loss": math.nan if h.diverged else h.final_train_loss,
                                            "test_acc": math.nan if h.diverged else h.final_test_acc,
@@ -220,7 +233,15 @@ def run(ctx: Context) -> Section:
         bar_ = CHANCE + GOOD_FRACTION * (best - CHANCE)
         return [lr for lr in lrs if not any(map(math.isnan, acc[arch][key][lr])) and np.mean(acc[arch][key][lr]) >= bar_]
 
-    tables, results = [], {"lrs": lrs, "steps": steps, "sweep": {}}
+    def best_rate(arch: str, key: str) -> float | None:
+        # the rate with the lowest mean final TRAINING loss (the test set never chooses)
+        scored = [(float(np.nanmean(tloss[arch][key][lr])), lr) for lr in lrs
+                  if not all(map(math.isnan, tloss[arch][key][lr]))]
+        return min(scored)[1] if scored else None
+
+    tables, results = [], {"lrs": lrs, "steps": steps, "sweep": {}, "best": {}, "n_seeds": len(seeds)}
+    tables.append(Table(["row", "what it controls for"], [[lbl, CONTROLS[k]] for k, lbl, *_ in NORMS],
+                        "The configurations of the learning-rate sweep"))
     for arch in ARCHS:
         rows = []
         for key, label, *_ in NORMS:
@@ -236,6 +257,23 @@ def run(ctx: Context) -> Section:
                             rows, f"{arch} on MNIST-1D: test accuracy after {steps} plain-SGD steps (batch 64). *No seed "
                             f"diverged and the accuracy closes ≥ {GOOD_FRACTION:.0%} of the gap from chance to the best "
                             "configuration's accuracy."))
+        best_rows = []
+        for key, *_ in NORMS:
+            blr = best_rate(arch, key)
+            vals = acc[arch][key][blr] if blr is not None else [math.nan] * len(seeds)
+            results["best"].setdefault(arch, {})[key] = {"lr": blr, "test_acc": vals}
+        for key, label, *_ in NORMS:
+            b = results["best"][arch][key]
+            c = compare(results["best"][arch]["bn"]["test_acc"], b["test_acc"], paired=True,
+                        names=("BatchNorm", label))
+            results["best"][arch][key]["bn_minus_this"] = [c.diff, c.half, c.resolved]
+            best_rows.append([label, "-" if b["lr"] is None else f"{b['lr']:g}", pm(b["test_acc"], ".3f"),
+                              "" if key == "bn" else (f"{c.diff:+.3f} ± {c.half:.3f}" if c.informative else f"{c.diff:+.3f}")
+                              + ("" if key == "bn" or c.resolved else " (n.s.)")])
+        tables.append(Table(["normalization", "best lr (lowest train loss)", "test acc at it (± 95 % interval)",
+                             "BatchNorm − this (paired by seed)"], best_rows,
+                            f"{arch}: each configuration at its own best learning rate; n.s. = indistinguishable at "
+                            "this budget"))
         rows = [[label] + [cell(tloss[arch][key][lr]) for lr in lrs] for key, label, *_ in NORMS]
         tables.append(Table(["normalization"] + [f"lr={lr:g}" for lr in lrs], rows,
                             f"{arch}: final training loss (eval mode, whole training set; chance = ln 10 = 2.303)."))
@@ -286,14 +324,30 @@ def run(ctx: Context) -> Section:
                         f"{steps} more steps on the same batches."))
 
     figs = _figures(acc, lrs, stds, dyn, cont, cont_lrs, labels, dyn_lr, steps)
+    finding = _finding(results, labels, len(lrs))
     setup = (
         f"MNIST-1D (4000 train / 1000 test). {ARCHS[0]}: 8 hidden ReLU layers of 128; {ARCHS[1]}: three Conv1d "
         f"(kernel 5, 32 channels) + mean pool. Normalization after every linear/conv layer: {', '.join(labels.values())}. "
         f"Plain SGD (no momentum), batch 64, {steps} steps, learning rates {lrs}; seeds {seeds}. A run whose loss "
-        "became non-finite or exceeded 1e3 is 'diverged'. Mechanism probes use the MLP."
+        "became non-finite or exceeded 1e3 is 'diverged'. He init: kaiming-normal hidden weights (fan-in, ReLU gain), "
+        f"zero biases. Mechanism probes use the MLP ({probe_steps} steps)."
     )
     return Section(NAME, TITLE, QUESTION, setup, _answer(results, lrs, ks, labels), tables=tables, figures=figs,
-                   results=results)
+                   results=results, finding=finding)
+
+
+def _finding(results: dict, labels: dict[str, str], n_lrs: int) -> str:
+    """Usable rates of BN vs AffineOnly (He init), and BN vs AffineOnly (He) at each one's best rate, per architecture."""
+    bits = []
+    for arch, best in results["best"].items():
+        sweep = results["sweep"][arch]
+        c = compare(best["bn"]["test_acc"], best["affine-he"]["test_acc"], paired=True,
+                    names=("BatchNorm", labels["affine-he"]))
+        bits.append(f"{arch}: BN trains well at {len(sweep['bn']['good_rates'])} of {n_lrs} rates, γx + β with He init "
+                    f"at {len(sweep['affine-he']['good_rates'])} (default init: {len(sweep['affine']['good_rates'])}); at "
+                    f"each one's best rate test accuracy {pm(best['bn']['test_acc'], '.2f')} vs "
+                    f"{pm(best['affine-he']['test_acc'], '.2f')} ({c.verdict()})")
+    return "; ".join(bits) + "."
 
 
 def _figures(acc, lrs, stds, dyn, cont, cont_lrs, labels, dyn_lr, steps) -> list[Figure]:
@@ -372,7 +426,7 @@ def _answer(results: dict, lrs: list[float], ks: list[float], labels: dict[str, 
     parts = []
     for arch, res in results["sweep"].items():
         desc = []
-        for key in ("bn", "bn-noaffine", "affine", "none", "none-he"):
+        for key in ("bn", "bn-noaffine", "affine", "affine-he", "none", "none-he"):
             g = res[key]["good_rates"]
             desc.append(f"{labels[key]}: {'rates ' + ', '.join(f'{r:g}' for r in g) if g else 'no rate'}")
         parts.append(f"{arch} — learning rates at which each configuration trains well (no divergence, accuracy "
@@ -383,14 +437,23 @@ def _answer(results: dict, lrs: list[float], ks: list[float], labels: dict[str, 
     sweep = results["sweep"]
     n_bn = np.mean([len(sweep[a]["bn"]["good_rates"]) for a in sweep])
     n_aff = np.mean([len(sweep[a]["affine"]["good_rates"]) for a in sweep])
+    n_aff_he = np.mean([len(sweep[a]["affine-he"]["good_rates"]) for a in sweep])
     n_he = np.mean([len(sweep[a]["none-he"]["good_rates"]) for a in sweep])
-    if n_bn > n_aff:
+    if results.get("n_seeds", 2) < 2:
+        parts.append(f"Usable rates (one seed, so no conclusion is drawn): BN {n_bn:.1f}, γx + β {n_aff:.1f}, γx + β with "
+                     f"He init {n_aff_he:.1f}, unnormalized with He init {n_he:.1f} of {len(lrs)}.")
+    elif n_bn > max(n_aff, n_aff_he):
         parts.append(f"Normalizing first widens the range of usable learning rates (on average {n_bn:.1f} of "
-                     f"{len(lrs)} rates for BN vs {n_aff:.1f} for γx + β alone and {n_he:.1f} for an unnormalized "
-                     "network with He initialization).")
+                     f"{len(lrs)} rates for BN vs {n_aff:.1f} for γx + β alone, {n_aff_he:.1f} for γx + β with He "
+                     f"initialization and {n_he:.1f} for an unnormalized network with He initialization).")
     else:
-        parts.append(f"In this run BN did not widen the usable range of learning rates over γx + β alone "
-                     f"({n_bn:.1f} vs {n_aff:.1f} of {len(lrs)} rates), contrary to the popular belief.")
+        parts.append(f"In this run BN did not widen the usable range of learning rates over γx + β "
+                     f"({n_bn:.1f} vs {n_aff:.1f} of {len(lrs)} rates with default init, {n_aff_he:.1f} with He init).")
+    for arch, best in results["best"].items():
+        cmps = [compare(best["bn"]["test_acc"], best[k]["test_acc"], paired=True, names=("BatchNorm", labels[k]))
+                for k in ("affine", "affine-he", "none-he")]
+        parts.append(f"{arch}, each configuration at its own best learning rate (chosen by training loss), test "
+                     "accuracy: " + "; ".join(c.text(".3f") for c in cmps) + ".")
     init = results["init_std"]
     parts.append(
         "At initialization the pre-activation standard deviation at hidden layers 1 → 8 goes "

@@ -9,9 +9,11 @@ eval-mode forward before and after :func:`batchnorm.fold`.
 Timing protocol: every contender runs a few warm-up steps first (JIT compilation, allocator), then
 ``rounds`` rounds in which the contenders take turns (the order rotates every round so none always
 runs first); each turn times ``reps`` steps with ``time.perf_counter``. We report the median over
-rounds of the per-step time and its ratio to the no-BN network, on one intra-op thread. No timing
-is asserted anywhere: a busy machine shifts the numbers, the medians and alternation only make the
-comparison fair.
+rounds of the per-step time and its ratio to the no-BN network, on one intra-op thread. Ratios are
+taken within a round (the same moment's load on both), and two contenders are compared through
+:func:`batchnorm.lab.stats.compare` on the per-round ratios (paired by round): a difference is stated
+only when its 95 % interval excludes zero. No timing is asserted anywhere. Ours is the public layer
+with ``backend="auto"``: the same dispatch users get.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from torch import nn
 from ..layers.base import BatchNorm2d
 from ..tools.fold import fold
 from . import data
-from .core import Context, Figure, Section, Table, fmt, subplots
+from .core import Context, Figure, Section, Table, subplots
+from .stats import compare, pm
 
 NAME = "overhead"
 TITLE = "8. Overhead: training-step and inference time with and without BN"
@@ -120,14 +123,14 @@ def run(ctx: Context) -> Section:
     x = x_all[:BATCH].reshape(-1, 1, 28, 28).contiguous()
     y = y_all[:BATCH]
     xi = x_all[:INFER_BATCH].reshape(-1, 1, 28, 28).contiguous()
-    rounds = ctx.budget(9, 5)
-    reps = ctx.budget(3, 2)
+    rounds = ctx.budget(25, 4)
+    reps = ctx.budget(4, 2)
     kinds = {"no BN": "none", "torch.nn.BatchNorm2d": "torch", "ours (BatchNorm2d)": "ours",
              "ours fused with ReLU": "ours-fused"}
-    train_s: dict[str, list[float]] = {k: [] for k in kinds}
+    train_r: dict[str, list[float]] = {k: [] for k in kinds}  # seconds per step, one entry per round
     infer_names = ["no BN", "torch.nn.BatchNorm2d", "ours (BatchNorm2d)", "ours, folded", "torch BN, folded",
                    "no-BN net holding the folded weights"]
-    infer_s: dict[str, list[float]] = {k: [] for k in infer_names}
+    infer_r: dict[str, list[float]] = {k: [] for k in infer_names}
     fold_err: list[float] = []
     for seed in ctx.bar(ctx.seed_values(), desc=NAME):
         nets = {}
@@ -137,7 +140,7 @@ def run(ctx: Context) -> Section:
         steps = {label: _train_step(net, x, y) for label, net in nets.items()}
         t = time_alternating(steps, rounds=rounds, reps=reps, warmup=3)
         for k, v in t.items():
-            train_s[k].append(float(np.median(v)))
+            train_r[k] += v
         # inference: the trained-a-little nets (running statistics are not the initial ones)
         ours, theirs = nets["ours (BatchNorm2d)"].eval(), nets["torch.nn.BatchNorm2d"].eval()
         folded, folded_torch = fold(ours), fold(theirs)
@@ -154,55 +157,63 @@ def run(ctx: Context) -> Section:
                "torch BN, folded": _infer(folded_torch, xi), "no-BN net holding the folded weights": _infer(twin, xi)}
         t = time_alternating(fns, rounds=rounds, reps=reps, warmup=2)
         for k, v in t.items():
-            infer_s[k].append(float(np.median(v)))
+            infer_r[k] += v
 
-    base_t, base_i = np.array(train_s["no BN"]), np.array(infer_s["no BN"])
-    ratio_t = {k: list(np.array(v) / base_t) for k, v in train_s.items()}
-    ratio_i = {k: list(np.array(v) / base_i) for k, v in infer_s.items()}
+    ratio_t = {k: list(np.array(v) / np.array(train_r["no BN"])) for k, v in train_r.items()}
+    ratio_i = {k: list(np.array(v) / np.array(infer_r["no BN"])) for k, v in infer_r.items()}
     ms = lambda v: [1e3 * a for a in v]  # noqa: E731
-    t_table = Table(["network", "step time (ms)", "ratio to no BN"],
-                    [[k, fmt(ms(train_s[k]), 2), fmt(ratio_t[k], 2)] for k in kinds],
-                    caption=f"Training step (forward + backward + SGD), batch {BATCH}, median over {rounds} rounds "
-                            f"of {reps} steps; mean ± std over seeds")
-    i_table = Table(["network", "forward time (ms)", "ratio to no BN"],
-                    [[k, fmt(ms(infer_s[k]), 2), fmt(ratio_i[k], 2)] for k in infer_names],
-                    caption=f"Eval-mode forward, batch {INFER_BATCH}, median over {rounds} rounds of {reps} calls")
+    t_table = Table(["network", "step time (ms), median of rounds", "ratio to no BN (per round), mean ± 95 % interval"],
+                    [[k, f"{1e3 * np.median(train_r[k]):.2f}", pm(ratio_t[k], ".2f")] for k in kinds],
+                    caption=f"Training step (forward + backward + SGD), batch {BATCH}: {len(ratio_t['no BN'])} rounds "
+                            f"of {reps} steps ({rounds} per seed)")
+    i_table = Table(["network", "forward time (ms), median of rounds", "ratio to no BN (per round), mean ± 95 % interval"],
+                    [[k, f"{1e3 * np.median(infer_r[k]):.2f}", pm(ratio_i[k], ".2f")] for k in infer_names],
+                    caption=f"Eval-mode forward, batch {INFER_BATCH}: {len(ratio_i['no BN'])} rounds of {reps} calls")
 
-    fig, axes = subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = subplots(1, 2, figsize=(11, 3.6))
     for ax, store, names, title in ((axes[0], ratio_t, list(kinds), "Training step"),
                                     (axes[1], ratio_i, infer_names, "Inference (eval mode)")):
-        means = [np.mean(store[k]) for k in names]
-        stds = [np.std(store[k]) for k in names]
         pos = np.arange(len(names))
-        ax.barh(pos, means, xerr=stds, color=["gray"] + ["tab:blue"] * (len(names) - 1), label="time / no-BN time")
-        ax.axvline(1.0, color="k", ls=":", label="no BN")
+        parts = ax.boxplot([store[k] for k in names], positions=pos, vert=False, widths=0.6, patch_artist=True,
+                           showfliers=True)
+        for patch, k in zip(parts["boxes"], names):
+            patch.set_facecolor("lightgray" if k == "no BN" else "lightsteelblue")
+        ax.axvline(1.0, color="k", ls=":", lw=0.8)
         ax.set_yticks(pos, names, fontsize=8)
-        ax.set_xlabel("time relative to the network without BN")
+        ax.set_xlabel("time / no-BN time in the same round")
         ax.set_title(title)
-        ax.legend(fontsize=7, loc="lower right")
-    figure = Figure(fig, "Median step / forward time divided by the no-BN network's, mean ± std over seeds "
-                         "(one thread, contenders alternated).")
+    figure = Figure(fig, "Per-round ratio of each contender's time to the no-BN network's (boxes: quartiles, whiskers "
+                         "1.5 IQR, dots: outlier rounds; dotted line: no BN). One thread, contenders alternated.")
 
-    mean = lambda d, k: float(np.mean(d[k]))  # noqa: E731
-    r_torch, r_ours, r_fused = (mean(ratio_t, k) for k in ("torch.nn.BatchNorm2d", "ours (BatchNorm2d)",
-                                                           "ours fused with ReLU"))
-    i_ours, i_fold = mean(ratio_i, "ours (BatchNorm2d)"), mean(ratio_i, "ours, folded")
-    i_twin = mean(ratio_i, "no-BN net holding the folded weights")
+    def cmp(store, a, b):
+        # pairs are rounds; a --quick run has too few rounds to be evidence, so it resolves nothing
+        return compare(store[a], store[b], paired=True, names=(a, b), by="round", min_n=10**9 if ctx.quick else 2)
+
+    c_torch = cmp(ratio_t, "torch.nn.BatchNorm2d", "no BN")
+    c_ours = cmp(ratio_t, "ours (BatchNorm2d)", "no BN")
+    c_vs = cmp(ratio_t, "ours (BatchNorm2d)", "torch.nn.BatchNorm2d")
+    c_fused = cmp(ratio_t, "ours fused with ReLU", "ours (BatchNorm2d)")
+    c_inf = cmp(ratio_i, "ours (BatchNorm2d)", "no BN")
+    c_fold = cmp(ratio_i, "ours, folded", "no BN")
+    c_twin = cmp(ratio_i, "ours, folded", "no-BN net holding the folded weights")
+    slow = lambda c: ("resolved slower" if c.diff > 0 else "resolved faster") if c.resolved else "indistinguishable"  # noqa: E731
     answer = (
-        f"BN makes this training step {r_torch:.2f}× as long as without it with torch's BatchNorm2d and "
-        f"{r_ours:.2f}× with ours ({r_fused:.2f}× fused with its ReLU). "
-        + (f"So BN adds {100 * (min(r_torch, r_ours) - 1):.0f}–{100 * (max(r_torch, r_ours) - 1):.0f}% to the step: "
-           + ("measurable, but the convolutions still dominate; " if max(r_torch, r_ours) < 1.5
-              else "on this thin net (16 and 32 channels) normalization is a large share of the work; ")
-           + ("fusing the ReLU saves a little. " if r_fused < r_ours else "fusing the ReLU does not help here. "))
-        + f"At inference, eval-mode BN costs {i_ours:.2f}× the no-BN forward and after batchnorm.fold "
-        f"{i_fold:.2f}× (largest output change from folding {max(fold_err):.1e}): "
-        + (f"folding removes the inference cost (within {100 * abs(i_fold - 1):.0f}% of the no-BN net)."
-           if i_fold < 1.05 else
-           f"folding leaves {100 * (i_fold - 1):.0f}% above the no-BN forward on this run, and the no-BN architecture "
-           f"holding the folded weights runs at {i_twin:.2f}×: "
-           + ("the residue comes from the weight values, not from BN (the folded net has no BN layer left)."
-              if abs(i_twin - i_fold) < 0.05 else "the residue is not explained by the weight values on this run."))
+        f"Training step time relative to the no-BN net (same round): torch's BatchNorm2d {pm(ratio_t['torch.nn.BatchNorm2d'], '.2f')}×, "
+        f"ours {pm(ratio_t['ours (BatchNorm2d)'], '.2f')}×, ours fused with its ReLU {pm(ratio_t['ours fused with ReLU'], '.2f')}× "
+        f"(mean ± 95 % interval over {len(ratio_t['no BN'])} rounds). Against no BN: torch {slow(c_torch)}, "
+        f"ours {slow(c_ours)}. Ours against torch's: {c_vs.text('.3f', higher='slower', lower='faster')}. Fusing the "
+        f"ReLU: {c_fused.text('.3f', higher='slower', lower='faster')}. "
+        f"At inference, eval-mode BN costs {pm(ratio_i['ours (BatchNorm2d)'], '.2f')}× the no-BN forward "
+        f"({slow(c_inf)}) and after batchnorm.fold {pm(ratio_i['ours, folded'], '.2f')}× ({slow(c_fold)}; largest output "
+        f"change from folding {max(fold_err):.1e}); the folded net against the no-BN architecture holding the same "
+        f"weights: {slow(c_twin)}. Differences called indistinguishable are inside the "
+        "round-to-round spread of this (shared) machine."
+    )
+    finding = (
+        f"A training step with BN takes {pm(ratio_t['torch.nn.BatchNorm2d'], '.2f')}× (torch) and "
+        f"{pm(ratio_t['ours (BatchNorm2d)'], '.2f')}× (ours) the no-BN step (ours vs torch: "
+        f"{slow(c_vs)}); at inference BN costs {pm(ratio_i['ours (BatchNorm2d)'], '.2f')}× and the "
+        f"folded net {pm(ratio_i['ours, folded'], '.2f')}× (against no BN: {slow(c_fold)})."
     )
     return Section(
         name=NAME, title=TITLE, question=QUESTION,
@@ -210,15 +221,18 @@ def run(ctx: Context) -> Section:
             f"Conv net 1→{WIDTHS[0]}→{WIDTHS[1]} channels (3×3 conv, norm, ReLU, 2×2 max-pool each) → mean → Linear(10) "
             f"on MNIST digits; training step = forward + cross-entropy + backward + SGD (momentum 0.9) at batch "
             f"{BATCH}; inference = eval-mode forward of {INFER_BATCH} digits under torch.inference_mode. One intra-op "
-            "thread; 3 warm-up steps per contender, then rounds in which contenders take turns (rotating order); "
-            f"median per contender. {len(ctx.seed_values())} seed(s). The machine is shared: absolute times are "
+            f"thread; 3 warm-up steps per contender, then {rounds} rounds per seed in which contenders take turns "
+            f"(rotating order); ratios are taken within a round. {len(ctx.seed_values())} seed(s). The machine is shared: absolute times are "
             "inflated, ratios are what to read."
         ),
-        answer=answer, tables=[t_table, i_table], figures=[figure],
-        results={"train_ms": {k: float(np.mean(ms(v))) for k, v in train_s.items()},
+        answer=answer, finding=finding, tables=[t_table, i_table], figures=[figure],
+        results={"train_ms": {k: float(np.median(ms(v))) for k, v in train_r.items()},
+                 "train_ratio_per_round": ratio_t,
                  "train_ratio": {k: float(np.mean(v)) for k, v in ratio_t.items()},
-                 "infer_ms": {k: float(np.mean(ms(v))) for k, v in infer_s.items()},
+                 "infer_ms": {k: float(np.median(ms(v))) for k, v in infer_r.items()},
+                 "infer_ratio_per_round": ratio_i,
                  "infer_ratio": {k: float(np.mean(v)) for k, v in ratio_i.items()},
+                 "ours_vs_torch_train": [c_vs.diff, c_vs.half, c_vs.resolved],
                  "fold_max_abs_error": max(fold_err)},
         notes=["Ours runs the numba CPU kernels where the dispatcher picks them (backend 'auto')."],
     )

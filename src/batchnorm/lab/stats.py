@@ -89,11 +89,14 @@ class Comparison:
     paired: bool
     floor: float
     resolved: bool
+    by: str = "seed"  # what the pairs share ("seed", "round", ...)
+
+    min_n: int = 2
 
     @property
     def informative(self) -> bool:
-        """True when there were at least two pairs/values, so "not resolved" says something about the effect."""
-        return self.n >= 2
+        """True when there were enough pairs/values to resolve, so "not resolved" says something about the effect."""
+        return self.n >= max(2, self.min_n)
 
     @property
     def sign(self) -> int:
@@ -109,7 +112,7 @@ class Comparison:
     def text(self, spec: str = ".3f", *, unit: str = "", higher: str = "higher", lower: str = "lower") -> str:
         """One clause with both means, the difference, its interval, how it was paired, and the verdict."""
         a, b = self.names
-        how = f"paired by seed, n = {self.n}" if self.paired else f"unpaired, n = {self.n}"
+        how = f"paired by {self.by}, n = {self.n}" if self.paired else f"unpaired, n = {self.n}"
         if math.isfinite(self.half):
             d = f"{self.diff:+{spec}}{unit} ± {self.half:{spec}}{unit} (95 % interval, {how})"
         else:
@@ -126,6 +129,8 @@ def compare(
     names: tuple[str, str] = ("A", "B"),
     floor: float = 0.0,
     level: float = LEVEL,
+    by: str = "seed",
+    min_n: int = 2,
 ) -> Comparison:
     """Decide whether ``mean(a) − mean(b)`` is resolved by the per-seed values (see the module docstring).
 
@@ -135,6 +140,8 @@ def compare(
         names: labels used by :meth:`Comparison.text`.
         floor: a difference at most this large is never called resolved (e.g. binomial test-set noise).
         level: confidence level of the interval.
+        by: what a pair shares, for the text ("seed", "round").
+        min_n: fewest pairs/values that may resolve a difference (2; a smoke test passes more to resolve nothing).
 
     Shape: 1-D sequences; paired ones of equal length.
     Example: ``compare([1, 1.1], [1.05, 1.0], paired=True).resolved is False``.
@@ -149,14 +156,14 @@ def compare(
         pa, pb = pa[ok], pb[ok]
         n = int(pa.size)
         if n == 0:
-            return Comparison(names, math.nan, math.nan, math.nan, math.nan, 0, True, floor, False)
+            return Comparison(names, math.nan, math.nan, math.nan, math.nan, 0, True, floor, False, by)
         diff, half = interval(pa - pb, level)
         mean_a, mean_b = float(pa.mean()), float(pb.mean())
     else:
         fa, fb = _finite(a), _finite(b)
         n = int(min(fa.size, fb.size))
         if n == 0:
-            return Comparison(names, math.nan, math.nan, math.nan, math.nan, 0, False, floor, False)
+            return Comparison(names, math.nan, math.nan, math.nan, math.nan, 0, False, floor, False, by)
         mean_a, mean_b = float(fa.mean()), float(fb.mean())
         diff = mean_a - mean_b
         if n < 2:
@@ -169,8 +176,8 @@ def compare(
             else:
                 df = (va + vb) ** 2 / (va**2 / (fa.size - 1) + vb**2 / (fb.size - 1))
                 half = _t(df, level) * se
-    resolved = bool(n >= 2 and math.isfinite(half) and abs(diff) > max(half, floor))
-    return Comparison(names, mean_a, mean_b, float(diff), float(half), n, paired, float(floor), resolved)
+    resolved = bool(n >= max(2, min_n) and math.isfinite(half) and abs(diff) > max(half, floor))
+    return Comparison(names, mean_a, mean_b, float(diff), float(half), n, paired, float(floor), resolved, by, min_n)
 
 
 def crossing(steps: Sequence[float], values: Sequence[float], target: float) -> float:
