@@ -153,6 +153,57 @@ def _scenario_death(rank: int, world: int) -> dict:
         return {"error": str(err), "elapsed": time.monotonic() - start}
 
 
+def _scenario_mismatch(rank: int, world: int, variant: str) -> dict:
+    """Ranks disagree on features or dtype; every rank must raise (no SIGABRT) and the group stays usable."""
+    from batchnorm.layers.sync import ProcessGroupMismatchError
+
+    calls = {"all_gather": 0}
+    real = dist.all_gather
+
+    def counting(*args, **kwargs):
+        calls["all_gather"] += 1
+        return real(*args, **kwargs)
+
+    dist.all_gather = counting
+    features = {"features": (4, 6)}.get(variant, (4, 4))[rank]
+    dtypes = {"dtype": (torch.float32, torch.float64)}.get(variant, (torch.float32, torch.float32))
+    layer = SyncBatchNorm(features)
+    out: dict = {"errors": [], "steps_ok": 0}
+    for step in range(3):
+        dtype = dtypes[rank]
+        if variant == "dtype_later" and step == 2 and rank == 1:
+            dtype = torch.float64  # agreed twice, then one rank changes its input dtype
+        x = torch.randn(5, features, 3, dtype=dtype, requires_grad=True)
+        try:
+            layer(x).pow(2).sum().backward()
+            out["steps_ok"] += 1
+        except ProcessGroupMismatchError as err:
+            out["errors"].append((step, str(err), isinstance(err, RuntimeError), isinstance(err, ValueError)))
+            break
+    out["all_gather_calls"] = calls["all_gather"]
+    dist.all_gather = real
+    flag = torch.ones(1)
+    dist.all_reduce(flag)  # the group still works after the error
+    out["alive"] = float(flag)
+    return out
+
+
+def _scenario_mismatch_features(rank: int, world: int) -> dict:
+    return _scenario_mismatch(rank, world, "features")
+
+
+def _scenario_mismatch_dtype(rank: int, world: int) -> dict:
+    return _scenario_mismatch(rank, world, "dtype")
+
+
+def _scenario_mismatch_dtype_later(rank: int, world: int) -> dict:
+    return _scenario_mismatch(rank, world, "dtype_later")
+
+
+def _scenario_mismatch_none(rank: int, world: int) -> dict:
+    return _scenario_mismatch(rank, world, "none")
+
+
 def _launch(world: int, scenario: str, tmp_path, timeout: float = 120.0) -> dict[int, dict]:
     ctx = mp.get_context("spawn")
     port = _free_port()
@@ -176,6 +227,9 @@ def _launch(world: int, scenario: str, tmp_path, timeout: float = 120.0) -> dict
             results[r] = torch.load(path, weights_only=False)
         elif (tmp_path / f"rank{r}.err").exists():
             results[r] = {"traceback": (tmp_path / f"rank{r}.err").read_text()}
+        else:
+            results[r] = {"traceback": f"rank {r} wrote nothing (exit code {procs[r].exitcode})"}
+        results[r]["exitcode"] = procs[r].exitcode
     return results
 
 
@@ -242,6 +296,39 @@ def test_dead_process_makes_the_others_fail_clearly(tmp_path):
     assert "SyncBatchNorm: the all_gather of batch statistics across the 2 processes" in err
     assert "init_process_group(timeout=...)" in err
     assert results[0]["elapsed"] < 5 + 20  # the configured 5 s timeout, plus slack for a loaded machine
+
+
+# scenario -> (step at which every rank raises or None, words in the message, all_gather calls per rank)
+MISMATCH_CASES = {
+    # one fixed-size handshake gather, then it raises before the size-dependent statistics gather
+    "_scenario_mismatch_features": (0, ["feature counts", "rank 0: 4 features, float32", "rank 1: 6 features, float32"], 1),
+    "_scenario_mismatch_dtype": (0, ["input dtypes", "rank 0: 4 features, float32", "rank 1: 4 features, float64"], 1),
+    # handshake once + one statistics gather per step; step 2's gather carries the new dtype
+    "_scenario_mismatch_dtype_later": (2, ["input dtypes", "rank 1: 4 features, float64"], 1 + 3),
+    # agreement is checked once per layer, not per step: 1 handshake + 3 statistics gathers
+    "_scenario_mismatch_none": (None, [], 1 + 3),
+}
+
+
+@gloo
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", list(MISMATCH_CASES))
+def test_ranks_that_disagree_raise_on_every_rank_instead_of_aborting(scenario, tmp_path):
+    step, words, gathers = MISMATCH_CASES[scenario]
+    results = _launch(2, scenario, tmp_path, timeout=90.0)
+    for r in range(2):
+        res = results[r]
+        assert "traceback" not in res, res["traceback"]  # an abort (SIGABRT in gloo) leaves no result
+        assert res["exitcode"] == 0 and res["alive"] == 2.0
+        assert res["all_gather_calls"] == gathers
+        if step is None:
+            assert res["errors"] == [] and res["steps_ok"] == 3
+            continue
+        (at, msg, is_runtime, is_value), = res["errors"]
+        assert at == step and res["steps_ok"] == step and is_runtime and is_value
+        assert msg.startswith("SyncBatchNorm: the 2 processes of the process group disagree on the")
+        for word in words + ["same num_features", "no collective was run with mismatched sizes"]:
+            assert word in msg, (word, msg)
 
 
 @pytest.mark.parametrize(

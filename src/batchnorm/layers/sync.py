@@ -35,8 +35,51 @@ def _collective_failed(what: str, world: int, err: Exception) -> RuntimeError:
     )
 
 
+class ProcessGroupMismatchError(RuntimeError, ValueError):
+    """The processes of a group called a :class:`SyncBatchNorm` with different feature counts or dtypes.
+
+    Raised on every rank (each sees all ranks' values), before any collective whose size depends on
+    them, so no rank aborts inside the communication backend. A ``RuntimeError`` as torch's
+    collective errors, and a ``ValueError`` as the other input errors of this package.
+    """
+
+
+# input dtypes by code for the rank agreement check (0: any other dtype)
+_DTYPES = (None, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else 0
+
+
+def _dtype_name(code: int) -> str:
+    return str(_DTYPES[code]).replace("torch.", "") if 0 < code < len(_DTYPES) else "another dtype"
+
+
+def _mismatch(name: str, world: int, table: list[tuple[int, int]]) -> ProcessGroupMismatchError:
+    """Error naming every rank's (features, input dtype); ``table[r]`` is rank r's pair."""
+    ranks = "; ".join(f"rank {r}: {c} features, {_dtype_name(d)}" for r, (c, d) in enumerate(table))
+    what = []
+    if len({c for c, _ in table}) > 1:
+        what.append("feature counts")
+    if len({d for _, d in table}) > 1:
+        what.append("input dtypes")
+    return ProcessGroupMismatchError(
+        f"{name}: the {world} processes of the process group disagree on the {' and '.join(what)} of this layer "
+        f"({ranks}). Every process must build the same model (same num_features for each SyncBatchNorm) and feed "
+        "inputs of the same dtype (cast with x.to(dtype), or use the same autocast settings on every rank); "
+        "no collective was run with mismatched sizes."
+    )
+
+
 class SyncCombine(F.Combine):
     """*Combine* across processes: exact merge of ``(count, mean, m2)`` and an all-reduce of the backward sums.
+
+    Before the first gather of a layer, one fixed-size ``all_gather`` of ``(features, dtype, groups)``
+    checks that every rank agrees (a mismatch would make gloo abort the process on the size-dependent
+    gather); every later gather carries ``(features, dtype)`` too, so a rank that changes its input
+    dtype later is caught before the dtype-dependent backward all-reduce. Disagreement raises
+    :class:`ProcessGroupMismatchError` on every rank.
 
     Forward: one ``all_gather`` of ``[count, mean, m2, positions]`` per process (in float64), then
     ``n = Σ_r n_r``, ``μ = Σ_r n_r μ_r / n``, ``M2 = Σ_r M2_r + Σ_r n_r (μ_r − μ)²`` — every term is
@@ -49,24 +92,64 @@ class SyncCombine(F.Combine):
     index are merged across processes).
     """
 
-    def __init__(self, process_group, world: int, positions: int, shape: tuple[int, ...], masked: bool, name: str):
+    def __init__(
+        self,
+        process_group,
+        world: int,
+        positions: int,
+        shape: tuple[int, ...],
+        masked: bool,
+        name: str,
+        dtype: torch.dtype | None = None,
+        agreed: set | None = None,
+    ):
         self.process_group = process_group
         self.world = world
         self.positions = positions
         self.shape = shape
         self.masked = masked
         self.name = name
+        self.dtype_code = _dtype_code(dtype) if dtype is not None else 0
+        self.agreed = agreed  # the layer's set of process groups already known to agree on the feature count
+
+    def _agree(self, features: int, groups: int) -> None:
+        """Once per layer and process group: a fixed-size all_gather of (features, dtype, groups) from every rank.
+
+        Every later statistics gather is ``4·G·C + 2`` float64 values, so it only runs once the ranks
+        are known to agree on ``G·C``; it carries the dtype code, checked on every step at no extra cost.
+        """
+        key = (id(self.process_group), self.world)
+        if self.agreed is not None and key in self.agreed:
+            return
+        meta = torch.tensor([features, self.dtype_code, groups], dtype=torch.int64)
+        table = [torch.empty_like(meta) for _ in range(self.world)]
+        try:
+            dist.all_gather(table, meta, group=self.process_group)
+        except Exception as err:
+            raise _collective_failed("check that all processes agree on the feature count", self.world, err) from err
+        rows = [tuple(int(v) for v in t) for t in table]
+        if len(set(rows)) > 1:
+            raise _mismatch(self.name, self.world, [(c * g, d) for c, d, g in rows])
+        if self.agreed is not None:
+            self.agreed.add(key)
 
     def stats(self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor):
         dtype = mean.dtype
+        groups, features = count.shape[-2:] if count.dim() >= 2 else (1, count.shape[-1])
+        self._agree(int(features), int(groups))
         positions = torch.full_like(count, float(self.positions))
         local = torch.stack([count, mean, m2, positions]).to(torch.float64)
-        gathered = [torch.empty_like(local) for _ in range(self.world)]
+        tail = torch.tensor([float(features), float(self.dtype_code)], dtype=torch.float64)
+        flat = torch.cat([local.reshape(-1), tail])
+        gathered = [torch.empty_like(flat) for _ in range(self.world)]
         try:
-            dist.all_gather(gathered, local.contiguous(), group=self.process_group)
+            dist.all_gather(gathered, flat, group=self.process_group)
         except Exception as err:  # gloo raises RuntimeError/DistBackendError; say what it means here
             raise _collective_failed("all_gather of batch statistics", self.world, err) from err
-        allstats = torch.stack(gathered)  # (W, 4, G, C)
+        codes = [(int(g[-2]), int(g[-1])) for g in gathered]
+        if len(set(codes)) > 1:  # e.g. one rank switched to float64 after the first step: raise before backward
+            raise _mismatch(self.name, self.world, codes)
+        allstats = torch.stack([g[:-2].reshape(local.shape) for g in gathered])  # (W, 4, G, C)
         counts, means, m2s, pos = allstats.unbind(1)
         n = counts.sum(0)
         mu = (counts * means).sum(0) / n.clamp_min(1)
@@ -102,6 +185,10 @@ class SyncBatchNorm(BatchNorm):
     gradient on each process is the gradient of the *sum* of all processes' losses — exactly what a
     single process would compute on the concatenated batch. Parameter gradients stay local (DDP
     all-reduces them). The "more than 1 value per feature" check uses the global count ``n``.
+    All ranks must agree on ``num_features`` and the input dtype: checked once per layer before any
+    size-dependent collective (one 3-element gather), then on every step inside the statistics
+    gather; a mismatch raises :class:`ProcessGroupMismatchError` (a ``RuntimeError`` and a
+    ``ValueError``) on every rank, naming each rank's feature count and dtype.
 
     Evaluation mode, ``torch.distributed`` not initialized, or a group of one process: exactly
     :class:`BatchNorm` (no collective at all). As ``torch.nn.SyncBatchNorm``, every process of the
@@ -150,7 +237,8 @@ class SyncBatchNorm(BatchNorm):
             bias=bias, **options,
         )
         self.process_group = process_group
-        self._local: tuple[int, tuple[int, ...]] = (0, ())
+        self._local: tuple[int, tuple[int, ...], torch.dtype | None] = (0, (), None)
+        self._agreed: set = set()  # process groups whose ranks agreed on this layer's feature count
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group: Any = None) -> torch.nn.Module:
@@ -165,7 +253,7 @@ class SyncBatchNorm(BatchNorm):
     def _validated(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         x, axis = super()._validated(x)
         # remember positions per feature of this process's batch: the global empty-batch check needs it
-        self._local = (x.numel() // max(x.shape[axis], 1), tuple(x.shape))
+        self._local = (x.numel() // max(x.shape[axis], 1), tuple(x.shape), x.dtype)
         return x, axis
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -177,8 +265,11 @@ class SyncBatchNorm(BatchNorm):
         world = _group_world(self.process_group)
         if world <= 1 or not self.training:
             return F.Combine()
-        positions, shape = self._local
-        return SyncCombine(self.process_group, world, positions, shape, getattr(self, "_masked", False), "SyncBatchNorm")
+        positions, shape, dtype = self._local
+        return SyncCombine(
+            self.process_group, world, positions, shape, getattr(self, "_masked", False), "SyncBatchNorm",
+            dtype, self.__dict__.setdefault("_agreed", set()),
+        )
 
     def _group_size(self, x: torch.Tensor) -> int | None:
         return None
