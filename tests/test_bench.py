@@ -156,3 +156,43 @@ def test_help_is_plain_words_and_describes_every_option(capsys):
         assert action.help, f"option {action.option_strings} has no help text"
     for opt in ("--sweep", "--models", "--fixed", "--calibrate", "--quick", "--shape", "--rows", "--backend"):
         assert opt in text
+
+
+# ------------------------------------------------------------------ --calibrate
+
+
+@pytest.mark.parametrize(
+    "native,numba,expected",
+    [([1, 1, 1, 1], [2, 2, 0.5, 0.5], 4), ([1, 1, 1, 1], [0.5, 0.5, 0.5, 0.5], 1), ([1, 1, 1, 1], [2, 2, 2, 2], None),
+     ([1, 1, 1, 1, 1], [2, 0.5, 2, 0.5, 0.5], 4), ([1, 1, 1, 1, 1], [2, 2, 0.5, 0.5, 2], None)],
+    ids=["clean", "always numba", "never numba", "one noisy point smoothed", "native wins at the top"],
+)
+def test_crossover_rule(native, numba, expected):
+    sizes = [1 << k for k in range(len(native))]
+    assert bench.crossover(sizes, native, numba) == expected
+
+
+@pytest.mark.parametrize("lay", ["inner", "outer"])
+@pytest.mark.parametrize("nbytes", [1 << 12, 1 << 16, 1 << 20])
+def test_calibration_shapes_have_the_size_and_layout_class_they_stand_for(lay, nbytes):
+    shape, axis = bench.calibration_shape(lay, nbytes)
+    x = torch.empty(shape)
+    assert 4 * x.numel() == nbytes
+    assert dispatch.layout(x, axis) == lay
+
+
+def test_calibrate_prints_a_table_with_every_key_of_the_dispatch_table(capsys, tmp_path):
+    if "numba" not in dispatch.available():
+        pytest.skip("numba is not installed")
+    out = tmp_path / "cal.json"
+    res = bench.calibrate(repeats=1, out=str(out), sizes=(1 << 12, 1 << 14))
+    text = capsys.readouterr().out
+    block = text[text.index("CROSSOVER_BYTES"):]
+    block = block[: block.index("}") + 1]
+    namespace: dict = {}
+    exec(block, namespace)  # the printed table is valid Python, pasteable over the old one
+    table = namespace["CROSSOVER_BYTES"]
+    assert set(table) == set(dispatch.CROSSOVER_BYTES)
+    assert all(isinstance(v, int) and v > 0 for v in table.values())
+    assert json.loads(out.read_text())["table"] == res["table"]
+    assert len(res["ladder"]) == 2 * len(dispatch.CROSSOVER_BYTES)

@@ -492,15 +492,17 @@ def calibration_shape(layout: str, nbytes: int) -> tuple[tuple[int, ...], int]:
     """The float32 input ``(shape, axis)`` of ``nbytes`` bytes for a layout class of the dispatch table.
 
     ``"inner"`` (features innermost in memory): a dense ``(N, 256)`` batch, N = nbytes / 1 KB (at least 4).
-    ``"outer"`` (NCHW-like): ``(32, 64, L)``, L = nbytes / 8 KB (at least 2, so the feature axis is not innermost).
+    ``"outer"`` (NCHW-like): ``(N, 32, L)``, N = nbytes / 1 KB up to 32, then L grows (L >= 8, so the
+    feature axis is never innermost).
 
-    Example: ``calibration_shape("outer", 1 << 20) == ((32, 64, 128), 1)``.
+    Example: ``calibration_shape("outer", 1 << 20) == ((32, 32, 256), 1)``.
     """
     n = nbytes // 4
     if layout == "inner":
         return (max(4, n // 256), 256), 1
     if layout == "outer":
-        return (32, 64, max(2, n // (32 * 64))), 1
+        rows = max(1, min(32, n // 256))
+        return (rows, 32, max(8, n // (32 * rows))), 1
     raise ValueError(f"calibration_shape expected layout 'inner' or 'outer', got {layout!r}.")
 
 
@@ -526,14 +528,20 @@ def _calibration_fns(mode: str, shape: tuple[int, ...], axis: int) -> dict[str, 
 def crossover(sizes: list[int], native_ms: list[float], numba_ms: list[float]) -> int | None:
     """Smallest ladder size from which numba is faster than native at that size and every larger one.
 
-    None when native is at least as fast at the largest size measured. Example::
+    The ratios numba / native are first smoothed over each size and its two neighbours on the ladder
+    (median of three), so one noisy point does not move the crossover. None when native is at least
+    as fast at the largest size measured. Example::
 
-        >>> crossover([1, 2, 4, 8], [1.0, 2.0, 3.0, 4.0], [2.0, 1.5, 3.5, 3.0])
-        8
+        >>> crossover([1, 2, 4, 8, 16], [1.0, 1.0, 1.0, 1.0, 1.0], [2.0, 1.5, 0.5, 0.8, 0.7])
+        4
+        >>> crossover([1, 2, 4], [1.0, 1.0, 1.0], [2.0, 1.5, 1.2]) is None
+        True
     """
+    ratios = [b / a for a, b in zip(native_ms, numba_ms)]
+    smooth = [statistics.median(ratios[max(0, i - 1):i + 2]) for i in range(len(ratios))]
     last_native = -1
-    for i, (a, b) in enumerate(zip(native_ms, numba_ms)):
-        if a <= b:
+    for i, r in enumerate(smooth):
+        if r >= 1.0:
             last_native = i
     if last_native == len(sizes) - 1:
         return None
@@ -594,7 +602,8 @@ def calibrate(repeats: int = 7, out: str | None = None, sizes: tuple[int, ...] =
     for key in table:
         v = result["table"][f"{key[0]},{key[1]}"]
         note = "" if v is not None else f"  # numba never won up to {_fmt_bytes(sizes[-1])}"
-        print(f"    {key!r}: {_bytes_literal(v) if v is not None else '1 << 62'},{note}")
+        value = _bytes_literal(v) if v is not None else "1 << 62"
+        print(f'    ("{key[0]}", "{key[1]}"): {value},{note}')
     print("}")
     if out:
         _finish(result, out)
