@@ -4,10 +4,12 @@ convert between BN classes, freeze and unfreeze. Each returns a new model, excep
 
 from .convert import bn_axis, convert, freeze, is_bn_like, unfreeze
 from .fold import FoldRecord, fold
+from .fuse import FuseRecord
 from .recalibrate import RecalibrationReport, recalibrate
 
 __all__ = [
     "FoldRecord",
+    "FuseRecord",
     "RecalibrationReport",
     "bn_axis",
     "convert",

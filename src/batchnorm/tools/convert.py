@@ -158,7 +158,8 @@ def _convert(model: nn.Module, to: type, kwargs: dict, select: Callable[[nn.Modu
     return visit(copy.deepcopy(model), "")
 
 
-def convert(model: nn.Module, to: type = BatchNorm, **kwargs) -> nn.Module:
+def convert(model: nn.Module, to: type = BatchNorm, *, fuse_activations: bool = False, report: bool = False,
+            **kwargs):
     """Return a copy of ``model`` with every BN-like layer replaced by ``to`` (the original is untouched).
 
     Replaced: ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` (every ``_BatchNorm``), every
@@ -178,8 +179,26 @@ def convert(model: nn.Module, to: type = BatchNorm, **kwargs) -> nn.Module:
     cannot express is a ValueError rather than a silent change. Forward hooks on replaced layers are not
     carried.
 
+    ``fuse_activations=True`` then finds every BN → activation pair (the activations of
+    :data:`batchnorm.activations.TABLE`: ``nn.ReLU``, ``nn.ReLU6``, ``nn.LeakyReLU``, ``nn.SiLU``,
+    ``nn.GELU()`` (erf form), ``nn.Sigmoid``, ``nn.Tanh``, ``inplace=True`` or not, as modules, as
+    functions such as ``F.relu``/``torch.relu`` or as tensor methods such as ``x.relu_()``) in the
+    ``torch.fx`` graph of the converted model and fuses the activation into the layer
+    (``activation=...``) when that provably computes the same: the BN output feeds only the activation
+    (or an in-place activation runs before every other use), the layer is called once, and the pair is
+    the same in training and evaluation mode. An activation module called only there becomes
+    ``nn.Identity`` and the model keeps its class; when a call must be removed from the forward (a
+    functional activation, a module called at several places such as torchvision's
+    ``BasicBlock.relu``), the model is returned as a ``torch.fx.GraphModule`` with the same state-dict
+    keys. Pairs that are not provably safe are left alone and recorded. Models that fx cannot trace:
+    only BN → activation modules adjacent inside a plain ``nn.Sequential`` are fused. ``report=True``
+    returns ``(model, records)``, one :class:`~batchnorm.tools.fuse.FuseRecord` per pair
+    (``action`` ``"fused"``/``"skipped"`` and the reason). After fusing, the output of a fused layer
+    (seen by hooks on it) includes the activation.
+
     Raises ValueError when a layer cannot be represented by ``to``: ``axis != 1`` or a fused activation
-    into a torch class, or ``track_running_stats=False`` into FrozenBatchNorm.
+    into a torch class, or ``track_running_stats=False`` into FrozenBatchNorm; and for
+    ``fuse_activations=True`` with a ``to`` that has no ``activation=`` argument.
 
     Shape: no effect on shapes. Note that torch's ``BatchNorm1d/2d/3d`` check the input rank, so
     ``to=torch.nn.BatchNorm2d`` only suits models whose BN layers all see 4-D inputs.
@@ -195,15 +214,40 @@ def convert(model: nn.Module, to: type = BatchNorm, **kwargs) -> nn.Module:
         >>> torch.allclose(back(x), model(x), atol=1e-6)
         True
 
+        >>> block = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(inplace=True))
+        >>> fused, records = convert(block, fuse_activations=True, report=True)
+        >>> fused[1].activation, type(fused[2]).__name__, [r.action for r in records]
+        ('relu', 'Identity', ['fused'])
+
     Reference: ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` and timm's
-    ``freeze_batch_norm_2d`` (the recursive converter pattern).
+    ``freeze_batch_norm_2d`` (the recursive converter pattern); activation fusion as in
+    ``torch.ao.quantization.fuse_modules`` (conv-BN-ReLU) and In-Place ABN (Rota Bulò et al., CVPR 2018).
     """
     if not isinstance(to, type) or not issubclass(to, nn.Module):
         raise TypeError(
             f"convert expected `to` to be an nn.Module class such as batchnorm.BatchNorm or torch.nn.BatchNorm2d, "
             f"got {to!r}. Pass the class itself, not an instance."
         )
-    return _convert(model, to, kwargs, is_bn_like)
+    if fuse_activations and not (issubclass(to, BatchNorm) and "activation" in _accepted(to)):
+        raise ValueError(
+            f"convert: fuse_activations=True needs a target layer with a fused activation (activation=), but "
+            f"{to.__name__} has none. Use to=batchnorm.BatchNorm (or one of its variants), or fuse_activations=False."
+        )
+    out = _convert(model, to, kwargs, is_bn_like)
+    records: list = []
+    if fuse_activations:
+        from .fuse import fuse_activations as _fuse
+
+        out = _fuse(out, records)
+    return (out, records) if report else out
+
+
+def _accepted(to: type) -> set[str]:
+    """Argument names ``to`` accepts (BatchNorm's too for a variant that passes ``**options`` on)."""
+    params = dict(inspect.signature(to).parameters)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        params.update(inspect.signature(BatchNorm).parameters)
+    return set(params)
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -241,10 +241,11 @@ def _frozen_from(bn: nn.Module, act: nn.Module | None = None) -> nn.Module:
 # -- torch.fx path ---------------------------------------------------------------------------------
 class _Tracer(fx.Tracer):
     """Keep BN-like layers and every other layer of this package (Python code with input checks and
-    branches that fx cannot trace) as leaves of the graph."""
+    branches that fx cannot trace) as leaves of the graph; models built from them (``batchnorm.zoo``,
+    the lab's) are traced through like any user model."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        ours = type(m).__module__.startswith("batchnorm.")
+        ours = type(m).__module__.startswith("batchnorm.layers.")
         return is_bn_like(m) or ours or super().is_leaf_module(m, qualname)
 
 
