@@ -200,7 +200,17 @@ def run(ctx: Context) -> Section:
         f"{warm} SGD steps, then one training step with batch {BATCH} is captured and every BN layer is compared "
         f"with batchnorm.reference.forward_train / update_running in float64; seeds {seeds}."
     )
-    return Section(NAME, TITLE, QUESTION, setup, _answer(rows_by_layer, results), tables=tables, figures=figs,
+    ex: dict = {}
+    for (label, _name), r in rows_by_layer.items():
+        ex.setdefault(label, r)
+    finding = (
+        "Per feature of the tensor the layer receives, over every other axis: "
+        + ", ".join(f"{label} {_formula(r['shape'], r['axis'], r['masked'])} = {int(np.mean(r['count']))} values"
+                    for label, r in ex.items())
+        + f"; the change of dimensions between layers plays no role (matches the NumPy reference to "
+        f"{results['max_rel_err']:.0e}, counts {'all equal' if results['counts_match'] else 'NOT all equal'})."
+    )
+    return Section(NAME, TITLE, QUESTION, setup, _answer(rows_by_layer, results), finding=finding, tables=tables, figures=figs,
                    results=results)
 
 
