@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from batchnorm.lab import core, models, run, train
-from batchnorm.lab.report import write_report
+from batchnorm.lab.report import render, write_report
 
 NAMES = [name for name, _ in run.EXPERIMENTS]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -193,7 +193,7 @@ def test_bad_arguments_say_what_to_do(argv, message, capsys, tmp_path):
 
 def test_a_broken_experiment_becomes_a_failed_section(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(run, "EXPERIMENTS", [("broken", "batchnorm.lab.no_such_module")])
-    assert run.main(["broken", "--quick", "--out", str(tmp_path), "--no-progress"]) == 1
+    assert run.main(["broken", "--quick", "--out", str(tmp_path), "--no-progress", "--jobs", "1"]) == 1
     results = _strict_json(tmp_path / "results.json")
     assert "ModuleNotFoundError" in results["sections"]["broken"]["results"]["error"]
     assert "The experiment failed" in (tmp_path / "report.html").read_text(encoding="utf-8")
@@ -204,19 +204,179 @@ def test_report_writer_tables_figures_and_json(tmp_path):
     ax.plot([0, 1], [1, 0], label="line")
     ax.set_title("t")
     sec = core.Section(
-        name="demo", title="Demo", question="Does it work?", setup="a <b>setup</b> & more", answer="Yes.",
+        name="demo", title="1. Demo", question="Does it work?", setup="a <b>setup</b> & more", answer="Yes.",
         tables=[core.Table(["a", "b"], [["x|y", 0.1234567], [True, 12]], caption="cap")],
         figures=[core.Figure(fig, "a figure")], results={"v": [1.0, float("nan")], "t": torch.tensor([2.0])},
+        finding="It works.",
     )
     ctx = core.Context(seeds=2, quick=True)
-    paths = write_report([sec], tmp_path, ctx=ctx, timings={"demo": 1.5}, total_seconds=1.5)
+    done = {"demo": render(sec, seconds=1.5, settings={"seeds": 2})}
+    paths = write_report(done, tmp_path, ctx=ctx, order=["demo"], total_seconds=1.5)
     page = paths[0].read_text(encoding="utf-8")
     assert "a &lt;b&gt;setup&lt;/b&gt; &amp; more" in page  # escaped, not injected
     assert "<td>0.1235</td>" in page and "<td>yes</td>" in page
     assert "x\\|y" in paths[1].read_text(encoding="utf-8")  # pipes escaped in Markdown tables
     data = _strict_json(paths[2])
     assert data["sections"]["demo"]["results"] == {"v": [1.0, None], "t": [2.0]}
-    assert data["settings"]["seeds"] == 2 and data["timings"] == {"demo": 1.5}
+    assert data["settings"]["seeds"] == 2 and data["timings"] == {"demo": 1.5} and data["complete"] is True
+    # the table of contents does not number the (already numbered) titles again
+    assert "<nav><ul>" in page and "<ol>" not in page
+    # a quick report says it is a smoke test; the glance block links the finding to its section
+    assert "Smoke test (--quick)" in page
+    assert "Findings at a glance" in page
+
+
+@pytest.mark.parametrize(
+    "done_names, order, missing_text",
+    [([], ["demo", "other"], "0 of 2 sections finished"), (["demo"], ["demo", "other"], "1 of 2 sections finished")],
+)
+def test_partial_report_lists_what_is_missing(tmp_path, done_names, order, missing_text):
+    sec = core.Section(name="demo", title="1. Demo", question="Q?", setup="s", answer="a", finding="f")
+    done = {n: render(sec, seconds=1.0, settings={}) for n in done_names}
+    write_report(done, tmp_path, ctx=core.Context(seeds=3), order=order)
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert missing_text in page and "--resume" in page
+    data = _strict_json(tmp_path / "results.json")
+    assert data["complete"] is False and "other" in data["missing"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# a run that survives: --out checked first, report after every section, --resume, Ctrl-C, quick folder
+
+FAKE = """
+import os, time
+from batchnorm.lab.core import Figure, Section, Table, subplots
+
+NAME = {name!r}
+TITLE = {title!r}
+QUESTION = "Does the fake experiment run?"
+
+
+def run(ctx):
+    with open(os.environ["FAKE_LAB_LOG"], "a") as f:
+        f.write(NAME + "\\n")
+    if {slow!r}:
+        for _ in range(2400):  # 120 s at most; the test interrupts it long before
+            time.sleep(0.05)
+    fig, ax = subplots()
+    ax.plot([0, 1], [0, ctx.seeds])
+    return Section(NAME, TITLE, QUESTION, "setup", "answer", tables=[Table(["seeds"], [[ctx.seeds]])],
+                   figures=[Figure(fig, "a line")], results={{"seeds": ctx.seeds}}, finding="It ran.")
+"""
+
+
+@pytest.fixture
+def fake_lab(tmp_path, monkeypatch):
+    """Two fake experiments (fast_a, fast_b) and a slow one, importable here and in worker processes."""
+    pkg = tmp_path / "fakes"
+    pkg.mkdir()
+    for name, slow in (("fast_a", False), ("fast_b", False), ("slow_c", True)):
+        (pkg / f"fake_{name}.py").write_text(FAKE.format(name=name, title=f"Fake {name}", slow=slow), encoding="utf-8")
+    log = tmp_path / "calls.log"
+    monkeypatch.syspath_prepend(str(pkg))
+    monkeypatch.setenv("PYTHONPATH", str(pkg) + ":" + __import__("os").environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("FAKE_LAB_LOG", str(log))
+    monkeypatch.setattr(run, "EXPERIMENTS", [(n, f"fake_{n}") for n in ("fast_a", "fast_b", "slow_c")])
+    calls = lambda: log.read_text().split() if log.exists() else []  # noqa: E731
+    return pkg, calls
+
+
+@pytest.mark.parametrize(
+    "make_out, message",
+    [
+        (lambda p: Path("/proc/nope/deeper"), r"cannot write the report to /proc/nope/deeper \("),
+        (lambda p: (p / "a-file").write_text("x") and p / "a-file", r"is a file, not a folder"),
+    ],
+    ids=["not-creatable", "a-file"],
+)
+def test_out_is_checked_before_any_experiment(fake_lab, tmp_path, capsys, make_out, message):
+    _, calls = fake_lab
+    out = make_out(tmp_path)
+    assert run.main(["fast_a", "--out", str(out), "--jobs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert calls() == []  # nothing ran
+
+
+def test_quick_never_overwrites_a_full_report(fake_lab, tmp_path, capsys):
+    _, calls = fake_lab
+    out = tmp_path / "full"
+    assert run.main(["fast_a", "--out", str(out), "--seeds", "2", "--jobs", "1", "--no-progress"]) == 0
+    before = (out / "results.json").read_bytes()
+    assert run.main(["fast_a", "--quick", "--out", str(out), "--jobs", "1", "--no-progress"]) == 2
+    assert re.search(r"holds a full \(non --quick\) report and a --quick run never overwrites one", capsys.readouterr().err)
+    assert (out / "results.json").read_bytes() == before and calls() == ["fast_a"]
+
+
+def test_quick_default_folder_is_its_own(fake_lab, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run.main(["fast_a", "--quick", "--jobs", "1", "--no-progress"]) == 0
+    assert (tmp_path / "lab-report-quick" / "report.html").exists()
+    assert not (tmp_path / "lab-report").exists()
+
+
+@pytest.mark.parametrize(
+    "second_args, expected_calls",
+    [
+        ([], ["fast_a", "fast_b"]),  # same settings: both reused, nothing runs again
+        (["--seeds", "3"], ["fast_a", "fast_b", "fast_a", "fast_b"]),  # other settings: rerun
+    ],
+    ids=["same-settings", "other-settings"],
+)
+def test_resume_reuses_only_sections_whose_settings_match(fake_lab, tmp_path, second_args, expected_calls):
+    _, calls = fake_lab
+    out = tmp_path / "r"
+    base = ["fast_a", "fast_b", "--out", str(out), "--jobs", "1", "--no-progress"]
+    assert run.main([*base, "--seeds", "2"]) == 0
+    first = _strict_json(out / "results.json")
+    assert run.main([*base, "--resume", *(second_args or ["--seeds", "2"])]) == 0
+    assert calls() == expected_calls
+    again = _strict_json(out / "results.json")
+    assert list(again["sections"]) == ["fast_a", "fast_b"] and again["complete"] is True
+    if not second_args:
+        assert again["sections"]["fast_a"]["results"] == first["sections"]["fast_a"]["results"]
+        assert (out / "fig-fast_a-1.png").read_bytes().startswith(PNG)
+
+
+def test_ctrl_c_keeps_the_partial_report_and_prints_one_line(fake_lab, tmp_path):
+    """SIGINT to the whole process group (as a terminal sends it) while a worker runs the slow experiment."""
+    import os
+    import signal
+    import time
+
+    pkg, calls = fake_lab
+    out = tmp_path / "r"
+    script = (
+        "import sys\n"
+        "from batchnorm.lab import run\n"
+        "run.EXPERIMENTS = [('fast_a', 'fake_fast_a'), ('slow_c', 'fake_slow_c')]\n"
+        f"sys.exit(run.main(['--out', {str(out)!r}, '--jobs', '2', '--no-progress']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            res = out / "results.json"
+            if res.exists() and "fast_a" in _strict_json(res).get("sections", {}) and "slow_c" in calls():
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the fast section never finished")
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and re.search(r"interrupted; .*1 of 2 finished sections.*--resume", lines[0]), stderr
+    results = _strict_json(out / "results.json")
+    assert list(results["sections"]) == ["fast_a"] and results["missing"] == ["slow_c"]
+    assert "Partial report: 1 of 2 sections finished" in (out / "report.html").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize(

@@ -285,6 +285,7 @@ def write_report(
         "missing": missing,
         "total_seconds": total_seconds,
         "timings": {s["name"]: s["seconds"] for s in sections},
+        "cpu_seconds": {s["name"]: s.get("cpu_seconds") for s in sections},
         "sections": {},
     }
     written: list[Path] = []
@@ -319,8 +320,9 @@ def write_report(
             html_parts.append(f"<pre>{html.escape(note)}</pre>" if failed else f"<p class='meta'>{html.escape(note)}</p>")
             md_parts += [("```\n" + note + "\n```") if failed else f"*{note}*", ""]
         if s["seconds"] is not None:
-            html_parts.append(f"<p class='meta'>Wall time: {s['seconds']:.1f} s.</p>")
-            md_parts += [f"*Wall time: {s['seconds']:.1f} s.*", ""]
+            cpu = f" (CPU time {s['cpu_seconds']:.1f} s)" if s.get("cpu_seconds") is not None else ""
+            html_parts.append(f"<p class='meta'>Wall time: {s['seconds']:.1f} s{cpu}.</p>")
+            md_parts += [f"*Wall time: {s['seconds']:.1f} s{cpu}.*", ""]
         html_parts.append("</section>")
         results["sections"][name] = {k: v for k, v in s.items() if k != "figures"} | {
             "figures": [{"caption": f["caption"], "file": f["file"]} for f in s["figures"]]}

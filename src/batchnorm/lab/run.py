@@ -116,8 +116,12 @@ def _work(name: str, module: str, ctx: Context) -> dict[str, Any]:
     """Run one experiment and render it (figures to PNG bytes); used in-process and in worker processes."""
     from .report import render
 
+    cpu = time.process_time()
     section, seconds = run_experiment(name, ctx, module)
-    return render(section, seconds=seconds, settings=_settings(ctx, module))
+    rendered = render(section, seconds=seconds, settings=_settings(ctx, module))
+    # CPU seconds of this process (all its threads): on a busy machine the wall time is inflated, the CPU time not
+    rendered["cpu_seconds"] = time.process_time() - cpu
+    return rendered
 
 
 def _worker_init() -> None:
