@@ -83,17 +83,13 @@ def _function_slope(node: fx.Node, name: str) -> float:
     """negative_slope of a functional call, checking that every other argument keeps the fused form."""
     fn = node.target
     try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):  # builtins such as torch.relu: only the input
-        if len(node.args) > 1 or node.kwargs:
-            raise _Skip(f"{_label(node)} is called with extra arguments that cannot be checked") from None
-        return 0.01
-    try:
-        bound = sig.bind(*node.args, **node.kwargs)
-    except TypeError as err:
-        raise _Skip(f"{_label(node)}: its arguments do not match its signature ({err})") from None
-    bound.apply_defaults()
-    params = list(bound.arguments.items())[1:]  # after the input
+        bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
+        bound.apply_defaults()
+        params = list(bound.arguments.items())[1:]  # after the input
+    except (TypeError, ValueError):  # builtins such as torch.relu or F.gelu: keyword arguments only
+        if len(node.args) > 1:
+            raise _Skip(f"{_label(node)} is called with positional arguments that cannot be checked") from None
+        params = list(node.kwargs.items())
     slope = 0.01
     for key, value in params:
         if isinstance(value, fx.Node):
