@@ -56,12 +56,14 @@ def test_median_jitter_closed_form(medians, band, expected):
 
 @pytest.mark.parametrize(
     "steps, accs, target, expected",
-    [([50, 100, 150], [0.5, 0.9, 0.95], 0.85, 100.0), ([50, 100], [0.85, 0.2], 0.85, 50.0),
+    [([50, 100, 150], [0.5, 0.9, 0.95], 0.85, 93.75),  # interpolated between 50 (0.5) and 100 (0.9)
+     ([50, 100], [0.85, 0.2], 0.85, 50.0),             # reached at the first evaluation
+     ([10, 20, 30], [0.8, 0.8, 0.85], 0.85, 30.0),     # exactly at an evaluation
      ([50, 100], [0.5, 0.6], 0.85, math.nan)],
 )
 def test_steps_to_target(steps, accs, target, expected):
     got = ics.steps_to(steps, accs, target)
-    assert (math.isnan(got) and math.isnan(expected)) or got == expected
+    assert (math.isnan(got) and math.isnan(expected)) or got == pytest.approx(expected)
 
 
 def test_noisy_bn_noise_only_in_training_and_changes_every_step():
@@ -94,17 +96,58 @@ def test_ics_variants_build_the_figure_1_net(variant):
     assert has_bn == (variant != "no BN")
 
 
+@pytest.mark.parametrize("depth", [1, 2, 5])
+def test_deep_linear_network_pairs_bn_and_plain_weights(depth):
+    nets = {}
+    for bn in (False, True):
+        torch.manual_seed(7)
+        nets[bn] = ics.dln(depth, bn)
+    plain = [m.weight for m in nets[False] if isinstance(m, nn.Linear)]
+    with_bn = [m.weight for m in nets[True] if isinstance(m, nn.Linear)]
+    assert len(plain) == len(with_bn) == depth
+    for a, b in zip(plain, with_bn):
+        torch.testing.assert_close(a, b)  # same seed, same weights: the comparison is paired
+    assert sum(isinstance(m, ics.BatchNorm) for m in nets[True]) == depth - 1
+    assert nets[True](torch.randn(8, ics.DLN_WIDTH)).shape == (8, ics.DLN_OUT)
+    assert all(m.bias is None for m in nets[False] if isinstance(m, nn.Linear))
+
+
+def test_deep_linear_network_rejects_depth_zero():
+    with pytest.raises(ValueError, match=r"dln expected depth >= 1, got 0"):
+        ics.dln(0, True)
+
+
+def _sweep(bn_vals, plain_vals):
+    runs = {}
+    for key, vals in (("4-bn", bn_vals), ("4-plain", plain_vals)):
+        runs[key] = {k: list(vals) for k in ("ics_l2", "loss_range", "grad_pred", "beta")}
+    return {"depths": [4], "runs": runs}
+
+
+@pytest.mark.parametrize(
+    "bn_vals, plain_vals, smoother, lower, higher",
+    [([1.0, 1.1, 0.9], [2.0, 2.2, 1.9], True, 3, 0),       # consistently lower with BN: smoother
+     ([2.0, 2.2, 1.9], [1.0, 1.1, 0.9], False, 0, 3),      # consistently higher: rougher
+     ([1.0, 2.0, 0.5], [1.5, 0.8, 1.0], False, 0, 0),      # noise: nothing resolved
+     ([1.0], [2.0], False, 0, 0)],                         # one seed: nothing resolved
+)
+def test_smooths_at_uses_the_paired_rule(bn_vals, plain_vals, smoother, lower, higher):
+    got = ics.smooths_at(_sweep(bn_vals, plain_vals))[4]
+    assert (got["smoother"], got["lower"], got["higher"]) == (smoother, lower, higher)
+
+
+@pytest.mark.parametrize("window", [1, 3, 50])
+def test_running_mean_against_a_loop(window):
+    v = np.arange(12, dtype=float).reshape(6, 2) ** 2
+    want = np.array([v[max(0, i + 1 - window): i + 1].mean(0) for i in range(len(v))])
+    np.testing.assert_allclose(ics._smooth(v, window), want)
+
+
 # --- experiment 6 -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("b, lr", [(2, 0.1 * 2 / 32), (32, 0.1), (128, 0.4)])
-def test_linear_scaling_rule(b, lr):
+@pytest.mark.parametrize("b, lr", [(2, 0.025), (8, 0.05), (32, 0.1), (128, 0.2)])
+def test_square_root_scaling_rule(b, lr):
     assert batch_size.scaled_lr(b) == pytest.approx(lr)
-
-
-@pytest.mark.parametrize("samples, b, steps", [(8000, 128, 62), (8000, 2, 4000), (10, 64, 1)])
-def test_same_samples_seen(samples, b, steps):
-    assert batch_size.steps_for(samples, b) == steps
-    assert batch_size.steps_for(samples, b) * b <= max(samples, b)
 
 
 def test_batch_one_table_reports_bn_error_and_batch_free_norms():
@@ -207,3 +250,81 @@ def test_time_alternating_rotates_order_and_counts():
 def test_time_alternating_rejects_bad_counts(rounds, reps, warmup):
     with pytest.raises(ValueError, match="expected rounds >= 1, reps >= 1, warmup >= 0"):
         overhead.time_alternating({"a": lambda: None}, rounds=rounds, reps=reps, warmup=warmup)
+
+
+# --- the shared noise rule (batchnorm.lab.stats) ------------------------------------------------------------
+
+from batchnorm.lab import stats  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "a, b, paired, resolved, sign",
+    [
+        ([0.91, 0.92, 0.90], [0.80, 0.82, 0.81], True, True, 1),     # consistent gap
+        ([0.80, 0.82, 0.81], [0.91, 0.92, 0.90], True, True, -1),
+        ([1.0, 1.1, 0.9], [1.05, 1.0, 1.0], True, False, 0),         # inside the spread
+        ([0.5], [0.1], True, False, 0),                              # one seed: never resolved
+        ([1.0, 1.2, 0.8, 1.1], [0.0, 0.1, -0.1, 0.05], False, True, 1),
+        ([1.0, 3.0, -1.0], [0.9, 1.1, 1.0], False, False, 0),
+    ],
+)
+def test_compare_resolves_only_outside_the_interval(a, b, paired, resolved, sign):
+    c = stats.compare(a, b, paired=paired, names=("A", "B"))
+    assert (c.resolved, c.sign) == (resolved, sign)
+    if not resolved:
+        assert stats.UNRESOLVED in c.text()
+
+
+def test_compare_paired_interval_is_the_t_interval_of_the_differences():
+    from scipy import stats as st
+
+    a, b = [3.0, 4.0, 6.0, 5.0], [1.0, 3.5, 4.0, 2.0]
+    d = np.subtract(a, b)
+    lo, hi = st.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=st.sem(d))
+    c = stats.compare(a, b, paired=True)
+    assert c.diff == pytest.approx(d.mean()) and c.half == pytest.approx((hi - lo) / 2)
+    assert c.resolved == (lo > 0 or hi < 0)
+
+
+def test_compare_unpaired_matches_welch():
+    from scipy import stats as st
+
+    a, b = [1.0, 1.4, 0.8, 1.2, 1.1], [0.2, 0.9, 0.1]
+    ci = st.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    c = stats.compare(a, b, paired=False)
+    assert c.diff - c.half == pytest.approx(ci.low) and c.diff + c.half == pytest.approx(ci.high)
+
+
+@pytest.mark.parametrize("floor, min_n, resolved", [(0.0, 2, True), (0.5, 2, False), (0.0, 10, False)])
+def test_compare_floor_and_min_n(floor, min_n, resolved):
+    c = stats.compare([1.3, 1.3, 1.31], [1.0, 1.0, 1.0], paired=True, floor=floor, min_n=min_n)
+    assert c.resolved is resolved and c.informative is (min_n <= 3)
+
+
+def test_compare_paired_drops_failed_seeds_on_both_sides_and_checks_lengths():
+    c = stats.compare([1.0, math.nan, 1.2, 1.1], [0.0, 5.0, 0.1, 0.05], paired=True)
+    assert c.n == 3 and c.mean_b == pytest.approx(0.05)
+    with pytest.raises(ValueError, match=r"expected equal lengths \(one value per seed\), got 2 and 3"):
+        stats.compare([1.0, 2.0], [1.0, 2.0, 3.0], paired=True)
+
+
+@pytest.mark.parametrize(
+    "values, spec, unit, text",
+    [([1.0, 1.0, 1.0], ".3f", "", "1.000 ± 0.000"), ([88.34], ".1f", "%", "88.3% (1 run)"), ([], ".1f", "", "n/a")],
+)
+def test_pm(values, spec, unit, text):
+    assert stats.pm(values, spec, unit) == text
+
+
+@pytest.mark.parametrize(
+    "steps, values, target, expected",
+    [([0, 10, 20], [0.5, 0.7, 0.9], 0.8, 15.0), ([0, 10], [0.9, 0.95], 0.8, 0.0), ([0, 10], [0.1, 0.2], 0.8, math.nan)],
+)
+def test_crossing_interpolates(steps, values, target, expected):
+    got = stats.crossing(steps, values, target)
+    assert (math.isnan(got) and math.isnan(expected)) or got == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("p, n, expected", [(0.9, 1000, math.sqrt(0.09 / 1000)), (1.0, 10, 0.0), (math.nan, 10, 0.0)])
+def test_binomial_noise(p, n, expected):
+    assert stats.binomial_noise(p, n) == pytest.approx(expected)
