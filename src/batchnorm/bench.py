@@ -285,9 +285,10 @@ def fixed_cost_row(shape: tuple[int, ...] = (8, 16)) -> Row:
     x = torch.randn(shape, requires_grad=True)
     g = torch.randn_like(x)
     fns: dict[str, Fn] = {"torch": _step(torch.nn.BatchNorm1d(shape[1]), x, g)}
-    for name in [*dispatch.available(), "auto"]:
-        fns[name] = _step(BatchNorm(shape[1], backend=name), x, g)
-    return Row(fns)
+    layers = {name: BatchNorm(shape[1], backend=name) for name in [*dispatch.available(), "auto"]}
+    for name, layer in layers.items():
+        fns[name] = _step(layer, x, g)
+    return Row(fns, layers["auto"], x)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -806,7 +807,9 @@ def main(argv: list[str] | None = None) -> int:
                                         "torch_ms": t, "ratio": o / t, "backend": name, "target": SWEEP_TARGET,
                                         "met": o / t <= SWEEP_TARGET, "samples_s": {"ours": s[name],
                                                                                     "torch": s["torch"]}})
-                _print_row(row_name, "512 B", o, t, name, SWEEP_TARGET if name == "auto" else None)
+                shown = name if name != "auto" else f"auto: {row.backend()}"
+                results["rows"][-1]["backend"] = shown
+                _print_row(row_name, "512 B", o, t, shown, SWEEP_TARGET if name == "auto" else None)
     if everything or "models" in sections:
         rows = {name: (lambda name=name: model_row(name, small=args.quick)) for name in MODELS}
         run_rows("whole models: training step (forward, loss, backward, SGD step), torch's BN vs batchnorm.convert",
