@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -20,6 +23,7 @@ from batchnorm import (
     freeze,
     recalibrate,
     unfreeze,
+    zoo,
 )
 from batchnorm.tools import is_bn_like
 
@@ -202,6 +206,18 @@ class Untraceable(nn.Module):
         return self.lonely(h)
 
 
+class UntraceableMLP(nn.Module):
+    """BatchNorm1d → Linear → BatchNorm1d inside a Sequential of a model fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = seq(nn.BatchNorm1d(8), nn.Linear(8, 6), nn.BatchNorm1d(6))
+
+    def forward(self, x):
+        h = self.body(x)
+        return h * 2 if h.sum() > 0 else h
+
+
 class TiedSequential(nn.Module):
     """Untraceable (control flow); inside a plain Sequential, the conv's weight is tied to another module's."""
 
@@ -261,6 +277,15 @@ FOLD_CASES = [
     ("untraceable", Untraceable, (3, 2, 8),
      {"features.1": ("folded_into_previous", "features.0"), "features.3": ("folded_into_next", "features.4"),
       "lonely": ("frozen", None)}),
+    # a linear / 1x1 conv absorbs the BN before it (input side) and the one after it (output side)
+    ("bn-linear-bn", lambda: seq(nn.BatchNorm1d(8), nn.Linear(8, 6), nn.BatchNorm1d(6)), (5, 8),
+     {"0": ("folded_into_next", "1"), "2": ("folded_into_previous", "1")}),
+    ("bn-1x1-bn", lambda: seq(nn.ReLU(), BatchNorm(4), nn.Conv2d(4, 6, 1, groups=2), nn.BatchNorm2d(6)), (2, 4, 5, 5),
+     {"1": ("folded_into_next", "2"), "3": ("folded_into_previous", "2")}),
+    ("bn-linear-bn-axis-last", lambda: seq(BatchNorm(6, axis=-1), nn.Linear(6, 4), BatchNorm(4, axis=-1)),
+     (3, 7, 6), {"0": ("folded_into_next", "1"), "2": ("folded_into_previous", "1")}),
+    ("bn-linear-bn-fallback", UntraceableMLP, (5, 8),
+     {"body.0": ("folded_into_next", "body.1"), "body.2": ("folded_into_previous", "body.1")}),
     ("resnet", ResNetish, (3, 3, 8, 8), RESNET_EXPECTED),
     ("mlp", MLP, (9, 12), MLP_EXPECTED),
 ]
@@ -353,6 +378,72 @@ def test_fold_example_input_fixes_the_rank(bn_cls):
     flat = torch.randn(6, 4)
     _, records = fold(model, report=True, example_input=(flat,))
     assert records[0].action == "folded_into_previous"
+
+
+def conv_chain(depth: int, var_lo: float, var_hi: float) -> nn.Module:
+    """conv → BN → ReLU6, ``depth`` times (8 channels); running variances in [var_lo, var_hi]: the smaller
+    they are, the more every layer amplifies (the network's own round-off grows with them)."""
+    torch.manual_seed(0)
+    layers = []
+    for i in range(depth):
+        layers += [nn.Conv2d(8 if i else 3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6()]
+    model = nn.Sequential(*layers)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(8, generator=g) * 0.1)
+                m.running_var.copy_(var_lo + (var_hi - var_lo) * torch.rand(8, generator=g))
+                m.weight.copy_(1 + 0.3 * torch.randn(8, generator=g))
+                m.bias.copy_(0.3 * torch.randn(8, generator=g))
+    return model.eval()
+
+
+# id, model, does its own float32 round-off exceed the old fixed bound (1e-5 relative)?
+DEEP_CASES = [
+    ("well-conditioned-30", lambda: conv_chain(30, 0.5, 1.5), False),
+    ("amplifying-50", lambda: conv_chain(50, 0.05, 0.3), True),
+    ("zoo-mobilenet", lambda: convert(zoo.mobilenet_v2_tiny()).eval(), False),
+]
+
+
+@pytest.mark.parametrize("case", DEEP_CASES, ids=[c[0] for c in DEEP_CASES])
+def test_fold_deep_float32_round_off_does_not_warn(case):
+    _, build, beyond_old_bound = case
+    model = build()
+    x = torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folded = fold(model, example_input=x)
+    with torch.no_grad():
+        err = rel_err(folded(x), model(x))
+    assert (err > 1e-5) == beyond_old_bound  # the amplifying chain would have warned under a fixed 1e-5
+
+
+@pytest.mark.parametrize("case", DEEP_CASES[:2], ids=[c[0] for c in DEEP_CASES[:2]])
+@pytest.mark.parametrize("error", [1e-3, 1e-2])
+def test_fold_wrong_fold_still_warns(case, error, monkeypatch):
+    fold_mod = importlib.import_module("batchnorm.tools.fold")
+    right = fold_mod._fold_into_previous
+    monkeypatch.setattr(fold_mod, "_fold_into_previous", lambda layer, a, b: right(layer, a * (1 + error), b))
+    with pytest.warns(UserWarning, match=r"differs from the original by .* more than round-off allows"):
+        fold(case[1](), example_input=torch.randn(2, 3, 16, 16))
+
+
+@pytest.mark.parametrize(
+    "dtype, depth, own, expected",
+    [
+        (torch.float32, 100, None, 16 * 2.0**-23 * 10),  # k · eps · sqrt(depth)
+        (torch.float32, 100, 1e-3, 8e-3),  # an amplifying network: 8 × its own round-off
+        (torch.float32, 100, 1e-9, 16 * 2.0**-23 * 10),  # own round-off below the floor: the floor
+        (torch.float64, 4, None, 16 * 2.0**-52 * 2),
+        (torch.bfloat16, 1, None, 16 * 2.0**-7),
+    ],
+)
+def test_fold_tolerance_rule(dtype, depth, own, expected):
+    fold_mod = importlib.import_module("batchnorm.tools.fold")
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(depth)])
+    assert fold_mod._tolerance(model, torch.zeros(1, dtype=dtype), own) == pytest.approx(expected)
 
 
 def test_fold_example_input_checks_the_result(monkeypatch):
