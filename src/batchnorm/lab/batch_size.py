@@ -114,7 +114,7 @@ def run(ctx: Context) -> Section:
     one_table = Table(["layer and mode", "batch of 1", "what happens"], batch_one_behaviour(),
                       caption="A batch of one sample, (1, 16) unless stated")
 
-    fig, ax = subplots(figsize=(7.2, 4.0))
+    fig, ax = subplots(figsize=(8.6, 4.0))
     styles = (("o", "-"), ("s", "--"), ("D", ":"), ("^", "-."), ("v", (0, (5, 1))))
     for k, ((label, _, _), (marker, ls)) in enumerate(zip(NORMS, styles)):
         m = np.array([mean_std(err[label][b]) for b in sizes])
@@ -128,7 +128,7 @@ def run(ctx: Context) -> Section:
     ax.set_xlabel(f"batch size (lr = {BASE_LR}·√(B/32), {steps} steps each)")
     ax.set_ylabel("test error (%)")
     ax.set_title("Test error vs batch size, same number of steps")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     figure = Figure(fig, "Test error against batch size (decreasing to the right, as in Wu & He's Figure 1), mean ± "
                          "std over seeds. Each norm is drawn slightly offset along x, with its own marker and dash, so "
                          "curves that coincide (GhostBatchNorm is exactly BatchNorm at B ≤ 16) stay visible.")

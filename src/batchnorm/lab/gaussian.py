@@ -213,7 +213,7 @@ def _figures(summ, checkpoints, depth, arrays, xs, ys, synth_names) -> list[Figu
         ax.set_xlabel("training step")
         ax.set_ylabel(label)
         ax.set_title(f"{label} over training (0 = Gaussian)")
-    axes[1].legend(fontsize=6, ncol=3)
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=7)
     figs.append(Figure(fig, "Shape statistics of the pre-BN input, BN output and ReLU output over training (mean over "
                             "seeds). The pre-BN and BN-output curves coincide: normalization does not change shape."))
 

@@ -227,24 +227,28 @@ def _figures(rows_by_layer, scatter) -> list[Figure]:
     ax.set_xticklabels(labels, fontsize=7)
     ax.set_ylabel("count (log scale)")
     ax.set_title(f"What each BN layer averages over (batch N = {BATCH})")
-    ax.legend(fontsize=8)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8)
     figs = [Figure(fig, "Per BN layer: how many values each mean/variance averages (N, N·L, N·H·W, unpadded "
                         "steps) and how many statistics it keeps (one pair per feature).")]
-    fig, axes = subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = subplots(1, 2, figsize=(10, 4.4))
+    names = [f"{lbl} {name}" for lbl, name in rows_by_layer]
     for i, (mref, mlayer, vref, vlayer) in enumerate(scatter):
-        axes[0].scatter(mref, mlayer, s=6, color=f"C{i % 10}")
-        axes[1].scatter(vref, vlayer, s=6, color=f"C{i % 10}")
+        marker = "os^Dv"[(i // 10) % 5]
+        label = names[i] if i < len(names) else f"layer {i + 1}"
+        axes[0].scatter(mref, mlayer, s=8, color=f"C{i % 10}", marker=marker, label=label)
+        axes[1].scatter(vref, vlayer, s=8, color=f"C{i % 10}", marker=marker)
     for ax, what in ((axes[0], "mean"), (axes[1], "variance")):
         lo, hi = ax.get_xlim()
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x")
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x" if what == "mean" else None)
         ax.set_xlabel(f"reference {what} (NumPy, by hand)")
         ax.set_ylabel(f"layer's {what}")
-        ax.legend(fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=4, fontsize=7,
+               title="BN layer (network, module name)", title_fontsize=7)
     axes[0].set_title("Batch mean per feature: layer vs reference")
     axes[1].set_title("Batch variance per feature: layer vs reference")
     axes[1].set_xscale("log")
     axes[1].set_yscale("log")
-    figs.append(Figure(fig, "Every feature of every BN layer (first seed; colours = layers). The layer's batch mean and variance are "
+    figs.append(Figure(fig, "Every feature of every BN layer (first seed; colour and marker = layer, see the legend). The layer's batch mean and variance are "
                             "read back from its own running-average update; they "
                             "agree with the hand-computed values when they lie on the dashed line."))
     return figs

@@ -481,24 +481,28 @@ def _figure1(runs, steps) -> Figure:
         n = min(len(r["test_acc"]) for r in runs[v])
         acc = np.array([r["test_acc"][:n] for r in runs[v]]) * 100
         axes[0].plot(runs[v][0]["eval_steps"][:n], acc.mean(0), color=colors[v], label=v)
-    axes[0].axhline(100 * TARGET, color="k", lw=0.7, ls=":", label=f"{100 * TARGET:.0f}% target")
+    axes[0].axhline(100 * TARGET, color="k", lw=0.7, ls=(0, (1, 3)), label=f"{100 * TARGET:.0f}% target")
     axes[0].set_title("(a) test accuracy")
     axes[0].set_xlabel("training step")
     axes[0].set_ylabel("test accuracy (%)")
-    axes[0].legend(fontsize=8, loc="lower right")
     smoothed = {v: _smooth(runs[v][0]["pct"][:, :, 0], SMOOTH) for v in VARIANTS}
     lo = min(float(np.min(p)) for p in smoothed.values())
     hi = max(float(np.max(p)) for p in smoothed.values())
     pad = 0.05 * (hi - lo + 1e-9)
     for ax, v, tag in zip(axes[1:], VARIANTS, "bcd"):
         p = smoothed[v]
-        for i, (q, ls) in enumerate(zip(PERCENTILES, (":", "-", "--"))):
-            ax.plot(runs[v][0]["steps"], p[:, i], color=colors[v], ls=ls, lw=1.2, label=f"{q:.0f}th percentile")
+        for i, ls in enumerate((":", "-", "--")):
+            ax.plot(runs[v][0]["steps"], p[:, i], color=colors[v], ls=ls, lw=1.2)
         ax.set_ylim(lo - pad, hi + pad)
-        ax.set_title(f"({tag}) {v}: a last-layer sigmoid input")
+        ax.set_title(f"({tag}) {v}: a last-layer sigmoid input", fontsize=9)
         ax.set_xlabel("training step")
         ax.set_ylabel("sigmoid input (unit 0)")
-        ax.legend(fontsize=7, loc="best")
+    from matplotlib.lines import Line2D
+
+    handles, labels = axes[0].get_legend_handles_labels()
+    handles += [Line2D([], [], color="k", ls=ls, lw=1.2) for ls in (":", "-", "--")]
+    labels += [f"{q:.0f}th percentile (b–d)" for q in PERCENTILES]
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8)
     return Figure(fig, "Ioffe & Szegedy's Figure 1 at CPU scale: (a) test accuracy (mean over seeds) of the 3×100 "
                        "sigmoid MLP with batch 60; (b–d) 15/50/85th percentiles, over each training batch, of the input "
                        f"to one sigmoid of the last hidden layer (first seed), running mean over {SMOOTH} steps, the "
@@ -519,7 +523,7 @@ def _figure2(runs) -> Figure:
         ax.set_title(label, fontsize=9)
         if key != "ics_cos":
             ax.set_yscale("log")
-        ax.legend(fontsize=7, loc="best")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8)
     return Figure(fig, "Santurkar et al.'s measurements over training on the sigmoid MLP (mean over seeds): "
                        "gradient-based ICS of the weight layers (lower ‖G − G′‖ and higher cos mean less shift) and the "
                        f"loss landscape along the gradient, moving 0.5–4 × lr = {LR} (lower is smoother).")
@@ -542,7 +546,7 @@ def _figure3(sweep) -> Figure:
         ax.set_xlabel("depth (linear layers)")
         ax.set_ylabel(label)
         ax.set_title(label, fontsize=9)
-        ax.legend(fontsize=7, loc="best")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8)
     return Figure(fig, "Deep linear networks: ICS and the three landscape measures against depth, with and without BN "
                        "(mean ± std over seeds, each network at its own best learning rate, probe step "
                        f"{PROBE_LR}; the two series are offset slightly along x so neither hides the other).")

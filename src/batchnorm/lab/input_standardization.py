@@ -222,7 +222,7 @@ def run(ctx: Context) -> Section:
         ax.set_ylabel("test accuracy (diverged = 0)")
         ax.set_title(ds)
         ax.set_ylim(0, 1.02)
-    np.atleast_1d(axes)[0].legend(fontsize=7, loc="lower left")
+    fig.legend(*np.atleast_1d(axes)[0].get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8)
     figs = [Figure(fig, "Test accuracy against learning rate for each input treatment (mean ± std over seeds).")]
 
     fig, axes = subplots(1, 3, figsize=(13, 3.6))
@@ -232,7 +232,6 @@ def run(ctx: Context) -> Section:
     axes[0].set_xlabel("feature index")
     axes[0].set_ylabel("standard deviation (training set)")
     axes[0].set_title("Feature scales of the raw data")
-    axes[0].legend()
     for ax, what, title in ((axes[1], "mean_err_per_feature", "|running mean − μ| / σ"),
                             (axes[2], "var_err_per_feature", "|running var / σ² − 1|")):
         for ds, key, style in (("wine", "bn", "-o"), ("wine", "bn-b4", "--o"),
@@ -244,8 +243,10 @@ def run(ctx: Context) -> Section:
         ax.set_yscale("log")
         ax.set_xlabel("feature index")
         ax.set_ylabel(title)
-        ax.set_title(f"Input BN after training: {title}")
-        ax.legend(fontsize=7)
+        ax.set_title(f"Input BN after training: {title}", fontsize=9)
+    h0, l0 = axes[0].get_legend_handles_labels()
+    h1, l1 = axes[1].get_legend_handles_labels()
+    fig.legend(h0 + h1, [f"feature scales: {lb}" for lb in l0] + l1, loc="outside lower center", ncol=3, fontsize=8)
     figs.append(Figure(fig, "Left: the raw features' scales. Middle/right: how far the input BN's running "
                             "statistics ended from the training set's, per feature (mean over seeds)."))
 

@@ -354,7 +354,7 @@ def _figures(acc, lrs, stds, dyn, cont, cont_lrs, labels, dyn_lr, steps) -> list
     figs = []
     fig, axes = subplots(1, 2, figsize=(11, 3.8))
     for ax, arch in zip(axes, ARCHS):
-        for (key, label, *_), mk in zip(NORMS, "os^dv"):
+        for (key, label, *_), mk in zip(NORMS, "os^dvP"):
             m = [np.nanmean(v) if not all(map(math.isnan, v)) else math.nan for v in (acc[arch][key][lr] for lr in lrs)]
             s = [np.nanstd(v) if not all(map(math.isnan, v)) else 0.0 for v in (acc[arch][key][lr] for lr in lrs)]
             line = ax.errorbar(lrs, m, yerr=s, marker=mk, capsize=3, label=label)
@@ -367,12 +367,12 @@ def _figures(acc, lrs, stds, dyn, cont, cont_lrs, labels, dyn_lr, steps) -> list
         ax.set_xlabel("learning rate (plain SGD)")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{arch}, {steps} steps")
-    axes[0].legend(fontsize=7)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8)
     figs.append(Figure(fig, "Test accuracy against learning rate (mean ± std over seeds); × at the bottom marks a rate "
                             "where a run diverged; dotted line: chance."))
 
-    fig, ax = subplots(figsize=(5.5, 3.6))
-    for (key, values), mk, ls in zip(stds.items(), "os^dv", ("-", "--", ":", "-.", "-")):
+    fig, ax = subplots(figsize=(7.5, 3.6))
+    for (key, values), mk, ls in zip(stds.items(), "os^dvP", ("-", "--", ":", "-.", "-", "--")):
         arr = np.asarray(values)
         ax.errorbar(range(1, arr.shape[1] + 1), arr.mean(0), yerr=arr.std(0), marker=mk, ls=ls, capsize=2,
                     label=labels[key])
@@ -380,7 +380,7 @@ def _figures(acc, lrs, stds, dyn, cont, cont_lrs, labels, dyn_lr, steps) -> list
     ax.set_xlabel("hidden layer")
     ax.set_ylabel("std of pre-activation (ReLU input)")
     ax.set_title("Signal through the 8×128 MLP at initialization")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     figs.append(Figure(fig, "How the scale of the signal changes with depth at initialization (batch of 256; the two "
                             "BN curves lie on top of each other at 1)."))
 
@@ -400,8 +400,7 @@ def _figures(acc, lrs, stds, dyn, cont, cont_lrs, labels, dyn_lr, steps) -> list
     axes[1].set_ylabel("‖ΔW‖ / ‖W‖ (effective step)")
     axes[1].set_yscale("log")
     axes[1].set_title("Relative update size")
-    for ax in axes:
-        ax.legend(fontsize=7)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8)
     figs.append(Figure(fig, "With BN the hidden weights grow and their relative update shrinks: the effective "
                             "learning rate lr/‖W‖² tunes itself (mean over seeds; a curve that stops diverged)."))
 
@@ -416,7 +415,7 @@ def _figures(acc, lrs, stds, dyn, cont, cont_lrs, labels, dyn_lr, steps) -> list
         ax.set_xlabel("step after conversion")
         ax.set_ylabel("training batch loss")
         ax.set_title(f"Continue training at lr={lr:g}")
-        ax.legend(fontsize=7)
+    fig.legend(*np.atleast_1d(axes)[0].get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8)
     figs.append(Figure(fig, "Two networks with the same eval-mode function train differently: the BN net renormalizes "
                             "every step, its affine twin does not (mean over seeds; a curve that stops diverged)."))
     return figs

@@ -149,7 +149,7 @@ def run(ctx: Context) -> Section:
                       caption="Distance of the running means from the population means of all 4000 training digits: "
                               "mean over layers and features of |μ − μ_pop| / σ_pop")
 
-    fig, axes = subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = subplots(1, 2, figsize=(11, 4.4))
     colors = ["tab:blue", "tab:red", "tab:green"]
     short = ["m 0.1, lr 0.1", "m 0.01, lr 0.1", "m 0.01, lr 0.5"]
     for (label, _, _), c, sl in zip(SCENARIOS, colors, short):
@@ -166,8 +166,7 @@ def run(ctx: Context) -> Section:
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel("recalibration samples n")
-    axes[0].legend(fontsize=7, loc="upper right")
-    axes[1].legend(fontsize=7, loc="lower left")
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncol=4, fontsize=7)
     axes[0].set_ylabel("test error (%)")
     axes[0].set_title("Test error after precise BN (solid) vs EMA (dashed)")
     axes[1].set_yscale("log")
