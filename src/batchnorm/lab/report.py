@@ -53,6 +53,10 @@ SEED_QUESTIONS: list[tuple[str, str, list[str]]] = [
     ("004", "Over which values are a hidden layer's BN statistics computed?", ["hidden-layer-statistics"]),
 ]
 
+#: a short lead-in for a finding when one seed question is answered by several sections
+LEAD = {"internal-covariate-shift": "Internal covariate shift", "batch-size": "Small batches",
+        "test-time-statistics": "Test-time estimates", "overhead": "Overhead"}
+
 _CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; max-width: 1100px; margin: 2em auto;
        padding: 0 1em; color: #1d2430; line-height: 1.45; }
@@ -200,7 +204,8 @@ def glance(done: dict[str, dict[str, Any]], order: Sequence[str]) -> list[tuple[
             elif sec["failed"]:
                 items.append((name, sec["title"], "The experiment failed; see its section."))
             else:
-                items.append((name, sec["title"], sec["finding"] or "(see the section's answer)"))
+                text = sec["finding"] or "(see the section's answer)"
+                items.append((name, sec["title"], f"{LEAD[name]}: {text}" if len(names) > 1 and name in LEAD else text))
         if items:
             out.append((seed, question, items))
     return out
