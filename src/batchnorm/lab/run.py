@@ -166,8 +166,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "the run (Ctrl-C) keeps what is done; --resume then runs only what is missing."
         ),
         epilog=(
-            "Examples: 'batchnorm lab' (everything, about 10 minutes on 2 CPU cores); 'batchnorm lab --quick' "
-            "(smoke test, under a minute); 'batchnorm lab batch-size --seeds 5 --out /tmp/r'. "
+            "Examples: 'batchnorm lab' (everything; the README's 'Set up and run' gives measured times); "
+            "'batchnorm lab --quick' (smoke test); 'batchnorm lab batch-size --seeds 5 --out /tmp/r'. "
             "Exit status: 0 all experiments ran, 1 one failed (its section says why), 2 bad arguments, 130 interrupted."
         ),
     )
