@@ -22,8 +22,10 @@ import warnings
 import torch
 
 from . import _checks
-from .kernels import select
+from .kernels import dispatch
 from .kernels import torch_ops as _t
+from .kernels.backend import SavedState, Settings
+from .kernels.composite import COMPOSITE
 
 __all__ = ["Combine", "batch_stats", "batch_norm", "merge_stats", "update_running"]
 
@@ -110,7 +112,7 @@ def batch_stats(
     x = _checks.check_input(x, "batch_stats")
     ax = _checks.normalize_axis(axis, x.dim(), x.shape)
     m = _checks.mask_for(x, ax, mask)
-    count, mean, m2 = select(x).reduce(x, ax, m, None)
+    count, mean, m2 = dispatch.select(x).reduce(x, Settings(ax), m)
     return mean[0], m2[0] / count[0].clamp_min(1), count[0]
 
 
@@ -179,13 +181,63 @@ def _affine(weight, bias, r, d, clamp, eps, like):
     """``kz = γ·r`` and ``bz = β + γ·d`` as ``(1, C)`` (or ``(G, C)``) tensors in ``like``'s dtype.
 
     ``clamp`` (memory="save"): ``|γ| < eps`` is used as ``±eps`` (sign kept, sign(0) = +1), so the
-    affine map stays invertible and ``x̂ = (z − bz) / kz`` stays finite.
+    affine map stays invertible and ``x̂ = (z − bz) / kz`` stays finite. (The numba twin of this rule
+    is ``cpu._clamped``; ``tests/test_fused.py`` compares them.)
     """
     w = weight.detach().to(like.dtype).reshape(1, -1) if weight is not None else torch.ones_like(like[:1])
     if clamp:
         w = torch.where(w.abs() < eps, torch.where(w < 0, -eps, eps).to(w.dtype), w)
     b = bias.detach().to(like.dtype).reshape(1, -1) if bias is not None else torch.zeros_like(like[:1])
     return (w * r if r is not None else w), (b + w * d if d is not None else b)
+
+
+def _forward_steps(ops, x, s: Settings, m, weight, bias, combine):
+    """reduce → combine → apply with backend ``ops``: ``(y, stats, invstd, r, d)``; ``stats`` = (count, mean, var) ``(3, G, C)``."""
+    count, mean, m2 = combine.stats(*ops.reduce(x, s, m))
+    var = m2 / count.clamp_min(1)
+    invstd = torch.rsqrt(var + s.eps)
+    corr = combine.correction(mean, var)
+    r, d = corr if corr is not None else (None, None)
+    kz, bz = _affine(weight, bias, r, d, s.save, s.eps, mean)
+    scale = kz * invstd
+    y = ops.apply(x, s, scale, bz - mean * scale)
+    return y, torch.stack((count.expand_as(mean), mean, var)), invstd, r, d
+
+
+def _backward_steps(ops, dy, t, s: Settings, stats, invstd, weight, bias, count, m, needs, combine, r, d):
+    """reduce ``(Σ dz, Σ dz·x̂)`` → combine → apply ``dx``, plus ``dγ, dβ``: ``(dx, dγ, dβ)`` (None where not needed).
+
+    ``t`` is the input (``stats`` its (count, mean, var)) or, with ``s.save``, the output (``count`` given).
+    """
+    if count is None:
+        count = stats[0]
+    kz, bz = _affine(weight, bias, r, d, s.save, s.eps, invstd)
+    p, q = (bz, 1.0 / kz) if s.save else (stats[1], invstd)
+    sum_dy, sum_dyx = ops.backward_reduce(dy, t, s, p, q, kz, bz)
+    dx = dweight = dbias = None
+    if needs[0]:
+        all_dy, all_dyx = combine.grads(sum_dy, sum_dyx)
+        n = count.clamp_min(1)
+        dx = ops.backward_apply(dy, t, s, p, q, kz * invstd, all_dy / n, all_dyx / n, m, kz, bz)
+    if needs[1] and weight is not None:
+        dw = sum_dyx * r if r is not None else sum_dyx
+        if d is not None:
+            dw = dw + d * sum_dy
+        dweight = dw.sum(0).to(weight.dtype)
+    if needs[2] and bias is not None:
+        dbias = sum_dy.sum(0).to(bias.dtype)
+    return dx, dweight, dbias
+
+
+def compose_train_forward(ops, x, s: Settings, m, weight, bias):
+    """The protocol's default ``train_forward``: plain BN as reduce → combine → apply; ``finite`` None."""
+    y, stats, invstd, _, _ = _forward_steps(ops, x, s, m, weight, bias, _PLAIN)
+    return y, stats, invstd, None
+
+
+def compose_train_backward(ops, dy, t, s: Settings, stats, invstd, weight, bias, count, m, needs):
+    """The protocol's default ``train_backward``: plain BN's analytic backward from the primitives."""
+    return _backward_steps(ops, dy, t, s, stats, invstd, weight, bias, count, m, needs, _PLAIN, None, None)
 
 
 class _TrainNorm(torch.autograd.Function):
@@ -196,96 +248,62 @@ class _TrainNorm(torch.autograd.Function):
     ABN) keeps only ``y`` (plus ``invstd`` and references to γ, β) and recovers
     ``x̂ = (act⁻¹(y) − bz) / kz``.
 
-    Plain batch norm on a kernel path that offers ``train_forward``/``train_backward`` (the numba
-    kernels) runs each direction as one reduce → statistics → apply sequence of kernel calls; every
-    other case runs the same three steps with :class:`Combine` in the middle.
+    Plain batch norm runs the backend's fused sequences (``train_forward`` / ``train_backward``: one
+    kernel call per direction on numba, the composed steps elsewhere); the other combines run the same
+    three steps with :class:`Combine` in the middle. State on ``ctx`` is a named record
+    (:class:`batchnorm.kernels.backend.SavedState`).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, m, cfg, running, stash):
-        # non-tensor settings travel as one tuple: every argument of apply() costs autograd bookkeeping
-        axis, eps, group_size, combine, ops, activation, slope, save = cfg
+    def forward(ctx, x, weight, bias, m, s, ops, combine, running, stash):
         plain = combine is _PLAIN or _plain(combine)
-        fused = getattr(ops, "train_forward", None) if plain else None
-        res = fused(x, axis, m, group_size, weight, bias, eps, activation, slope, save, running) if fused else None
-        r = d = stats = None
-        if res is not None:
-            y, stats, invstd, finite = res  # stats: (3, G, C) = count, mean, var
-            count = stats[0]
-            # the kernel call updated the running estimates (finite set): nobody needs the statistics
-            stash.extend((None, None, None, finite) if finite is not None else (stats[1], stats[2], count, None))
+        if plain:
+            y, stats, invstd, finite = ops.train_forward(x, s, m, weight, bias, running)
+            r = d = None
         else:
-            count, mean, m2 = combine.stats(*ops.reduce(x, axis, m, group_size))
-            var = m2 / count.clamp_min(1)
-            invstd = torch.rsqrt(var + eps)
-            corr = combine.correction(mean, var)
-            r, d = corr if corr is not None else (None, None)
-            kz, bz = _affine(weight, bias, r, d, save, eps, mean)
-            scale = kz * invstd
-            y = ops.apply(x, axis, scale, bz - mean * scale, group_size, activation, slope)
-            # the statistics leave through ``stash`` (not as outputs: each output costs autograd bookkeeping)
-            stash.extend((mean, var, count, None))
-        if save:
+            y, stats, invstd, r, d = _forward_steps(ops, x, s, m, weight, bias, combine)
+            finite = None
+        # the statistics leave through ``stash`` (not as outputs: each output costs autograd bookkeeping)
+        stash.extend((stats, finite))
+        state = SavedState(s, ops, combine, plain, stats is not None)
+        if s.save:
             # the count is the same for every feature (masks have no feature axis): one column is enough,
             # kept as Python numbers when that costs no device sync (CPU, eager)
-            counts = count[:, :1]
-            ctx.counts = None
+            counts = stats[0][:, :1]
             if counts.device.type == "cpu" and not torch.compiler.is_compiling():
-                ctx.counts, counts = counts.tolist(), None
+                state.counts, counts = counts.tolist(), None
             ctx.save_for_backward(y, m, invstd, weight, bias, r, d, counts)
-        elif stats is not None:
-            ctx.save_for_backward(x, weight, bias, m, invstd, stats)
         else:
-            ctx.save_for_backward(x, weight, bias, m, invstd, r, d, mean, count)
-        ctx.cfg = (axis, eps, group_size, combine, ops, activation, slope, save, plain, stats is not None)
+            ctx.save_for_backward(x, weight, bias, m, invstd, r, d, stats)
+        ctx.state = state
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        axis, eps, group_size, combine, ops, activation, slope, save, plain, from_stats = ctx.cfg
-        stats = mean = count = r = d = None
-        if save:
+        st = ctx.state
+        s = st.settings
+        if s.save:
             t, m, invstd, weight, bias, r, d, count = ctx.saved_tensors
+            stats = None
             if count is None:
-                count = torch.tensor(ctx.counts, dtype=invstd.dtype)
-        elif from_stats:
-            t, weight, bias, m, invstd, stats = ctx.saved_tensors
+                count = torch.tensor(st.counts, dtype=invstd.dtype)
         else:
-            t, weight, bias, m, invstd, r, d, mean, count = ctx.saved_tensors
+            t, weight, bias, m, invstd, r, d, stats = ctx.saved_tensors
+            count = None
         if torch.is_grad_enabled():  # create_graph=True: differentiate the formula itself
-            if save:
+            if s.save:
                 raise NotImplementedError(
                     "double backward (create_graph=True) is not available with memory='save': the input was "
                     "not kept. Use memory='default' for gradient penalties."
                 )
             return _double_backward(ctx, dy, t, weight, bias, m, r, d)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        fused = getattr(ops, "train_backward", None) if plain and (save or from_stats) else None
-        if fused is not None:
-            res = fused(dy, t, axis, stats, invstd, weight, bias, count, m, group_size, eps, activation, slope, save,
-                        (need_x, need_w, need_b))
-            if res is not None:
-                return (*res, None, None, None, None)
-            if stats is not None:  # kernels could not take t after all: the general steps need mean, count
-                count, mean = stats[0], stats[1]
-        kz, bz = _affine(weight, bias, r, d, save, eps, invstd)
-        p, q = (bz, 1.0 / kz) if save else (mean, invstd)
-        kw = {"activation": activation, "negative_slope": slope, "zscale": kz, "zshift": bz, "from_output": save}
-        sum_dy, sum_dyx = ops.backward_reduce(dy, t, axis, p, q, group_size, **kw)
-        dx = None
-        if need_x:
-            all_dy, all_dyx = combine.grads(sum_dy, sum_dyx)
-            n = count.clamp_min(1)
-            dx = ops.backward_apply(dy, t, axis, p, q, kz * invstd, all_dy / n, all_dyx / n, m, group_size, **kw)
-        dweight = dbias = None
-        if need_w:
-            dw = sum_dyx * r if r is not None else sum_dyx
-            if d is not None:
-                dw = dw + d * sum_dy
-            dweight = dw.sum(0).to(weight.dtype)
-        if need_b:
-            dbias = sum_dy.sum(0).to(bias.dtype)
-        return dx, dweight, dbias, None, None, None, None
+        needs = ctx.needs_input_grad[:3]
+        if st.plain:
+            grads = st.backend.train_backward(dy, t, s, stats, invstd, weight, bias, count, m, needs)
+        else:
+            grads = _backward_steps(st.backend, dy, t, s, stats, invstd, weight, bias, count, m, needs, st.combine,
+                                    r, d)
+        return (*grads, None, None, None, None, None, None)
 
 
 def _composite(x, weight, bias, m, axis, eps, group_size, r=None, d=None, activation=None, slope=0.01, stats=None):
@@ -313,31 +331,40 @@ def _functorch_active() -> bool:
     return level is not None and level() is not None
 
 
-def _traced_train(x, weight, bias, m, axis, eps, group_size, combine, activation, slope):
+def _traced_train(x, weight, bias, m, s: Settings, combine):
     """The training forward through :func:`_composite` (autograd differentiates it), with its statistics."""
-    count, mean, m2 = _t.reduce(x, axis, m, group_size)
+    count, mean, m2 = _t.reduce(x, s.axis, m, s.group_size)
     mean_c, var_c = mean.detach(), (m2 / count.clamp_min(1)).detach()
     corr = combine.correction(mean_c, var_c)
     r, d = corr if corr is not None else (None, None)
-    y = _composite(x, weight, bias, m, axis, eps, group_size, r, d, activation, slope, stats=(count, mean, m2))
-    return y, mean_c, var_c, count
+    y = _composite(x, weight, bias, m, s.axis, s.eps, s.group_size, r, d, s.activation, s.negative_slope,
+                   stats=(count, mean, m2))
+    return y, (count, mean_c, var_c)
 
 
 def _double_backward(ctx, dy, x, weight, bias, m, r, d):
-    axis, eps, group_size, combine, _, activation, slope, *_ = ctx.cfg
-    if type(combine).stats is not Combine.stats:
+    st = ctx.state
+    s = st.settings
+    if type(st.combine).stats is not Combine.stats:
         raise NotImplementedError(
             "double backward (create_graph=True) through synchronized batch statistics is not supported; "
             "compute the gradient penalty with a per-process BatchNorm instead."
         )
     inputs = [(i, t) for i, t in enumerate((x, weight, bias)) if t is not None and ctx.needs_input_grad[i]]
     with torch.enable_grad():
-        y = _composite(x, weight, bias, m, axis, eps, group_size, r, d, activation, slope)
+        y = _composite(x, weight, bias, m, s.axis, s.eps, s.group_size, r, d, s.activation, s.negative_slope)
         grads = torch.autograd.grad(y, [t for _, t in inputs], dy, create_graph=True, allow_unused=True)
-    out: list[torch.Tensor | None] = [None] * 7
+    out: list[torch.Tensor | None] = [None] * 9
     for (i, t), g in zip(inputs, grads):
         out[i] = g if g is not None else torch.zeros_like(t)
     return tuple(out)
+
+
+def settings_for(axis: int, eps: float, group_size: int | None, activation: str | None, negative_slope: float,
+                 memory: str, name: str = "BatchNorm") -> Settings:
+    """The checked settings record of a call (activation and memory mode validated here)."""
+    _checks.check_activation(activation, negative_slope, memory, name)
+    return Settings(axis, eps, group_size, activation, float(negative_slope), memory == "save")
 
 
 def normalize(
@@ -361,6 +388,7 @@ def normalize(
     activation: str | None = None,
     negative_slope: float = 0.01,
     memory: str = "default",
+    settings: Settings | None = None,
 ) -> torch.Tensor:
     """The one code path behind every layer: validated input → reduce → combine → apply.
 
@@ -368,54 +396,73 @@ def normalize(
     from the combined batch statistics (see :func:`update_running`). ``activation`` is fused into
     apply (forward) and into the backward kernels; ``memory="save"`` (training only) keeps the
     output instead of the input for backward (In-Place ABN, Rota Bulò et al. 2018). ``backend``
-    picks the kernel path (:func:`batchnorm.kernels.dispatch.select`).
+    forces a backend; otherwise :func:`batchnorm.kernels.dispatch.select` picks the cheapest one per
+    call. ``settings`` (a layer's cached :class:`~batchnorm.kernels.backend.Settings`) replaces
+    ``axis, eps, group_size, activation, negative_slope, memory`` when given (already checked).
     """
-    _checks.check_activation(activation, negative_slope, memory, name)
-    m = _checks.mask_for(x, axis, mask)
-    plain = type(combine).stats is Combine.stats  # no cross-process statistics
+    s = settings if settings is not None else settings_for(axis, eps, group_size, activation, negative_slope, memory,
+                                                            name)
+    m = _checks.mask_for(x, axis, mask) if mask is not None else None
+    local = type(combine).stats is Combine.stats  # no cross-process statistics
     if not use_batch_stats:
         if running_mean is None or running_var is None:
             raise ValueError(f"{name} has no running estimates to normalize with (track_running_stats=False).")
-        return _eval_apply(x, weight, bias, running_mean, running_var, axis, eps, backend, activation, negative_slope)
-    if x.numel() == 0 and plain:
+        return _eval(x, weight, bias, running_mean, running_var, s, backend)
+    if x.numel() == 0 and local:
         # Empty batch: nothing to reduce; keep the graph connected (PyTorch does the same).
         if update and num_batches_tracked is not None:
             with torch.no_grad():
                 num_batches_tracked.add_(1)
-        return _eval_apply(x, weight, bias, torch.zeros(x.shape[axis]), torch.ones(x.shape[axis]), axis, -1.0, backend,
-                           activation, negative_slope)
-    if plain:
-        _check_enough(x, axis, m, group_size, name)
+        c = x.shape[axis]
+        return COMPOSITE.eval_forward(x, s.replace(eps=-1.0), weight, bias, torch.zeros(c), torch.ones(c))
+    if local:
+        _check_enough(x, axis, m, s.group_size, name)
     updating = update and running_mean is not None and running_var is not None
-    finite = None
-    ops = select(x, backend)
+    plain = combine is _PLAIN or _plain(combine)
+    params = (weight, bias, running_mean, running_var) if updating else (weight, bias)
+    ops = dispatch.select(x, s, plain=plain, masked=m is not None, training=True, backend=backend, params=params)
+    running = (running_mean, running_var, num_batches_tracked, momentum) if updating else None
     if _functorch_active() and plain:
         # torch.func transforms (grad, jacrev, vmap, ...) cannot run an autograd.Function written with a
         # ctx-taking forward: there, trace the same formula with plain differentiable torch ops.
-        y, mean, var, count = _traced_train(x, weight, bias, m, axis, eps, group_size, combine, activation, negative_slope)
+        y, stats = _traced_train(x, weight, bias, m, s, combine)
+        finite = None
+    elif ops.differentiable:  # native: ATen's autograd graph, running update and guard included
+        y, stats, _, finite = ops.train_forward(x, s, m, weight, bias, running)
     else:
-        running = (running_mean, running_var, num_batches_tracked, momentum) if updating else None
-        stash: list = []  # (mean, var, count, finite); finite is set when the kernel call updated the buffers
-        y = _TrainNorm.apply(
-            x, weight, bias, m, (axis, eps, group_size, combine, ops, activation, negative_slope, memory == "save"),
-            running, stash,
-        )
-        mean, var, count, finite = stash
-    if updating and finite is None:
-        # the numba path updates CPU buffers in one kernel call (same rule); other cases use torch ops
-        fast = getattr(ops, "update_running", None)
-        finite = fast(running_mean, running_var, mean, var, count, momentum, num_batches_tracked) if fast else None
-        if finite is None:
-            finite = update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
+        stash: list = []  # (stats, finite); finite is set when the backend updated the buffers itself
+        y = _TrainNorm.apply(x, weight, bias, m, s, ops, combine, running, stash)
+        stats, finite = stash
     if updating:
-        if not torch.compiler.is_compiling() and not bool(finite):
-            warnings.warn(
-                f"{name}: batch statistics are not finite (NaN or Inf in the input); the running estimates "
-                "and num_batches_tracked were left unchanged for this batch.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        if finite is None:
+            finite = ops.update_running(running_mean, running_var, stats[1], stats[2], stats[0], momentum,
+                                        num_batches_tracked)
+        if not torch.compiler.is_compiling() and x.device.type != "meta" and not bool(finite):
+            _warn_not_finite(name, x, m)
     return y
+
+
+def _warn_not_finite(name: str, x: torch.Tensor, m: torch.Tensor | None) -> None:
+    """The RuntimeWarning of a refused batch, naming the real cause (non-finite input, or overflow of finite input)."""
+    with torch.no_grad():
+        counted = x if m is None else torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        finite_input = bool(torch.isfinite(counted).all())
+    if finite_input:
+        big = float(counted.abs().max()) if counted.numel() else 0.0
+        sd = _t.stat_dtype(x.dtype)
+        cause = (
+            f"the input is finite, but values up to {big:.3g} overflow the {str(sd).replace('torch.', '')} "
+            "statistics: their square exceeds its range. Compute this layer in float64 (layer.double() and "
+            "x.double()), or rescale the input (e.g. divide it by a constant)"
+        )
+    else:
+        cause = "NaN or Inf in the input"
+    warnings.warn(
+        f"{name}: batch statistics are not finite ({cause}); the running estimates and num_batches_tracked "
+        "were left unchanged for this batch.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _check_enough(x: torch.Tensor, axis: int, m: torch.Tensor | None, group_size: int | None, name: str) -> None:
@@ -465,19 +512,33 @@ def eval_scale_shift(weight, bias, running_mean, running_var, eps, dtype=None):
     return a.reshape(1, -1), b.reshape(1, -1)
 
 
-def _eval_apply(x, weight, bias, running_mean, running_var, axis, eps, backend, activation=None, slope=0.01):
-    ops = select(x, backend)
-    fast = getattr(ops, "eval_forward", None)
-    if fast is not None and eps >= 0 and not _needs_grad(x, weight, bias):  # one kernel call, no torch glue
-        y = fast(x, axis, weight, bias, running_mean, running_var, eps, activation, slope)
-        if y is not None:
-            return y
-    a, b = eval_scale_shift(weight, bias, running_mean.to(x.device), running_var.to(x.device), eps, x.dtype)
-    return ops.apply(x, axis, a, b, None, activation, slope)
+def _eval(x, weight, bias, running_mean, running_var, s: Settings, backend):
+    """Eval-mode batch norm with the running statistics, on the backend :func:`dispatch.select` picks."""
+    ops = dispatch.select(x, s, training=False, backend=backend, params=(weight, bias, running_mean, running_var))
+    return ops.eval_forward(x, s, weight, bias, running_mean, running_var)
 
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def backend_for(layer, x: torch.Tensor, mask: torch.Tensor | None = None):
+    """The backend ``layer(x, mask)`` would run on now (:func:`batchnorm.kernels.dispatch.chosen`)."""
+    axis = _checks.normalize_axis(layer.axis, x.dim(), x.shape)
+    rm, rv = getattr(layer, "running_mean", None), getattr(layer, "running_var", None)
+    weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
+    batch = layer.training or rm is None or rv is None
+    group = layer._group_size(x) if layer.training and hasattr(layer, "_group_size") else None
+    s = settings_for(axis, layer.eps, group, getattr(layer, "activation", None), getattr(layer, "negative_slope", 0.01),
+                     getattr(layer, "memory", "default"), type(layer).__name__)
+    backend = getattr(layer, "backend", None)
+    if not batch:
+        return dispatch.select(x, s, training=False, backend=backend, params=(weight, bias, rm, rv))
+    combine = layer._combine() if hasattr(layer, "_combine") else _PLAIN
+    updating = layer.training and getattr(layer, "track_running_stats", False) and rm is not None
+    params = (weight, bias, rm, rv) if updating else (weight, bias)
+    return dispatch.select(x, s, plain=combine is _PLAIN or _plain(combine), masked=mask is not None, training=True,
+                           backend=backend, params=params)
 
 
 def batch_norm(

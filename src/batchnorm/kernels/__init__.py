@@ -1,5 +1,5 @@
-"""Reduce and apply kernels: a device-agnostic torch path and (where available) fast CPU paths."""
+"""Backends for reduce and apply (numba, composite, native) and the dispatch that picks one per call."""
 
-from .dispatch import select
+from .dispatch import available, chosen, select
 
-__all__ = ["select"]
+__all__ = ["available", "chosen", "select"]

@@ -708,7 +708,7 @@ class _Plan:
     """How a tensor of one shape/stride/axis/grouping is cut for the kernels (cached per signature)."""
 
     __slots__ = ("perm", "identity", "axis", "A", "C", "B", "shape", "phys", "rpg", "G", "seg", "seg_group", "nbytes",
-                 "inverse")
+                 "inverse", "lshape", "lstrides")
 
 
 def fork_unsafe() -> bool:
@@ -759,6 +759,12 @@ def _plan_for(shape, strides, axis, group_size, threads, itemsize) -> _Plan | No
     p.seg, p.seg_group = _segments(A, p.C, B, p.rpg, p.G, threads)
     p.nbytes = A * p.C * B * itemsize
     p.inverse = [perm.index(d) for d in range(len(perm))]
+    p.lshape = tuple(shape)
+    lstrides, acc = [0] * len(shape), 1
+    for d in reversed(perm):  # x's own strides, without gaps: outputs get x's memory order
+        lstrides[d] = acc
+        acc *= shape[d]
+    p.lstrides = tuple(lstrides)
     return p
 
 
@@ -813,11 +819,20 @@ def _arr(t: torch.Tensor, p: _Plan) -> np.ndarray:
 
 
 def _out(p: _Plan, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
-    """A new x-shaped output in x's memory order, and its canonical array (large ones from the buffer cache)."""
+    """A new x-shaped output in x's memory order, and its canonical array (large ones from the buffer cache).
+
+    The tensor is never a view (no ``permute`` of a physical-order tensor): outputs of an autograd
+    Function that are views cannot be modified in place (``ReLU(inplace=True)``, ``out += identity``).
+    """
     if p.nbytes < buffers.MIN_BYTES:  # small: a plain tensor (the allocator recycles these cheaply)
-        t = torch.empty(p.phys, dtype=dtype)
-        return (t if p.identity else t.permute(p.inverse)), t.numpy().reshape(p.shape)
+        if p.identity:
+            t = torch.empty(p.phys, dtype=dtype)
+            return t, t.numpy().reshape(p.shape)
+        t = torch.empty_strided(p.lshape, p.lstrides, dtype=dtype)
+        return t, t.numpy().transpose(p.perm).reshape(p.shape)
     t, phys = buffers.empty(p.phys, p.perm, dtype)
+    if t._base is not None:  # a permuted view of the buffer: the same memory as a tensor of its own
+        t = torch.empty(0, dtype=dtype).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
     return t, phys.reshape(p.shape)
 
 

@@ -1,82 +1,260 @@
-"""Choose the kernel path for a tensor: the one small function every caller goes through.
+"""Which backend runs a call: :func:`select` is the one place that decides.
 
-Paths:
+Backends (protocol: :mod:`batchnorm.kernels.backend`):
 
-* ``"torch"`` — :mod:`batchnorm.kernels.torch_ops`: any device, dtype and memory format.
-* ``"numba"`` — :mod:`batchnorm.kernels.ops` (numba kernels of :mod:`batchnorm.kernels.cpu` registered
-  as ``torch.ops.batchnorm.*``): CPU, float32/float64, memory dense in some dimension order
-  (contiguous, channels-last, any permutation of a contiguous tensor). Anything else still takes the
-  torch path, even when ``"numba"`` is forced; so does a process forked after its parent ran
-  numba's GNU-OpenMP kernels (not fork-safe: numba would abort the child).
-* ``"auto"`` (default) — numba for every supported tensor of at least :data:`MIN_NUMEL` elements
-  (0: all of them; the fused numba sequence costs less per call than the torch path's dozen small
-  ops even for a ``(4, 8)`` batch), torch otherwise.
+* ``"numba"`` (:mod:`batchnorm.kernels.numba`) — our CPU kernels: float32/float64, any dense layout,
+  masks, ghost groups, every combine, fused activations, ``memory="save"``;
+* ``"composite"`` (:mod:`batchnorm.kernels.composite`; alias ``"torch"``) — plain torch ops, anything;
+* ``"native"`` (:mod:`batchnorm.kernels.native`) — ATen's batch norm (CPU kernel, cuDNN, MIOpen):
+  plain batch norm only (no mask, no ghost groups, plain combine, ``memory="default"``), feature axis
+  1 or the last axis of a contiguous tensor, parameters in ATen's dtype rule.
 
-Force a path with the ``backend=`` argument of the layer/functions or the ``BATCHNORM_BACKEND``
-environment variable (the argument wins).
+Rule of ``"auto"`` (the default), per call:
+
+1. not on the CPU (:func:`device_type`; CUDA, MPS, XPU, meta ...): native if it can serve the call,
+   else composite;
+2. on the CPU: among the backends that can serve the call, the cheapest by the cost model below.
+   The numba kernels cost about a fixed overhead plus bandwidth; ATen's CPU kernel costs less per
+   call but more per byte. So: native below :data:`CROSSOVER_BYTES` (bytes of ``x``, per
+   ``(mode, layout)``), numba at or above it; calls native cannot serve (masks, ghost groups, renorm
+   and sync combines, ``memory="save"``, other feature axes) go to numba, or to composite where numba
+   cannot take the tensor (half precision, odd strides);
+3. **no cold start**: until the numba kernels are compiled (or loaded from numba's disk cache) the
+   numba backend is not a candidate; the first call starts the warm-up (:data:`WARMUP_MODES`: by
+   default a child process compiles the kernels into numba's disk cache, then a background thread
+   of this process loads them; :func:`warm_up_status`, :func:`wait_ready`). Meanwhile plain calls run
+   native and the others composite; numba takes over once ready. A process forked while the
+   warm-up runs stays on native/composite (its copy of the warm-up never finishes);
+4. a process forked where numba's parallel kernels are unsafe (:func:`batchnorm.kernels.safety.numba_usable`)
+   never selects numba; under ``torch.compile`` native is not a candidate for training calls
+   (its non-finite guard reads values), so compiled graphs see the numba custom ops or torch ops.
+
+Forcing: the ``backend=`` argument of layers/functions, or the ``BATCHNORM_BACKEND`` environment
+variable (the argument wins), ``"numba" | "composite" | "torch" | "native" | "auto"``. A forced
+backend that cannot serve a call falls back to composite (which serves everything), silently — the
+forced name says "this one when possible", as before. A forced ``"numba"`` compiles synchronously
+(no background warm-up).
+
+The cost table (:data:`CROSSOVER_BYTES`) has one row per ``(mode, layout)``: ``mode`` is ``"train"``
+(training step: forward + backward) or ``"eval"`` (forward without autograd); ``layout`` is
+``"inner"`` when the feature axis is innermost in memory (``(N, C)``, channels-last, ``axis=-1``:
+``x.stride(axis) == 1``) and ``"outer"`` otherwise (NCHW). The value is the size of ``x`` in bytes at
+which numba becomes cheaper than native on this machine. It was measured with
+``batchnorm bench --calibrate`` (helper B's command: times native vs numba training steps and eval
+forwards over a geometric ladder of sizes for both layouts, and prints a replacement for this dict);
+re-run it on another machine and paste the printed dict here.
+
+Shape: not applicable (decides per tensor).
+
+Example::
+
+    >>> import torch
+    >>> from batchnorm.kernels import dispatch
+    >>> from batchnorm.kernels.backend import Settings
+    >>> dispatch.select(torch.randn(8, 16), Settings(axis=1)).name    # small plain call: ATen
+    'native'
+    >>> dispatch.select(torch.randn(8, 16), Settings(axis=1), backend="torch").name
+    'composite'
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from types import ModuleType
+import threading
 
 import torch
 
-from . import torch_ops
+from .backend import Backend, Settings
+from .composite import COMPOSITE
+from .native import NATIVE, params_ok, viewable
 
-BACKENDS = ("auto", "torch", "numba")
-#: Below this many elements "auto" uses the torch path (0: never; kept as a knob for other machines).
-MIN_NUMEL = 0
+BACKENDS = ("auto", "numba", "composite", "native", "torch")
+_ALIASES = {"torch": "composite"}
 
-try:  # numba is optional: without it every call takes the torch path
-    from . import cpu as _cpu
-    from . import ops as _ops
-except ImportError:  # pragma: no cover - exercised only without numba
-    _cpu = _ops = None  # type: ignore[assignment]
+#: Bytes of ``x`` at which numba becomes cheaper than native, per (mode, layout); see the module docstring.
+#: Measured on the 2-core development VM (torch 2.13.0, 2 threads) with ``batchnorm bench --calibrate``,
+#: 2026-12-02: ratios of medians of alternating runs (noisy machine: ±30 %, crossovers rounded to a power of 2).
+CROSSOVER_BYTES: dict[tuple[str, str], int] = {
+    ("train", "inner"): 1 << 20,
+    ("train", "outer"): 256 << 10,
+    ("eval", "inner"): 1 << 20,
+    ("eval", "outer"): 256 << 10,
+}
 
-# GNU OpenMP (numba's "omp" threading layer) cannot be used in a child forked after the parent ran a
-# parallel kernel: numba aborts the child. Such children (fork-based DataLoader workers,
-# multiprocessing with the "fork" start method) silently take the torch path instead.
-_numba_usable_here = True
-
-
-def _after_fork_in_child() -> None:
-    global _numba_usable_here
-    if _cpu is not None and _cpu.fork_unsafe():
-        _numba_usable_here = False
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+_HAS_NUMBA = importlib.util.find_spec("numba") is not None
+_lock = threading.Lock()
+_status = "cold" if _HAS_NUMBA else "absent"  # cold → warming → ready (or failed / absent)
+_numba: Backend | None = None  # the numba backend object once imported
+_ready = threading.Event()
+_error: BaseException | None = None
+_safety = None  # batchnorm.kernels.safety once the numba backend is loaded
 
 
 def available() -> list[str]:
-    """The kernel paths that can run here (tests run every one of them)."""
-    return ["torch"] + (["numba"] if _ops is not None else [])
+    """The backends that can run here (the tests run every one of them)."""
+    return (["numba"] if _HAS_NUMBA else []) + ["composite", "native"]
 
 
-def select(x: torch.Tensor, backend: str | None = None) -> ModuleType:
-    """Return the module implementing reduce/apply for ``x``.
+def device_type(x: torch.Tensor) -> str:
+    """``x``'s device type; the one device check of :func:`select` (tests mock it to route fake GPU tensors)."""
+    return x.device.type
 
-    ``backend`` (or the ``BATCHNORM_BACKEND`` environment variable) forces a path; ``"auto"``
-    picks the fastest path that supports ``x``.
-    """
+
+def layout(x: torch.Tensor, axis: int) -> str:
+    """``"inner"`` when the feature axis is innermost in memory (stride 1), else ``"outer"``."""
+    return "inner" if x.stride(axis) == 1 or x.shape[axis] == x.numel() else "outer"
+
+
+def _canonical(backend: str | None) -> str:
     choice = backend or os.environ.get("BATCHNORM_BACKEND") or "auto"
     if choice not in BACKENDS:
         raise ValueError(
-            f"backend must be one of {BACKENDS}, got {choice!r}. Pass backend='auto' (default), 'torch' or 'numba' "
-            "(argument or BATCHNORM_BACKEND environment variable)."
+            f"backend must be one of {BACKENDS}, got {choice!r}. Pass backend='auto' (default: the cheapest backend "
+            "per call), 'numba', 'native' or 'composite' ('torch' is an alias), as an argument or through the "
+            "BATCHNORM_BACKEND environment variable."
         )
-    if choice == "torch":
-        return torch_ops
-    if _ops is None:
-        if choice == "numba":
-            raise ValueError(
-                "backend='numba' was requested but numba is not installed. Install it with `pip install numba` "
-                "(or `pip install batchnorm[fast]`), or use backend='auto' or 'torch'."
-            )
-        return torch_ops
-    if not _numba_usable_here or not _cpu.supports(x) or (choice == "auto" and x.numel() < MIN_NUMEL):
-        return torch_ops
-    return _ops
+    return _ALIASES.get(choice, choice)
+
+
+def _load_numba() -> Backend:
+    global _numba
+    if _numba is None:
+        global _safety
+        from . import safety
+        from .numba import NUMBA
+
+        _safety = safety
+        _numba = NUMBA
+    return _numba
+
+
+#: How the numba kernels get compiled without blocking a call (``BATCHNORM_WARMUP``): ``"process"`` (default:
+#: a child Python process compiles them into numba's disk cache, then a thread here loads them — the compiler
+#: holds the GIL for long stretches, so compiling in a thread of this process would stall its calls),
+#: ``"thread"`` (compile in a thread here), ``"off"`` (no warm-up: auto uses numba at once and its first
+#: call compiles synchronously, the behaviour before this design; the test suite uses it).
+WARMUP_MODES = ("process", "thread", "off")
+_CHILD_CODE = "from batchnorm.kernels.numba import warm_up; warm_up()"
+_child = None  # the compiling child process (subprocess.Popen) while it runs
+
+
+def _warm(mode: str) -> None:
+    global _status, _error, _child
+    try:
+        if mode == "process":
+            import subprocess
+            import sys
+
+            _child = subprocess.Popen([sys.executable, "-c", _CHILD_CODE], stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            _child.wait()  # compiled into the disk cache (or failed: the load below then compiles here)
+            _child = None
+        from .numba import warm_up
+
+        _load_numba()
+        warm_up()  # process mode: loads the cached kernels (short); thread mode: compiles them
+        _status = "ready"
+    except BaseException as e:  # noqa: BLE001 - reported through warm_up_status(); auto keeps the others
+        _error = e
+        _status = "failed"
+    finally:
+        _ready.set()
+
+
+def _warmup_mode() -> str:
+    mode = os.environ.get("BATCHNORM_WARMUP", "process") or "process"
+    if mode not in WARMUP_MODES:
+        raise ValueError(
+            f"BATCHNORM_WARMUP must be one of {WARMUP_MODES}, got {mode!r}. Unset it for the default 'process' "
+            "(compile the numba kernels in a child process while ATen serves calls)."
+        )
+    return mode
+
+
+def _start_warm_up() -> None:
+    global _status
+    mode = _warmup_mode()
+    with _lock:
+        if _status != "cold":
+            return
+        if mode == "off":
+            _load_numba()
+            _status = "ready"
+            _ready.set()
+            return
+        _status = "warming"
+    threading.Thread(target=_warm, args=(mode,), name="batchnorm-numba-warm-up", daemon=True).start()
+
+
+def warm_up_status() -> str:
+    """``"cold"`` (not started), ``"warming"``, ``"ready"``, ``"failed"`` or ``"absent"`` (numba not installed)."""
+    return _status
+
+
+def wait_ready(timeout: float | None = None) -> bool:
+    """Start the numba warm-up if needed and wait for it; True when numba is ready (benchmarks call this first)."""
+    if _status == "absent":
+        return False
+    _start_warm_up()
+    _ready.wait(timeout)
+    return _status == "ready"
+
+
+def _numba_for(x: torch.Tensor, forced: bool) -> Backend | None:
+    """The numba backend if it can take ``x`` now (auto: only once warm), else None."""
+    if _status == "ready" or (forced and _status != "absent"):
+        nb = _numba if _numba is not None else _load_numba()  # forced: imports numba here, compiles on first call
+        return nb if _safety.numba_usable() and nb.supports(x) else None
+    if _status == "cold":  # auto never waits: numba joins once the background warm-up is done
+        _start_warm_up()
+    return None
+
+
+def select(
+    x: torch.Tensor,
+    s: Settings | None = None,
+    *,
+    plain: bool = True,
+    masked: bool = False,
+    training: bool = True,
+    backend: str | None = None,
+    params: tuple = (),
+) -> Backend:
+    """The backend that runs this call (see the module docstring for the rule and the cost table).
+
+    ``s``: the call's settings (None: reduce/apply only, e.g. :func:`batchnorm.batch_stats`); ``plain``:
+    the plain combine; ``masked``: a mask is given; ``training``: batch statistics (else the running ones);
+    ``backend``: forced name or None (``BATCHNORM_BACKEND``, then ``"auto"``); ``params``: weight, bias and
+    running buffers (native follows ATen's dtype rule for them).
+    """
+    choice = _canonical(backend)
+    if choice == "composite":
+        return COMPOSITE
+    native_ok = (
+        s is not None and plain and not masked and s.group_size is None and not s.save and x.numel() > 0
+        and viewable(x, s.axis) and params_ok(x, *params) and not (training and torch.compiler.is_compiling())
+    )
+    if choice == "native":
+        return NATIVE if native_ok else COMPOSITE
+    on_cpu = device_type(x) == "cpu"
+    if choice == "numba":
+        nb = _numba_for(x, True) if on_cpu else None
+        return nb if nb is not None else COMPOSITE
+    if not on_cpu:
+        return NATIVE if native_ok else COMPOSITE
+    nb = _numba_for(x, False)
+    if native_ok and (nb is None or _bytes(x) < CROSSOVER_BYTES[("train" if training else "eval", layout(x, s.axis))]):
+        return NATIVE
+    return nb if nb is not None else COMPOSITE
+
+
+def _bytes(x: torch.Tensor) -> int:
+    return x.numel() * x.element_size()
+
+
+def chosen(layer: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> str:
+    """The name of the backend ``layer(x, mask)`` would run on now (benchmarks print it per row)."""
+    from .. import functional
+
+    return functional.backend_for(layer, x, mask).name

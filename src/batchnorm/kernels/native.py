@@ -1,0 +1,151 @@
+"""The ``"native"`` backend: ATen's own batch norm (CPU kernel, cuDNN, MIOpen) for plain batch norm.
+
+It serves *plain* batch norm only — no mask, no ghost groups, the plain combine, ``memory="default"``
+— on any device, for a feature axis that can be viewed as torch's channel axis: ``axis=1`` (any
+memory format), or the last axis of a contiguous tensor (``(N, ..., C)`` is viewed as the 2-D batch
+``(N·…, C)``). Its primitives (reduce, apply, backward) are the composite backend's; its fused
+sequences call ``torch.native_batch_norm`` on the CPU and ``torch.batch_norm`` elsewhere (which
+picks cuDNN / MIOpen), so the backward is ATen's too, and double backward works through ATen's own
+derivative formulas.
+
+How it keeps every promise of the README's Semantics section:
+
+* biased variance normalizes, unbiased is stored, ``momentum`` is torch's weight of the new value;
+  ``momentum=None`` (cumulative average) passes ``1 / (num_batches_tracked + 1)``;
+* **a non-finite batch never updates the running estimates**: ATen updates the buffers in place, so a
+  copy of the ``(C,)`` buffers is taken first; on the CPU the saved batch mean and ``1/σ`` of
+  ``native_batch_norm`` are checked (a NaN/Inf mean, or ``1/σ`` that is NaN or 0 — the variance of
+  huge finite inputs overflowing — counts as non-finite), elsewhere the updated buffers are; a bad
+  batch restores the copy, leaves ``num_batches_tracked`` alone and reports ``finite=False`` so the
+  caller warns. ``num_batches_tracked`` counts only finite batches (ATen never touches it);
+* float16/bfloat16 inputs: ATen's mixed-precision kernel reduces in float32, returns the input's dtype
+  and keeps float32 parameters and buffers;
+* the fused activation is applied as a second (differentiable) op; outputs are ordinary autograd
+  outputs, so in-place consumers (``ReLU(inplace=True)``, ``+=``) work;
+* meta tensors: ATen's meta kernels give shapes, no value is read (no finiteness check, as torch);
+  a meta layer given a CPU input raises ATen's device-mismatch ``RuntimeError``.
+
+Shape: ``x`` ``(N, C, *)`` with ``axis=1`` or contiguous ``(N, *, C)`` with ``axis=-1``; parameters and
+buffers ``(C,)``; output like ``x`` (same dtype and memory format).
+
+Example::
+
+    >>> import torch
+    >>> from batchnorm.kernels.native import NATIVE
+    >>> from batchnorm.kernels.backend import Settings
+    >>> rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(0)
+    >>> y, _, _, finite = NATIVE.train_forward(torch.randn(8, 3), Settings(axis=1), None, None, None,
+    ...                                        (rm, rv, nbt, 0.1))
+    >>> finite, int(nbt)
+    (True, 1)
+
+Reference: ``torch.nn.functional.batch_norm`` / ``aten::native_batch_norm``; Ioffe & Szegedy (2015).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import activations as _activations
+from .backend import Settings
+from .composite import CompositeBackend
+
+_PARAM_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def viewable(x: torch.Tensor, axis: int) -> bool:
+    """True when C at ``axis`` can be torch's channel axis: axis 1, or the last axis of a contiguous tensor."""
+    return axis == 1 or (axis == x.dim() - 1 and x.is_contiguous())
+
+
+def params_ok(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """ATen's dtype rule: parameters/buffers share one dtype, the input's or (half inputs) float32."""
+    dt = None
+    for t in tensors:
+        if t is None:
+            continue
+        if dt is None:
+            dt = t.dtype
+        elif t.dtype != dt:
+            return False
+    return dt is None or dt == x.dtype or (dt == torch.float32 and x.dtype in (torch.float16, torch.bfloat16))
+
+
+def _act(y: torch.Tensor, s: Settings) -> torch.Tensor:
+    if s.activation is None or s.activation == "identity":
+        return y
+    return _activations.TABLE[s.activation].forward(y, s.negative_slope)
+
+
+class NativeBackend(CompositeBackend):
+    """Plain batch norm through ATen (``native_batch_norm`` on CPU, ``batch_norm`` → cuDNN/MIOpen elsewhere)."""
+
+    name = "native"
+    differentiable = True
+
+    def train_forward(self, x, s: Settings, m, weight, bias, running=None):
+        """``(y, None, None, finite)``; ``y`` carries ATen's autograd graph; ``finite`` is None without ``running``."""
+        shape, axis = x.shape, s.axis
+        xv = x if axis == 1 else x.view(-1, shape[axis])
+        finite = None
+        if running is None:
+            if x.device.type == "cpu":
+                y = torch.native_batch_norm(xv, weight, bias, None, None, True, 0.0, s.eps)[0]
+            else:
+                y = torch.batch_norm(xv, weight, bias, None, None, True, 0.0, s.eps, True)
+        else:
+            rm, rv, nbt, momentum = running
+            dev = x.device.type
+            if dev == "meta" or rm.device != x.device or torch.compiler.is_compiling():
+                # shapes only (meta), or ATen's own device-mismatch error; nothing to check
+                f = 0.0 if momentum is None else momentum
+                y = torch.batch_norm(xv, weight, bias, rm, rv, True, f, s.eps, True)
+                if nbt is not None and rm.device == x.device:
+                    nbt.add_(1)
+                finite = True
+            elif dev == "cpu":
+                f = momentum if momentum is not None else 1.0 / (int(nbt) + 1)
+                rma, rva = rm.numpy(), rv.numpy()
+                old_m, old_v = rma.copy(), rva.copy()
+                y, mean, invstd = torch.native_batch_norm(xv, weight, bias, rm, rv, True, f, s.eps)
+                ma, ia = mean.detach().numpy(), invstd.detach().numpy()
+                finite = bool(np.isfinite(ma).all() and (ia > 0).all())
+                if finite:
+                    if nbt is not None:
+                        nbt.add_(1)
+                else:
+                    np.copyto(rma, old_m)
+                    np.copyto(rva, old_v)
+            else:
+                f = momentum if momentum is not None else 1.0 / (int(nbt) + 1)
+                old_m, old_v = rm.clone(), rv.clone()
+                y = torch.batch_norm(xv, weight, bias, rm, rv, True, f, s.eps, True)
+                finite = bool(torch.isfinite(rm).all() & torch.isfinite(rv).all())  # one device sync
+                if finite:
+                    if nbt is not None:
+                        nbt.add_(1)
+                else:
+                    rm.copy_(old_m)
+                    rv.copy_(old_v)
+        if axis != 1:
+            y = y.view(shape)
+        return _act(y, s), None, None, finite
+
+    def eval_forward(self, x, s: Settings, weight, bias, running_mean, running_var):
+        """``act(γ·(x − μ)/sqrt(σ² + eps) + β)`` with the running statistics, through ATen (differentiable)."""
+        shape, axis = x.shape, s.axis
+        xv = x if axis == 1 else x.view(-1, shape[axis])
+        if x.device.type == "cpu":
+            y = torch.native_batch_norm(xv, weight, bias, running_mean, running_var, False, 0.0, s.eps)[0]
+        else:
+            y = torch.batch_norm(xv, weight, bias, running_mean, running_var, False, 0.0, s.eps, True)
+        if axis != 1:
+            y = y.view(shape)
+        return _act(y, s)
+
+    def train_backward(self, dy, t, s, stats, invstd, weight, bias, count, m, needs):  # pragma: no cover
+        raise RuntimeError("the native backend's outputs carry ATen's autograd graph; _TrainNorm never drives it")
+
+
+NATIVE = NativeBackend()

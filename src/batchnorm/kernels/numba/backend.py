@@ -1,0 +1,118 @@
+"""The numba backend: :class:`batchnorm.kernels.backend.Backend` over the CPU kernels.
+
+Every call goes through :mod:`batchnorm.kernels.ops` (eager: straight into the njit kernels;
+under ``torch.compile``: the registered custom ops) inside :func:`batchnorm.kernels.safety.kernel_guard`
+(serializes kernel launches while numba's threading layer is not known to be thread-safe). Where the
+kernels cannot take a tensor (odd strides, other dtypes/devices) a sequence falls back to the shared
+default, i.e. the composite primitives.
+
+Shape: as :mod:`batchnorm.kernels.backend`.
+
+Example::
+
+    >>> import torch
+    >>> from batchnorm.kernels.numba import NUMBA
+    >>> from batchnorm.kernels.backend import Settings
+    >>> y, stats, invstd, finite = NUMBA.train_forward(torch.randn(16, 4), Settings(axis=1), None, None, None)
+    >>> tuple(stats.shape)                  # (count, mean, biased var) × G groups × C features
+    (3, 1, 4)
+
+Reference: docs/kernels.md (loop strategies, one-call sequences); Ioffe & Szegedy (2015).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import cpu as _cpu
+from .. import ops as _ops
+from .. import safety
+from ..backend import Backend, Settings
+
+_guard = safety.kernel_guard
+
+
+class NumbaBackend(Backend):
+    """Reduce/apply and plain BN's one-call sequences as numba kernels (CPU, float32/float64, dense)."""
+
+    name = "numba"
+
+    def supports(self, x: torch.Tensor, s: Settings | None = None) -> bool:
+        """CPU, float32/float64, memory dense in some dimension order, not empty."""
+        return _cpu.supports(x)
+
+    # -- primitives ------------------------------------------------------------------------
+    def reduce(self, x, s: Settings, m):
+        with _guard():
+            return _ops.reduce(x, s.axis, m, s.group_size)
+
+    def apply(self, x, s: Settings, scale, shift):
+        with _guard():
+            return _ops.apply(x, s.axis, scale, shift, s.group_size, s.activation, s.negative_slope)
+
+    def backward_reduce(self, dy, t, s: Settings, p, q, zscale=None, zshift=None):
+        with _guard():
+            return _ops.backward_reduce(dy, t, s.axis, p, q, s.group_size, s.activation, s.negative_slope, zscale,
+                                        zshift, s.save)
+
+    def backward_apply(self, dy, t, s: Settings, p, q, k, mean_dz, mean_dzx, m, zscale=None, zshift=None):
+        with _guard():
+            return _ops.backward_apply(dy, t, s.axis, p, q, k, mean_dz, mean_dzx, m, s.group_size, s.activation,
+                                       s.negative_slope, zscale, zshift, s.save)
+
+    # -- fused sequences (same rules as the defaults; None from the kernels → the default) --
+    def train_forward(self, x, s: Settings, m, weight, bias, running=None):
+        with _guard():
+            res = _ops.train_forward(x, s.axis, m, s.group_size, weight, bias, s.eps, s.activation, s.negative_slope,
+                                     s.save, running)
+        return res if res is not None else super().train_forward(x, s, m, weight, bias, running)
+
+    def train_backward(self, dy, t, s: Settings, stats, invstd, weight, bias, count, m, needs):
+        with _guard():
+            res = _ops.train_backward(dy, t, s.axis, stats, invstd, weight, bias, count, m, s.group_size, s.eps,
+                                      s.activation, s.negative_slope, s.save, needs)
+        if res is not None:
+            return res
+        return super().train_backward(dy, t, s, stats, invstd, weight, bias, count, m, needs)
+
+    def eval_forward(self, x, s: Settings, weight, bias, running_mean, running_var):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+            # the one-call kernel has no autograd: the default (constants, then the differentiable apply)
+            return super().eval_forward(x, s, weight, bias, running_mean, running_var)
+        with _guard():
+            y = _ops.eval_forward(x, s.axis, weight, bias, running_mean, running_var, s.eps, s.activation,
+                                  s.negative_slope)
+        return y if y is not None else super().eval_forward(x, s, weight, bias, running_mean, running_var)
+
+    def update_running(self, running_mean, running_var, mean, var, count, momentum, num_batches_tracked=None):
+        with _guard():
+            ok = _ops.update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
+        if ok is not None:
+            return ok
+        return super().update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
+
+
+NUMBA = NumbaBackend()
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's disk cache) the kernels of the common calls: float32 and float64,
+    features innermost (2-D view) and not (3-D view), training forward and backward, eval, masks.
+
+    Runs in :mod:`batchnorm.kernels.dispatch`'s background thread; a signature not covered here (an
+    expanded ``dy`` with zero strides, say) is compiled on its first call, in the caller's thread.
+    """
+    s = Settings(axis=1)
+    for dtype in (torch.float32, torch.float64):
+        for shape in ((8, 3), (4, 3, 5)):
+            x = torch.randn(shape, dtype=dtype)
+            w, b = torch.ones(3, dtype=dtype), torch.zeros(3, dtype=dtype)
+            rm, rv, nbt = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype), torch.zeros((), dtype=torch.long)
+            mask = torch.ones((shape[0],) + shape[2:], dtype=torch.bool).unsqueeze(1)
+            for m in (None, mask):
+                y, stats, invstd, _ = NUMBA.train_forward(x, s, m, w, b, (rm, rv, nbt, 0.1))
+                NUMBA.train_backward(torch.randn_like(y), x, s, stats, invstd, w, b, None, m, (True, True, True))
+            NUMBA.eval_forward(x, s, w, b, rm, rv)
+            with torch.no_grad():
+                NUMBA.apply(x, s, w.reshape(1, -1), b.reshape(1, -1))
+                NUMBA.reduce(x, s, None)
