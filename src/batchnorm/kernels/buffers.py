@@ -14,9 +14,16 @@ Rules:
   its storage is a NumPy array watched by a weak reference. Nothing alive is ever reused.
 * Sizes are rounded up to 2 MiB, buffers are 2 MiB-aligned and advised ``MADV_HUGEPAGE`` (Linux),
   so a new buffer is faulted in huge pages and a cached one fits any output of its size class.
-* The cache keeps at most ``BATCHNORM_BUFFER_CACHE`` bytes of *free* buffers (default 1 GiB;
-  ``0`` turns caching off, outputs are then plain ``torch.empty_like``). :func:`empty_cache`
-  releases them; :func:`cache_info` reports hits, misses and bytes held.
+* The cache is bounded by what the workload needs: live plus free buffers never exceed the largest
+  set of outputs that were alive at the same time (``peak_live_bytes``, :data:`WORKLOAD_FACTOR` = 1),
+  so the cache never makes the process hold more output memory than its own peak. A training loop
+  (same sizes every step) reuses every buffer; when sizes vary (last batch, random crops) a miss
+  first releases the least recently returned free buffers to make room, and a freed buffer that
+  would not fit is handed back to the system at once.
+* ``BATCHNORM_BUFFER_CACHE`` additionally caps the bytes of *free* buffers (default 1 GiB; ``0``
+  turns caching off, outputs are then plain ``torch.empty_like``). :func:`set_limit` changes the
+  cap at run time, :func:`empty_cache` releases every free buffer and restarts the peak,
+  :func:`cache_info` reports hits, misses, evictions and the bytes live, held and allowed.
 * The tensors are ordinary CPU tensors in the input's dtype and memory format, except that their
   storage cannot be resized (``y.resize_()`` to a larger size raises, as for ``torch.from_numpy``).
 
@@ -32,6 +39,7 @@ Reference: the caching-allocator idea of PyTorch's CUDA allocator (``torch.cuda.
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 import threading
@@ -42,6 +50,8 @@ import torch
 
 #: Outputs at least this large come from the cache (smaller ones: ``torch.empty``, which recycles them cheaply).
 MIN_BYTES = 256 << 10
+#: Live plus free cache-class bytes never exceed this multiple of the largest live set seen (peak of outputs in use).
+WORKLOAD_FACTOR = 1.0
 _ALIGN = 2 << 20  # one transparent huge page
 _MADV_HUGEPAGE = 14
 
@@ -75,46 +85,93 @@ def _madvise():
 
 
 _MADVISE = _madvise()
+_MMAP_FLAGS = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+
+
+def _fresh_large(size: int) -> np.ndarray:
+    """A new 2 MiB-aligned ``size``-byte buffer of its own private anonymous mapping.
+
+    Its own mapping (not malloc's heap) so that releasing it returns the memory to the system at
+    once: evicted buffers must not linger in the heap as resident memory. Private, so a forked child
+    writing an output never touches its parent's memory.
+    """
+    if _MMAP_FLAGS and sys.platform.startswith("linux"):
+        region = mmap.mmap(-1, size + _ALIGN, flags=_MMAP_FLAGS)
+        raw = np.frombuffer(region, dtype=np.uint8)  # keeps the mapping alive; unmapped when the last view goes
+    else:  # pragma: no cover - other platforms: the heap
+        raw = np.empty(size + _ALIGN, dtype=np.uint8)
+    start = (-raw.ctypes.data) % _ALIGN
+    buf = raw[start : start + size]
+    if _MADVISE is not None:
+        _MADVISE(buf.ctypes.data, size, _MADV_HUGEPAGE)
+    return buf
 
 
 class _Cache:
+    """Free buffers by size class, bounded by the workload's largest live set (see the module docstring)."""
+
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.free: dict[int, list[np.ndarray]] = {}
-        self.held = 0
+        self.free: dict[int, list[tuple[int, np.ndarray]]] = {}  # size -> [(tick returned, buffer)], oldest first
+        self.held = 0  # bytes of free buffers kept
+        self.live = 0  # bytes of cache-class buffers in use by live outputs
+        self.peak = 0  # largest self.live seen (since the last empty_cache)
+        self.tick = 0
         self.hits = 0
         self.misses = 0
+        self.evictions = 0
         self.lock = threading.Lock()
+
+    def budget(self) -> int:
+        """Most bytes (live + free) the cache lets exist: the largest live set seen, times :data:`WORKLOAD_FACTOR`."""
+        return int(WORKLOAD_FACTOR * self.peak)
 
     def take(self, size: int) -> np.ndarray:
         with self.lock:
+            self.live += size
+            if self.live > self.peak:
+                self.peak = self.live
             stack = self.free.get(size)
             if stack:
                 self.held -= size
                 self.hits += 1
-                return stack.pop()
+                buf = stack.pop()[1]
+                if not stack:
+                    del self.free[size]
+                return buf
             self.misses += 1
+            # a new buffer is about to exist: drop the oldest free ones so live + free stays within the budget
+            self._evict_to(self.budget() - self.live)
         if size < _ALIGN:  # small class: 64-byte aligned is enough
             raw = np.empty(size + 64, dtype=np.uint8)
             start = (-raw.ctypes.data) % 64
             return raw[start : start + size]
-        raw = np.empty(size + _ALIGN, dtype=np.uint8)
-        start = (-raw.ctypes.data) % _ALIGN
-        buf = raw[start : start + size]
-        if _MADVISE is not None:
-            _MADVISE(buf.ctypes.data, size, _MADV_HUGEPAGE)
-        return buf
+        return _fresh_large(size)
 
     def give(self, buf: np.ndarray) -> None:
         size = buf.nbytes
         with self.lock:
-            if self.held + size <= self.limit:
-                self.free.setdefault(size, []).append(buf)
+            self.live -= size
+            if self.held + size <= min(self.limit, self.budget() - self.live):
+                self.tick += 1
+                self.free.setdefault(size, []).append((self.tick, buf))
                 self.held += size
+
+    def _evict_to(self, room: int) -> None:
+        """Release the least recently returned free buffers until at most ``room`` bytes are held (lock held)."""
+        while self.held > max(room, 0) and self.free:
+            size = min(self.free, key=lambda k: self.free[k][0][0])
+            stack = self.free[size]
+            stack.pop(0)
+            if not stack:
+                del self.free[size]
+            self.held -= size
+            self.evictions += 1
 
     def clear(self) -> int:
         with self.lock:
             freed, self.free, self.held = self.held, {}, 0
+            self.peak = self.live
         return freed
 
 
@@ -122,14 +179,29 @@ _CACHE = _Cache(_limit_from_env())
 
 
 def empty_cache() -> int:
-    """Release every cached free buffer; return the bytes released (buffers in use are untouched)."""
+    """Release every cached free buffer and restart the peak from the current live set; return the bytes released.
+
+    Buffers in use are untouched. Call it after a phase with larger batches than what follows (the
+    budget follows the largest live set seen, so it would otherwise keep room for them).
+    """
     return _CACHE.clear()
 
 
 def cache_info() -> dict[str, int]:
-    """``{"hits", "misses", "held_bytes", "limit_bytes"}`` of the output-buffer cache."""
+    """Counters of the output-buffer cache.
+
+    ``hits``/``misses`` (outputs served from a free buffer or freshly allocated), ``evictions`` (free
+    buffers released to stay within the budget), ``held_bytes`` (free buffers kept), ``live_bytes``
+    (buffers of outputs still alive), ``peak_live_bytes`` (largest live set since the last
+    :func:`empty_cache`), ``budget_bytes`` (most live + free bytes allowed: ``WORKLOAD_FACTOR`` x peak)
+    and ``limit_bytes`` (``BATCHNORM_BUFFER_CACHE`` / :func:`set_limit`: a cap on ``held_bytes``).
+    """
     with _CACHE.lock:
-        return {"hits": _CACHE.hits, "misses": _CACHE.misses, "held_bytes": _CACHE.held, "limit_bytes": _CACHE.limit}
+        return {
+            "hits": _CACHE.hits, "misses": _CACHE.misses, "evictions": _CACHE.evictions, "held_bytes": _CACHE.held,
+            "live_bytes": _CACHE.live, "peak_live_bytes": _CACHE.peak, "budget_bytes": _CACHE.budget(),
+            "limit_bytes": _CACHE.limit,
+        }
 
 
 def set_limit(nbytes: int) -> None:
@@ -138,8 +210,7 @@ def set_limit(nbytes: int) -> None:
         raise ValueError(f"set_limit expected a byte count >= 0, got {nbytes}. Pass 0 to disable the cache.")
     with _CACHE.lock:
         _CACHE.limit = int(nbytes)
-    if _CACHE.held > _CACHE.limit:
-        _CACHE.clear()
+        _CACHE._evict_to(_CACHE.limit)
 
 
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
