@@ -38,9 +38,14 @@ _SCRIPT_ALTERNATIVES = (
 )
 
 
+_Proxy = fx.Proxy
+_jit_tracing = torch.jit.is_tracing  # (not torch._C._is_tracing: dynamo would try to put that in its graph)
+_exporting = torch.compiler.is_exporting
+
+
 def active(x: object) -> bool:
-    """True while ``x`` flows through a tracer or exporter that needs the code in this module."""
-    return isinstance(x, fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_exporting()
+    """True while ``x`` flows through a tracer or exporter that needs the code in this module (~0.3 µs eager)."""
+    return isinstance(x, _Proxy) or _jit_tracing() or _exporting()
 
 
 def forward(layer, x, mask):
