@@ -15,6 +15,24 @@ from . import activations as _activations
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+class StateDictShapeError(RuntimeError, ValueError):
+    """A checkpoint tensor's shape does not fit the layer: a RuntimeError like torch's, and a ValueError as before."""
+
+
+def state_shape_error(
+    layer: str, key: str, got: tuple[int, ...], want: tuple[int, ...], num_features: int
+) -> StateDictShapeError:
+    """The error of a wrong-shaped ``load_state_dict`` entry; the caller raises it before loading anything."""
+    if len(got) == 1:
+        fix = f"Build the layer with num_features={got[0]} to load this checkpoint"
+    else:
+        fix = "The checkpoint's entry is not a per-feature vector: check that it was saved from a batch norm layer"
+    return StateDictShapeError(
+        f"{layer}.load_state_dict: '{key}' has shape {got} in the checkpoint but this layer expects {want} "
+        f"(num_features={num_features}). {fix}; nothing was loaded into this layer."
+    )
+
+
 def check_input(x: object, name: str = "BatchNorm") -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} expected a torch.Tensor input, got {type(x).__name__}. Convert it with torch.as_tensor(x).")

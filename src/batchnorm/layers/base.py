@@ -192,11 +192,9 @@ class BatchNorm(_BatchNorm):
             k = prefix + name
             own = getattr(self, name)
             if k in state_dict and own is not None and tuple(state_dict[k].shape) != tuple(own.shape):
-                raise ValueError(
-                    f"{type(self).__name__}.load_state_dict: '{k}' has shape {tuple(state_dict[k].shape)} in the "
-                    f"checkpoint but this layer expects {tuple(own.shape)} (num_features={self.num_features}). "
-                    f"Build the layer with num_features={state_dict[k].shape[0] if state_dict[k].dim() else '?'} "
-                    "to load this checkpoint; nothing was loaded into this layer."
+                # a RuntimeError (as torch's size-mismatch error) and a ValueError; raised before anything is copied
+                raise _checks.state_shape_error(
+                    type(self).__name__, k, tuple(state_dict[k].shape), tuple(own.shape), self.num_features
                 )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

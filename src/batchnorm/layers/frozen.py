@@ -72,10 +72,8 @@ class FrozenBatchNorm(nn.Module):
         for name in ("weight", "bias", "running_mean", "running_var"):
             k = prefix + name
             if k in state_dict and tuple(state_dict[k].shape) != (self.num_features,):
-                raise ValueError(
-                    f"FrozenBatchNorm.load_state_dict: '{k}' has shape {tuple(state_dict[k].shape)} in the "
-                    f"checkpoint but this layer expects ({self.num_features},). Build it with "
-                    f"num_features={state_dict[k].shape[0] if state_dict[k].dim() else '?'}; nothing was loaded."
+                raise _checks.state_shape_error(
+                    "FrozenBatchNorm", k, tuple(state_dict[k].shape), (self.num_features,), self.num_features
                 )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
