@@ -425,3 +425,36 @@ def test_onnx_export_runs_in_onnxruntime(make, shape, dynamo):
     sess = ort.InferenceSession(proto.SerializeToString())
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_fx_quantization_prepare_convert_runs():
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    _, ours = _pair("resnet18_cifar")
+    ours.eval()
+    x = zoo.example_input(batch=2)
+    prepared = prepare_fx(copy.deepcopy(ours), get_default_qconfig_mapping("x86"), (x,))
+    prepared(x)  # calibration
+    quantized = convert_fx(prepared)
+    assert any(isinstance(m, bn.BatchNorm) for m in quantized.modules())  # ours stay float, as leaf calls
+    y, y_float = quantized(x), ours(x)
+    assert (y - y_float).abs().max() < 0.1 * y_float.abs().max() + 1e-3  # int8 round-off, not a different model
+
+
+def test_interop_uninstall_restores_torch_and_install_is_idempotent():
+    from batchnorm.layers import interop
+
+    wrapped = nn.SyncBatchNorm.convert_sync_batchnorm
+    interop.install()  # a second install changes nothing
+    assert nn.SyncBatchNorm.convert_sync_batchnorm == wrapped
+    original_fuse = interop._saved["fuse_conv_bn_eval"]
+    assert torch.nn.utils.fuse_conv_bn_eval is not original_fuse
+    interop.uninstall()
+    try:
+        converted = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(bn.BatchNorm(4, axis=-1)))
+        assert type(converted[0]) is nn.SyncBatchNorm  # torch's behaviour (the wrong layer this module prevents)
+        assert torch.nn.utils.fuse_conv_bn_eval is original_fuse
+    finally:
+        interop.install()
+    assert type(nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(bn.BatchNorm(4, axis=-1)))[0]) is bn.SyncBatchNorm
