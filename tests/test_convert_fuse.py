@@ -159,6 +159,18 @@ class InplaceFirst(Fn):
         return y * 2 + 1
 
 
+class InplaceModuleFirst(Fn):
+    """The same with an nn.ReLU(inplace=True) module called once: it can simply become nn.Identity."""
+
+    def __init__(self):
+        super().__init__(nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        self.act(y)
+        return y * 2 + 1
+
+
 class ReadBefore(Fn):
     """The other use reads the BN output before the in-place activation: not safe."""
 
@@ -220,6 +232,7 @@ PAIR_CASES = [
     ("F.relu6", lambda: Fn(tnf.relu6), [("bn", "fused", "relu6")], None),
     ("torch.tanh", lambda: Fn(torch.tanh), [("bn", "fused", "tanh")], None),
     ("in-place first", InplaceFirst, [("bn", "fused", "relu")], None),
+    ("in-place module first", InplaceModuleFirst, [("bn", "fused", "relu")], None),
     ("nn.GELU(tanh)", lambda: Mod(nn.GELU(approximate="tanh")), [("bn", "skipped", None)], r"not one of the forms"),
     ("F.gelu(tanh)", lambda: Fn(lambda y: tnf.gelu(y, approximate="tanh")), [("bn", "skipped", None)],
      r"approximate='tanh' is not the form the kernels fuse"),
@@ -264,6 +277,29 @@ def test_fuse_keeps_the_original_and_report_flag():
     assert isinstance(fused.act, nn.Identity) and fused.bn.activation == "relu"
     same, records = convert(model, report=True)  # no fusing asked: nothing recorded, activation stays
     assert records == [] and isinstance(same.act, nn.ReLU) and same.bn.activation is None
+
+
+class WithUnused(Fn):
+    """A functional activation (the forward is rewritten) and state the forward never touches."""
+
+    def __init__(self):
+        super().__init__(torch.relu)
+        self.unused_head = nn.Linear(6, 2)
+        self.register_buffer("scale", torch.tensor(3.0))
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+def test_fuse_graph_module_keeps_state_and_modes():
+    torch.manual_seed(0)
+    model = randomize(WithUnused())
+    model.bn.eval()  # a BN frozen in eval inside a training model keeps that mode
+    fused = convert(model, fuse_activations=True)
+    assert isinstance(fused, fx.GraphModule)
+    assert list(fused.state_dict()) and set(fused.state_dict()) == set(model.state_dict())
+    assert torch.equal(fused.unused_head.weight, model.unused_head.weight)
+    assert fused.training and not fused.bn.training and fused.bn.activation == "relu"
 
 
 def test_fuse_skips_layers_that_already_have_an_activation():
