@@ -47,6 +47,10 @@ Example::
     >>> with safety.kernel_guard():    # around each numba kernel call
     ...     pass
 
+Importing this module does not import numba (it only reads numba's state once numba is loaded), so
+:mod:`batchnorm.kernels.dispatch` imports it at package import: the fork hook must be registered in
+the parent before any fork, also when the parent never ran a batchnorm kernel.
+
 Shape: not applicable (process state only).
 
 Reference: numba documentation, "The Threading Layers" (thread and fork safety of ``tbb``, ``omp``,
@@ -61,12 +65,14 @@ import re
 import sys
 import threading
 
-try:
-    from numba.core import config as _config
-    from numba.core.compiler_lock import global_compiler_lock as _compiler_lock
-    from numba.np.ufunc import parallel as _parallel
-except ImportError:  # pragma: no cover - exercised only without numba
-    _config = _compiler_lock = _parallel = None  # type: ignore[assignment]
+# numba is never imported here: this module must be cheap to import at package import time, because its
+# fork hook has to be registered in the parent *before* the fork, whether or not numba was used yet.
+
+
+def _numba_module(name: str):
+    """``sys.modules[name]`` if numba already imported it, else None (nothing numba-side has started then)."""
+    return sys.modules.get(name)
+
 
 #: Layers that may be entered from several threads at once (numba documentation).
 THREAD_SAFE_LAYERS = frozenset({"omp", "tbb"})
@@ -109,9 +115,8 @@ _guard: object = _UNTIL_KNOWN
 
 def threading_layer() -> str | None:
     """The threading layer numba runs its parallel kernels on, or ``None`` before the first one ran."""
-    if _parallel is None:
-        return None
-    return _parallel._threading_layer
+    parallel = _numba_module("numba.np.ufunc.parallel")
+    return getattr(parallel, "_threading_layer", None)
 
 
 def _settle_guard() -> None:
@@ -171,9 +176,11 @@ def _possible_layers() -> set[str]:
     layer = threading_layer()
     if layer is not None:
         return {layer}
-    if _config is None:
-        return set()
-    wanted = str(_config.THREADING_LAYER).lower()
+    config = _numba_module("numba.core.config")
+    if config is not None:
+        wanted = str(config.THREADING_LAYER).lower()
+    else:  # numba not imported yet: what it will read from the environment
+        wanted = os.environ.get("NUMBA_THREADING_LAYER", "default").lower()
     if wanted in ("tbb", "omp", "workqueue"):
         return {wanted}
     if wanted == "safe":
@@ -249,9 +256,10 @@ def _openmp_pool_threads() -> tuple[int, str]:
 
 
 def _compiler_lock_held_elsewhere() -> bool:
-    if _compiler_lock is None:
+    module = _numba_module("numba.core.compiler_lock")
+    lock = getattr(getattr(module, "global_compiler_lock", None), "_lock", None)
+    if lock is None:
         return False
-    lock = _compiler_lock._lock
     if lock.acquire(blocking=False):  # re-entrant: succeeds when free or held by this thread
         lock.release()
         return False
@@ -265,8 +273,6 @@ def fork_verdict() -> str:
     """
     if not _usable:
         return _reason  # a grandchild inherits its parent's hazard
-    if _parallel is None:
-        return ""
     if _compiler_lock_held_elsewhere():
         return "another thread was compiling numba kernels when the process forked (numba's compiler lock stays held in the child)"
     layers = _possible_layers()
