@@ -26,7 +26,7 @@ NAMES = [name for name, _ in run.EXPERIMENTS]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _lab(out: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def _lab(out: Path, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "batchnorm", "lab", *args, "--out", str(out), "--no-progress"],
         capture_output=True, text=True, timeout=timeout,
@@ -91,6 +91,27 @@ def test_every_section_is_complete(quick):
         assert f"## {sec['title']}" in md
         for word in ("Question.", "Setup.", "Answer."):
             assert page.count(word) >= len(NAMES)
+
+
+@pytest.mark.slow
+def test_quick_report_opens_with_the_findings_and_a_smoke_test_banner(quick):
+    out, _ = quick
+    results = _strict_json(out / "results.json")
+    assert results["complete"] is True and results["missing"] == []
+    page = (out / "report.html").read_text(encoding="utf-8")
+    top = page[: page.index("<nav>")]
+    assert "Smoke test (--quick)" in top and "Findings at a glance" in top
+    for seed in ("000", "001", "002", "003", "004"):
+        assert f"(seeds/{seed})" in top
+    for name, sec in results["sections"].items():
+        assert len(sec["finding"]) > 40, name
+        assert f"href='#{name}'" in top, name  # every finding links to its section
+        assert sec["cpu_seconds"] > 0 and sec["seconds"] > 0
+    # one seed: the shared rule resolves nothing, so no comparison may be stated as resolved
+    texts = " ".join(s["answer"] + " " + s["finding"] for s in results["sections"].values())
+    verdicts = re.findall(r"(?:no interval|n = \d+)\) — ([^;.]+)", texts)
+    assert verdicts and all(v.startswith("indistinguishable at this budget") for v in verdicts), verdicts
+    assert "resolved worse" not in texts and "resolved better" not in texts and "resolved smoother on 1" not in texts
 
 
 @pytest.mark.slow

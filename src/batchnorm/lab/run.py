@@ -128,6 +128,18 @@ def _worker_init() -> None:
     # Ctrl-C goes to the whole process group: the parent handles it, workers just get terminated
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     set_threads(THREADS)
+    # a worker whose parent died (killed, not interrupted) must not keep computing for nobody
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(2.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    import threading
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def check_out(out: Path, *, quick: bool) -> str | None:
