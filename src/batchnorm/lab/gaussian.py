@@ -94,7 +94,7 @@ def _probe(model: torch.nn.Module, x: torch.Tensor) -> tuple[dict, dict]:
 
 
 def run(ctx: Context) -> Section:
-    steps = ctx.budget(600, 100)
+    steps = ctx.budget(600, 40)
     checkpoints = sorted({0, steps // 4, steps // 2, steps})
     seeds = ctx.seed_values()
     x, y, xt, yt = data.mnist_digits(seed=0)

@@ -322,8 +322,8 @@ def smooths_at(sweep: dict) -> dict[int, dict[str, object]]:
 
 def run(ctx: Context) -> Section:
     digits = data.mnist_digits()
-    steps = ctx.budget(1000, 120)
-    every = ctx.budget(100, 60)
+    steps = ctx.budget(1000, 100)
+    every = ctx.budget(100, 50)
     seeds = ctx.seed_values()
     runs = {v: [_train_one(ctx, v, s, steps, every, digits) for s in seeds] for v in VARIANTS}
     sweep = depth_sweep(ctx)

@@ -107,7 +107,7 @@ def _inspect_bn(model: torch.nn.Module, x: torch.Tensor, xt: torch.Tensor) -> di
 
 
 def run(ctx: Context) -> Section:
-    epochs = ctx.budget(20, 8)
+    epochs = ctx.budget(20, 4)
     lrs = [0.001, 0.01, 0.1] if not ctx.quick else [0.01, 0.1]
     seeds = ctx.seed_values()
     # acc[ds][key][lr] -> list over seeds; loss likewise; div counts diverged runs
