@@ -79,3 +79,18 @@ def test_fake_impls_give_output_shapes():
         assert y.shape == x.shape
         s1, s2 = torch.ops.batchnorm.backward_reduce(x, x, 1, mean, mean, 3, "identity", 0.01, None, None, False)
         assert s1.shape == s2.shape == (4, 4)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compile_has_no_graph_breaks(training):
+    # issue 12: "torch.compile works with zero graph breaks" -- keep it that way (one graph for the model)
+    from batchnorm import zoo
+
+    model = batchnorm.convert(zoo.BLOCKS["basic_block"][0](), backend="numba").train(training)
+    x = zoo.example_input(8, batch=4, size=6)
+    model(x)  # eager first: kernels compiled outside the traced region
+    explained = torch._dynamo.explain(model)(x)
+    reasons = [b.reason.splitlines()[0] for b in explained.break_reasons]
+    assert explained.graph_break_count == 0, reasons
+    assert explained.graph_count == 1
+
