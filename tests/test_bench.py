@@ -197,3 +197,17 @@ def test_calibrate_prints_a_table_with_every_key_of_the_dispatch_table(capsys, t
     assert all(isinstance(v, int) and v > 0 for v in table.values())
     assert json.loads(out.read_text())["table"] == res["table"]
     assert len(res["ladder"]) == 2 * len(dispatch.CROSSOVER_BYTES)
+
+
+def test_markdown_of_a_saved_run_has_one_line_per_row_and_says_missed(capsys, tmp_path):
+    out = tmp_path / "run.json"
+    assert bench.main(["--sweep", "--rows", "(8, 16);(32, 64)", "--repeats", "1", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    saved["rows"][0].update(ratio=2.0, met=False)  # pretend the first row missed its target
+    out.write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert bench.main(["--markdown", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 + len(saved["rows"])
+    assert "| (8, 16) | 512 B |" in lines[2] and "**missed**" in lines[2] and "2.00" in lines[2]
+    assert all(r["backend"] in lines[2 + i] for i, r in enumerate(saved["rows"]))

@@ -671,6 +671,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true",
                    help="re-measure the crossover points of the dispatch table on this machine, print them in the "
                         "table's format and exit (with --out, also write them as JSON)")
+    p.add_argument("--markdown", default=None, metavar="RUN.json",
+                   help="print the results saved by an earlier --out run as Markdown tables and exit")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed rounds per row (default 15 for shape rows, 7 for whole models; 3 with --quick)")
     p.add_argument("--out", default=None, help="write every result, with all timing samples, as JSON to this path")
@@ -707,6 +709,10 @@ def main(argv: list[str] | None = None) -> int:
             numba.set_num_threads(args.threads)
         except ImportError:  # pragma: no cover - numba is optional
             pass
+    if args.markdown:
+        with open(args.markdown) as fh:
+            print(markdown(json.load(fh)))
+        return 0
     if args.calibrate:
         calibrate(repeats=args.repeats or 7, out=args.out)
         return 0
@@ -835,6 +841,42 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r.get('first_backend', '?'):<18}{'<=1 s' if label == 'cold' else '<=0.3 s':>7}   "
                   f"(import {r['import_s']:.2f} s; {take_s})")
     return _finish(results, args.out)
+
+
+def markdown(results: dict) -> str:
+    """A saved run (the ``--out`` JSON) as Markdown tables: one row per timed row, with the backend and the target.
+
+    Shape: not applicable. Example: ``batchnorm bench --markdown benchmarks/run.json``.
+    """
+    lines = ["| row | size | ours / torch ms | ratio | backend (auto) | target |", "|---|---:|---:|---:|---|---|"]
+    for r in results.get("rows", []):
+        if "skipped" in r:
+            lines.append(f"| {r['row']} | | skipped: {r['skipped']} | | | |")
+        elif "ours_ms" in r:
+            size = _fmt_bytes(r["bytes"]) if r.get("bytes") else ""
+            tgt = r.get("target")
+            met = "" if tgt is None or (r["row"].startswith("fixed") and "auto" not in r["backend"]) else (
+                f"≤ {tgt:g} {'met' if r['met'] else '**missed**'}")
+            ratio = f"**{r['ratio']:.2f}**" if r.get("met") else f"{r['ratio']:.2f}"
+            lines.append(f"| {r['row'].removeprefix('train ')} | {size} | {r['ours_ms']:.3g} / {r['torch_ms']:.3g} | "
+                         f"{ratio} | {r['backend']} | {met} |")
+        elif "fraction" in r:
+            lines.append(f"| {r['row']} | | {r['ours_GBps']:.1f} / {r['copy_GBps']:.1f} GB/s | {r['fraction']:.2f} | "
+                         f"{r['backend']} | ≥ 0.6 {'met' if r['met'] else '**missed**'} |")
+        elif "ours_bytes" in r:
+            lines.append(f"| {r['row']} | | {r['ours_bytes'] / 2**20:.1f} / {r['torch_bytes'] / 2**20:.1f} MB | "
+                         f"{r['ratio']:.3f} | | ≤ 0.5 {'met' if r['met'] else '**missed**'} |")
+    for label, fc in (results.get("first_call") or {}).items():
+        if "error" in fc:
+            lines.append(f"| first call, {label} | | failed | | | |")
+            continue
+        take = fc.get("numba_takeover_s")
+        note = f"numba ready after {take:.0f} s" if take is not None else f"warm-up {fc.get('status', '?')}"
+        tgt = "≤ 1 s" if label == "cold" else "≤ 0.3 s"
+        ok = fc["first_call_s"] <= (1.0 if label == "cold" else 0.3)
+        lines.append(f"| first call in a fresh process, {label} numba cache | | {fc['first_call_s']:.2f} s | | "
+                     f"{fc.get('first_backend', '?')} ({note}) | {tgt} {'met' if ok else '**missed**'} |")
+    return "\n".join(lines)
 
 
 def _finish(results: dict, out: str | None) -> int:
