@@ -684,7 +684,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="';'-separated substrings: run only rows whose name contains one of them, e.g. 'eval;traffic' "
                         "or '(64, 64, 56, 56)'")
     p.add_argument("--no-first-call", action="store_true",
-                   help="skip the cold/warm first-call measurement in fresh processes (it takes up to a minute)")
+                   help="skip the cold/warm first-call measurement in fresh processes (it waits until the numba "
+                        "kernels have compiled in the background: minutes on a busy machine)")
     p.add_argument("--shape", action="append", default=[], metavar="N,C,...",
                    help="add a training-step row for this input shape (repeatable); with --shape only those rows run "
                         "unless --rows is given too. Suffix :cl for channels-last (4-D or 5-D), :last for features "
@@ -825,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
                  rows, model_repeats, {})
     if everything and not args.no_first_call and not args.quick and pick("first call"):
         print(f"\nfirst call in a fresh process, training step of {FIRST_CALL_SHAPE} (cold = empty numba cache)")
-        fc = first_call_times()
+        fc = first_call_times(wait_s=420.0)
         results["first_call"] = fc
         for label in ("cold", "warm"):
             r = fc[label]
