@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -27,15 +28,28 @@ SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 
 
 def _run(code: str, timeout: float = 180.0, **env: str) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter (this checkout first on sys.path); kill it after ``timeout`` s."""
+    """Run ``code`` in a fresh interpreter (this checkout first on sys.path).
+
+    The child leads its own process group; on timeout the whole group is killed, so forked workers
+    that hang (the defect under test) do not outlive the test.
+    """
     full = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]), **env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )
     try:
-        return subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(code)], env=full, capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired as exc:  # subprocess.run kills the child before raising
-        out = (exc.stdout or b"")[-2000:] if isinstance(exc.stdout, bytes) else (exc.stdout or "")[-2000:]
-        pytest.fail(f"the child process did not finish within {timeout} s (hang). Output so far:\n{out}")
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the child process did not finish within {timeout} s (hang). Output so far:\n{out[-2000:]}{err[-2000:]}")
+    finally:
+        try:  # stragglers of a finished child (e.g. workers of a killed pool)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _ok(proc: subprocess.CompletedProcess) -> str:
