@@ -20,7 +20,8 @@ from batchnorm.kernels import torch_ops as T
 
 pytestmark = pytest.mark.skipif("numba" not in dispatch.available(), reason="numba is not installed")
 if "numba" in dispatch.available():
-    from batchnorm.kernels import buffers, cpu
+    from batchnorm.kernels import buffers
+    from batchnorm.kernels.numba import calls as cpu
 
 from test_kernels import LAYOUTS, _close, _make, _mask, every_layout  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Kernel paths: numba kernels against the torch path, fused activations, memory="save", dispatch.
 
-Kernel-level cases compare :mod:`batchnorm.kernels.cpu` with :mod:`batchnorm.kernels.torch_ops`
+Kernel-level cases compare :mod:`batchnorm.kernels.numba` with :mod:`batchnorm.kernels.torch_ops`
 (the reference implementation) for every layout strategy, dtype, mask, ghost grouping and
 activation; layer-level cases compare ``BatchNorm(activation=...)`` with ``torch.nn.BatchNorm*d``
 followed by the activation, on every available backend.
@@ -18,13 +18,14 @@ import batchnorm
 from batchnorm import functional as Fn
 from batchnorm.kernels import dispatch
 from batchnorm.kernels import torch_ops as T
+from batchnorm.kernels.backend import Settings
 
 numba_missing = "numba" not in dispatch.available()
 needs_numba = pytest.mark.skipif(numba_missing, reason="numba is not installed")
 if not numba_missing:
-    from batchnorm.kernels import cpu
+    from batchnorm.kernels.numba import calls as cpu
 
-ACTS = [None, "relu", "leaky_relu", "silu", "gelu", "sigmoid", "tanh"]
+ACTS = [None, "relu", "leaky_relu", "silu", "gelu", "sigmoid", "tanh", "relu6"]
 REF_ACT = {
     None: lambda z: z,
     "identity": lambda z: z,
@@ -34,6 +35,7 @@ REF_ACT = {
     "gelu": F.gelu,
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
+    "relu6": F.relu6,
 }
 
 # (shape, axis, layout, group_size): layout "contig", "cl" (channels-last) or "perm" (a permuted view)
@@ -306,42 +308,44 @@ def test_float32_large_offset_variance(shape, axis, layout):
 
 
 # ------------------------------------------------------------------ dispatch
+S1 = Settings(axis=1)
 DISPATCH_CASES = [
-    # (tensor factory, backend, expected module name)
-    (lambda: torch.randn(64, 64, 16, 16), "auto", "ops"),
-    (lambda: torch.randn(4, 3), "auto", "ops"),  # tiny too: the numba path's overhead is below the torch path's
-    (lambda: torch.randn(4, 3), "numba", "ops"),
-    (lambda: torch.randn(64, 64, 16, 16).half(), "numba", "torch_ops"),  # unsupported dtype
-    (lambda: torch.randn(64, 64, 16, 32)[..., ::2], "numba", "torch_ops"),  # not dense
-    (lambda: torch.randn(64, 64, 16, 16).to(memory_format=torch.channels_last), "auto", "ops"),
-    (lambda: torch.randn(64, 64, 16, 16), "torch", "torch_ops"),
+    # (tensor factory, forced backend, expected backend; numba is warm: BATCHNORM_WARMUP=off in conftest)
+    (lambda: torch.randn(64, 64, 16, 16), "auto", "numba"),  # large: numba beats ATen (cost table)
+    (lambda: torch.randn(4, 3), "auto", "native"),  # tiny plain call: ATen's fixed cost is lowest
+    (lambda: torch.randn(4, 3), "numba", "numba"),
+    (lambda: torch.randn(64, 64, 16, 16).half(), "numba", "composite"),  # unsupported dtype
+    (lambda: torch.randn(64, 64, 16, 32)[..., ::2], "numba", "composite"),  # not dense
+    (lambda: torch.randn(64, 64, 16, 16).to(memory_format=torch.channels_last), "auto", "numba"),
+    (lambda: torch.randn(64, 64, 16, 16), "torch", "composite"),  # the old name is an alias
+    (lambda: torch.randn(64, 64, 16, 16), "native", "native"),
 ]
 
 
 @needs_numba
 @pytest.mark.parametrize("make,backend,expected", DISPATCH_CASES, ids=lambda v: v if isinstance(v, str) else "")
 def test_dispatch_select(make, backend, expected):
-    assert dispatch.select(make(), backend).__name__.rsplit(".", 1)[-1] == expected
+    assert dispatch.select(make(), S1, backend=backend).name == expected
 
 
 @needs_numba
 def test_dispatch_env_variable_and_argument_precedence(monkeypatch):
     x = torch.randn(64, 64, 16, 16)
     monkeypatch.setenv("BATCHNORM_BACKEND", "torch")
-    assert dispatch.select(x).__name__.endswith("torch_ops")
-    assert dispatch.select(x, "numba").__name__.endswith(".ops")
+    assert dispatch.select(x, S1).name == "composite"
+    assert dispatch.select(x, S1, backend="numba").name == "numba"
     monkeypatch.setenv("BATCHNORM_BACKEND", "fast")
     with pytest.raises(ValueError, match="backend must be one of"):
-        dispatch.select(x)
+        dispatch.select(x, S1)
 
 
-def test_available_lists_numba_when_it_imports():
+def test_available_lists_every_backend_that_imports():
     try:
         import numba  # noqa: F401
     except ImportError:
-        assert dispatch.available() == ["torch"]
+        assert dispatch.available() == ["composite", "native"]
     else:
-        assert dispatch.available() == ["torch", "numba"]
+        assert dispatch.available() == ["numba", "composite", "native"]
 
 
 @needs_numba
@@ -367,14 +371,14 @@ def test_eval_apply_keeps_gradients_to_parameters():
 
 
 @needs_numba
-def test_forked_child_after_openmp_launch_takes_torch_path(monkeypatch):
-    # GNU OpenMP aborts a forked child that reuses the parent's pool; the at-fork hook must switch paths
-    batchnorm.BatchNorm(4, backend="numba")(torch.randn(16, 4, 3))  # launches numba's pool
+def test_process_where_numba_is_unsafe_takes_another_backend(monkeypatch):
+    # a forked child where numba's parallel kernels could hang (kernels/safety.py decides) never selects numba
+    from batchnorm.kernels import safety
+
     x = torch.randn(64, 64, 16, 16)
-    monkeypatch.setattr(dispatch, "_numba_usable_here", True)
-    dispatch._after_fork_in_child()
-    expected = "torch_ops" if cpu.fork_unsafe() else "ops"
-    assert dispatch.select(x, "numba").__name__.rsplit(".", 1)[-1] == expected
+    monkeypatch.setattr(safety, "numba_usable", lambda: False)
+    assert dispatch.select(x, S1, backend="numba").name == "composite"
+    assert dispatch.select(x, S1).name == "native"
 
 
 class _FixedCorrection(Fn.Combine):

@@ -70,6 +70,12 @@ def normalize_axis(axis: int, ndim: int, shape: tuple[int, ...] | None = None) -
 
 
 def check_features(x: torch.Tensor, axis: int, num_features: int, name: str = "BatchNorm") -> None:
+    if x.shape[axis] == 0:  # never suggest num_features=0: the constructor refuses it
+        raise ValueError(
+            f"{name} expected {num_features} features along axis {axis}, got input of shape {tuple(x.shape)} "
+            "with 0 there: an input needs at least one feature. Check what feeds this layer (an empty slice or a "
+            "wrong reshape), or pass axis= pointing at the feature axis (e.g. axis=-1 for (N, L, C) input)."
+        )
     if x.shape[axis] != num_features:
         raise ValueError(
             f"{name} expected {num_features} features along axis {axis}, got input of shape {tuple(x.shape)} "

@@ -73,13 +73,16 @@ BACKENDS = ("auto", "numba", "composite", "native", "torch")
 _ALIASES = {"torch": "composite"}
 
 #: Bytes of ``x`` at which numba becomes cheaper than native, per (mode, layout); see the module docstring.
-#: Measured on the 2-core development VM (torch 2.13.0, 2 threads) with ``batchnorm bench --calibrate``,
-#: 2026-12-02: ratios of medians of alternating runs (noisy machine: ±30 %, crossovers rounded to a power of 2).
+#: Provisional values (2026-12-02), read off the side-by-side rows of ``batchnorm bench`` in the README
+#: (``benchmarks/run-2026-12-01*.json``: ours-on-numba vs torch's BatchNorm, i.e. ATen = native): training
+#: (256, 1024) = 1 MiB ran at 2.1x and (512, 2048) = 4 MiB at 0.80x (inner); (32, 64, 8, 8) = 0.5 MiB at 1.24x
+#: and (128, 512, 7, 7) = 12 MiB at 0.49x (outer). A direct calibration run on this VM was too noisy to use
+#: (load average > 10 from concurrent jobs). ``batchnorm bench --calibrate`` re-measures and prints this dict.
 CROSSOVER_BYTES: dict[tuple[str, str], int] = {
-    ("train", "inner"): 1 << 20,
-    ("train", "outer"): 256 << 10,
+    ("train", "inner"): 4 << 20,
+    ("train", "outer"): 1 << 20,
     ("eval", "inner"): 1 << 20,
-    ("eval", "outer"): 256 << 10,
+    ("eval", "outer"): 512 << 10,
 }
 
 _HAS_NUMBA = importlib.util.find_spec("numba") is not None

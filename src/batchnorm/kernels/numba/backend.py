@@ -1,6 +1,6 @@
 """The numba backend: :class:`batchnorm.kernels.backend.Backend` over the CPU kernels.
 
-Every call goes through :mod:`batchnorm.kernels.ops` (eager: straight into the njit kernels;
+Every call goes through :mod:`.ops` (eager: straight into the njit kernels;
 under ``torch.compile``: the registered custom ops) inside :func:`batchnorm.kernels.safety.kernel_guard`
 (serializes kernel launches while numba's threading layer is not known to be thread-safe). Where the
 kernels cannot take a tensor (odd strides, other dtypes/devices) a sequence falls back to the shared
@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import cpu as _cpu
-from .. import ops as _ops
 from .. import safety
 from ..backend import Backend, Settings
+from . import ops as _ops
+from .plans import supports as _supports
 
 _guard = safety.kernel_guard
 
@@ -39,7 +39,7 @@ class NumbaBackend(Backend):
 
     def supports(self, x: torch.Tensor, s: Settings | None = None) -> bool:
         """CPU, float32/float64, memory dense in some dimension order, not empty."""
-        return _cpu.supports(x)
+        return _supports(x)
 
     # -- primitives ------------------------------------------------------------------------
     def reduce(self, x, s: Settings, m):

@@ -7,7 +7,7 @@ has an autograd formula. The training path differentiates through
 :class:`batchnorm.functional._TrainNorm`, whose forward and backward call these ops.
 
 This module has the same four functions as :mod:`batchnorm.kernels.torch_ops` and
-:mod:`batchnorm.kernels.cpu` (``reduce``, ``apply``, ``backward_reduce``, ``backward_apply``); it is
+:mod:`batchnorm.kernels.numba.calls` (``reduce``, ``apply``, ``backward_reduce``, ``backward_apply``); it is
 what :func:`batchnorm.kernels.dispatch.select` returns for the numba path. It also offers the numba
 path's one-call sequences for plain batch norm (``train_forward``, ``train_backward``,
 ``eval_forward``) and its
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu
-from . import torch_ops as _t
+from .. import torch_ops as _t
+from . import calls as cpu
 
 _LIB = "batchnorm"
 
