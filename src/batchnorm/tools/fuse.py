@@ -14,7 +14,7 @@ from .. import activations as _activations
 from ..layers.base import BatchNorm
 from .convert import is_bn_like
 
-__all__ = ["FuseRecord", "fuse_activations"]
+__all__ = ["FuseRecord"]  # the entry point is convert(..., fuse_activations=True)
 
 
 @dataclass
