@@ -302,6 +302,18 @@ def test_fuse_graph_module_keeps_state_and_modes():
     assert fused.training and not fused.bn.training and fused.bn.activation == "relu"
 
 
+def test_fuse_a_model_of_ours_that_has_already_run():
+    # our layer caches its checked settings after a forward: the fused activation must still take effect
+    torch.manual_seed(0)
+    ours = convert(randomize(Mod(nn.SiLU())))
+    x = torch.randn(4, 3, 8, 8)
+    for training in (True, False):
+        ours.train(training)(x)
+        fused = convert(ours, fuse_activations=True)
+        assert fused.bn.activation == "silu" and isinstance(fused.act, nn.Identity)
+        assert rel(run(fused, x, training)[0], run(ours, x, training)[0]) < 1e-5
+
+
 def test_fuse_skips_layers_that_already_have_an_activation():
     model = Mod(nn.ReLU())
     model.bn = BatchNorm(6, activation="tanh")
