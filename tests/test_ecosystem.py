@@ -300,12 +300,17 @@ def test_fx_trace_passes_a_mask_through():
     assert "mask" in node.kwargs
 
 
-def test_fx_trace_of_frozen_and_affine_layers():
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), bn.FrozenBatchNorm(4), bn.AffineOnly(4))
-    gm = torch.fx.symbolic_trace(model)
-    assert [n.op for n in gm.graph.nodes].count("call_module") == 3
-    x = torch.randn(2, 3, 4, 4)
-    torch.testing.assert_close(gm(x), model(x))
+def test_fx_trace_of_every_layer_kind():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), bn.FrozenBatchNorm(4), bn.AffineOnly(4), bn.GhostBatchNorm(4, virtual_batch_size=2),
+        bn.BatchRenorm(4), bn.SyncBatchNorm(4),
+    )
+    twin = copy.deepcopy(model)
+    gm = torch.fx.symbolic_trace(twin)
+    assert [n.op for n in gm.graph.nodes].count("call_module") == 6
+    x = torch.randn(4, 3, 4, 4)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(twin[3].running_var, model[3].running_var)
 
 
 def _jit_trace(model, x):
