@@ -51,7 +51,7 @@ from .. import activations as _activations
 from .backend import Settings
 from .composite import CompositeBackend
 
-_PARAM_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
 def viewable(x: torch.Tensor, axis: int) -> bool:
@@ -106,17 +106,23 @@ class NativeBackend(CompositeBackend):
                 finite = True
             elif dev == "cpu":
                 f = momentum if momentum is not None else 1.0 / (int(nbt) + 1)
-                rma, rva = rm.numpy(), rv.numpy()
-                old_m, old_v = rma.copy(), rva.copy()
+                # the snapshot: NumPy copies of the (C,) buffers cost less than torch's clone (bfloat16: clone)
+                npy = rm.dtype in _NUMPY_DTYPES
+                old_m, old_v = (rm.numpy().copy(), rv.numpy().copy()) if npy else (rm.clone(), rv.clone())
                 y, mean, invstd = torch.native_batch_norm(xv, weight, bias, rm, rv, True, f, s.eps)
+                if mean.dtype not in _NUMPY_DTYPES:
+                    mean, invstd = mean.float(), invstd.float()
                 ma, ia = mean.detach().numpy(), invstd.detach().numpy()
-                finite = bool(np.isfinite(ma).all() and (ia > 0).all())
+                finite = bool(np.isfinite(ma).all() and (ia > 0).all())  # NaN/Inf mean; 1/σ NaN or 0 (overflow)
                 if finite:
                     if nbt is not None:
                         nbt.add_(1)
+                elif npy:
+                    np.copyto(rm.numpy(), old_m)
+                    np.copyto(rv.numpy(), old_v)
                 else:
-                    np.copyto(rma, old_m)
-                    np.copyto(rva, old_v)
+                    rm.copy_(old_m)
+                    rv.copy_(old_v)
             else:
                 f = momentum if momentum is not None else 1.0 / (int(nbt) + 1)
                 old_m, old_v = rm.clone(), rv.clone()
