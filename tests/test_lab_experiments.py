@@ -136,6 +136,22 @@ def test_smooths_at_uses_the_paired_rule(bn_vals, plain_vals, smoother, lower, h
     assert (got["smoother"], got["lower"], got["higher"]) == (smoother, lower, higher)
 
 
+@pytest.mark.parametrize(
+    "bn_by_depth, expected_from, expected_lower, expected_higher",
+    [({2: 3.0, 8: 1.0, 25: 1.0}, 8, [8, 25], [2]),      # higher at 2, lower from 8 on
+     ({2: 1.0, 8: 3.0, 25: 1.0}, 25, [2, 25], [8]),     # only the deepest stays lower
+     ({2: 1.0, 8: 1.0, 25: 3.0}, None, [2, 8], [25])],  # the deepest is higher: never separates lower
+)
+def test_separation_depth(bn_by_depth, expected_from, expected_lower, expected_higher):
+    runs = {}
+    for d, level in bn_by_depth.items():
+        runs[f"{d}-bn"] = {k: [level, level * 1.05, level * 0.95] for k in ("ics_l2", "loss_range", "grad_pred", "beta")}
+        runs[f"{d}-plain"] = {k: [2.0, 2.1, 1.9] for k in ("ics_l2", "loss_range", "grad_pred", "beta")}
+    sep = ics.separation({"depths": sorted(bn_by_depth), "runs": runs})
+    for k, _ in ics.LAND_MEASURES:
+        assert sep[k] == {"lower": expected_lower, "higher": expected_higher, "from": expected_from}
+
+
 @pytest.mark.parametrize("window", [1, 3, 50])
 def test_running_mean_against_a_loop(window):
     v = np.arange(12, dtype=float).reshape(6, 2) ** 2

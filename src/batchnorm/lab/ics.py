@@ -320,6 +320,28 @@ def smooths_at(sweep: dict) -> dict[int, dict[str, object]]:
     return out
 
 
+def separation(sweep: dict, smooth: dict | None = None) -> dict[str, dict[str, object]]:
+    """Per landscape measure: depths where BN is resolved lower / higher, and the depth from which it stays lower.
+
+    ``from`` is the smallest swept depth d such that BN is resolved lower at d and at every deeper swept depth
+    (None if the deepest is not resolved lower). Example: lower at 8, 16, 25 of (2, 4, 8, 16, 25) gives ``from = 8``.
+    """
+    smooth = smooth or smooths_at(sweep)
+    depths = list(sweep["depths"])
+    out: dict[str, dict[str, object]] = {}
+    for k, _ in LAND_MEASURES:
+        signs = [smooth[d]["cmp"][k].sign for d in depths]
+        start = None
+        for d, sgn in zip(reversed(depths), reversed(signs)):
+            if sgn < 0:
+                start = d
+            else:
+                break
+        out[k] = {"lower": [d for d, sg in zip(depths, signs) if sg < 0],
+                  "higher": [d for d, sg in zip(depths, signs) if sg > 0], "from": start}
+    return out
+
+
 def run(ctx: Context) -> Section:
     digits = data.mnist_digits()
     steps = ctx.budget(1000, 100)
@@ -398,18 +420,29 @@ def run(ctx: Context) -> Section:
     smoother_depths = [d for d in sweep["depths"] if smooth[d]["smoother"]]
     rougher_depths = [d for d in sweep["depths"] if smooth[d]["higher"] >= 2 and smooth[d]["lower"] == 0]
 
-    if smoother_depths:
-        depth_text = (f"On deep linear networks BN smooths the landscape (≥ 2 of 3 measures resolved lower, none higher) "
-                      f"at depth(s) {', '.join(map(str, smoother_depths))} of {', '.join(map(str, sweep['depths']))}")
-    else:
-        depth_text = (f"On deep linear networks BN's landscape measures are not resolved lower at any depth of "
-                      f"{', '.join(map(str, sweep['depths']))}")
-    if rougher_depths:
-        depth_text += f"; they are resolved higher (rougher) at depth(s) {', '.join(map(str, rougher_depths))}"
+    sep = separation(sweep, smooth)
+    depths_all = ", ".join(map(str, sweep["depths"]))
+    per_measure = []
+    for k, label in LAND_MEASURES:
+        r = sep[k]
+        bit = f"{label}: lower with BN at depth(s) {', '.join(map(str, r['lower'])) or 'none'}"
+        if r["higher"]:
+            bit += f", higher at {', '.join(map(str, r['higher']))}"
+        if r["from"] is not None:
+            bit += f" (separates from depth {r['from']} on)"
+        per_measure.append(bit)
+    depth_text = (
+        f"Deep linear networks, depths {depths_all}, BN vs no BN paired by seed: " + "; ".join(per_measure) + ". "
+        + (f"By the rule '≥ 2 of 3 measures resolved lower, none higher', BN smooths the landscape at depth(s) "
+           f"{', '.join(map(str, smoother_depths))}." if smoother_depths else
+           "By the rule '≥ 2 of 3 measures resolved lower, none higher', BN smooths the landscape at no depth here.")
+        + (f" Resolved rougher (≥ 2 higher, none lower) at depth(s) {', '.join(map(str, rougher_depths))}."
+           if rougher_depths else "")
+    )
     deepest = sweep["depths"][-1]
     dd = smooth[deepest]
-    depth_text += (f". At depth {deepest}: " + "; ".join(f"{label}: {dd['cmp'][k].text('.3g')}"
-                                                        for k, label in LAND_MEASURES) + ".")
+    depth_text += (f" At depth {deepest}: " + "; ".join(f"{label}: {dd['cmp'][k].text('.3g')}"
+                                                       for k, label in LAND_MEASURES) + ".")
 
     answer = "\n\n".join([
         f"Speed (Ioffe & Szegedy's Figure 1 net): {speed_text(metrics, speed, steps)} Final test accuracy after "
@@ -433,10 +466,12 @@ def run(ctx: Context) -> Section:
         f"{_reached_pm(metrics['no BN']['steps_to_target'], steps)}; noisy BN ended at "
         f"{pm(metrics['noisy BN']['final_acc'], '.1f', '%')} vs BN {pm(metrics['BN']['final_acc'], '.1f', '%')} "
         f"({noisy.verdict()})"
-        + (", so stable layer inputs are not what helps" if noisy.informative and noisy.sign == 0 else "")
-        + f". BN's landscape is resolved smoother on {n_land_lower} of 3 measures on the sigmoid MLP, and on deep "
-        f"linear nets at depth(s) {', '.join(map(str, smoother_depths)) if smoother_depths else 'none'} of "
-        f"{', '.join(map(str, sweep['depths']))}."
+        + (" although its inputs move far more" if noisy.informative and noisy.sign == 0 else "")
+        + f". The landscape is resolved smoother with BN on {n_land_lower} of 3 measures on the sigmoid MLP; on deep "
+        "linear nets (depths " + depths_all + ") "
+        + "; ".join(f"{label} {'separates (BN lower) from depth ' + str(sep[k]['from']) + ' on' if sep[k]['from'] else 'never separates lower'}"
+                    for k, label in LAND_MEASURES)
+        + "."
     )
     results = {
         "steps": steps,
@@ -445,6 +480,7 @@ def run(ctx: Context) -> Section:
         "depth_sweep": {k: v for k, v in sweep.items()},
         "smoother_depths": smoother_depths,
         "rougher_depths": rougher_depths,
+        "separation": sep,
     }
     return Section(
         name=NAME, title=TITLE, question=QUESTION,
