@@ -91,10 +91,15 @@ def test_fixed_cost_row_has_every_backend_and_auto():
     assert row.backend() in dispatch.available()  # what "auto" chose for the tiny batch
 
 
+def test_side_by_side_adds_rounds_for_cheap_rows_up_to_its_cap():
+    s = bench.side_by_side({"a": lambda: None, "b": lambda: None}, repeats=3, min_time=10.0)
+    assert len(s["a"]) == len(s["b"]) == 200
+
+
 def test_side_by_side_rotates_and_returns_one_sample_per_round():
     order = []
     fns = {k: (lambda k=k: order.append(k)) for k in "abc"}
-    s = bench.side_by_side(fns, repeats=3, warmup=0, budget=0.0)
+    s = bench.side_by_side(fns, repeats=3, warmup=0, budget=0.0, min_time=0)
     assert {k: len(v) for k, v in s.items()} == {"a": 3, "b": 3, "c": 3}
     timed = order[3:]  # the first three calls measure one call each to size the rounds
     assert timed == list("abcbcacab")

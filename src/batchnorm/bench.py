@@ -63,17 +63,24 @@ def _time(fn: Fn, number: int) -> float:
     return (time.perf_counter() - t) / number
 
 
-def side_by_side(fns: dict[str, Fn], repeats: int, warmup: int = 2, budget: float = 0.05) -> dict[str, list[float]]:
+def side_by_side(fns: dict[str, Fn], repeats: int, warmup: int = 2, budget: float = 0.005,
+                 min_time: float = 1.0) -> dict[str, list[float]]:
     """Time the contenders alternately; return ``{name: [seconds per call, one per round]}``.
 
-    Rule: ``warmup`` untimed calls of each contender, then ``repeats`` rounds; in round ``r`` the
-    contenders take turns starting with the ``r``-th (so none always runs first after another), and
-    each turn times ``number`` calls, ``number`` chosen once so a turn of the fastest contender lasts
-    about ``budget`` seconds (1 to 50 calls). Report medians of the lists.
+    Rule: ``warmup`` untimed calls of each contender, then rounds; in round ``r`` the contenders take
+    turns starting with the ``r``-th (so none always runs first after another), and each turn times
+    ``number`` calls, chosen once so a turn of the fastest contender lasts about ``budget`` seconds
+    (1 to 50 calls). There are at least ``repeats`` rounds, more for cheap rows (up to 200, until the
+    rounds take about ``min_time`` seconds). Report medians of the lists.
+
+    Why short turns and many rounds: on a shared machine a process is descheduled now and then
+    for tens or hundreds of milliseconds (worse with OpenMP teams waiting at a barrier for a
+    descheduled thread). A long turn almost always contains such a stall, a short one mostly does
+    not, so the median over many short turns measures the call, not the neighbours.
 
     Shape: any callables. Example::
 
-        >>> s = side_by_side({"a": lambda: None, "b": lambda: None}, repeats=3)
+        >>> s = side_by_side({"a": lambda: None, "b": lambda: None}, repeats=3, min_time=0)
         >>> sorted(s), len(s["a"])
         (['a', 'b'], 3)
 
@@ -85,8 +92,10 @@ def side_by_side(fns: dict[str, Fn], repeats: int, warmup: int = 2, budget: floa
             fn()
     once = min(_time(fn, 1) for fn in fns.values())
     number = max(1, min(50, int(budget / max(once, 1e-6))))
+    per_round = sum(_time(fn, 1) for fn in fns.values()) * number if min_time > 0 else 0.0
+    rounds = max(repeats, min(200, int(min_time / per_round))) if per_round > 0 else repeats
     samples: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(repeats):
+    for r in range(rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
             samples[name].append(_time(fns[name], number))
