@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{name} must be at least 1, got {value}")
     if not a.lr > 0:
         p.error(f"--lr must be a positive number, got {a.lr}")
+    from .lab.run import set_threads
+
+    set_threads(1)  # tiny models: one thread is fastest and gives the same numbers on any machine (as in the lab)
     x, y, xt, yt = mnist1d()
     ctx = Context(seeds=1, seed=a.seed)
     start = time.perf_counter()
