@@ -566,6 +566,8 @@ def _figure2(runs) -> Figure:
 
 
 def _figure3(sweep) -> Figure:
+    from matplotlib.ticker import NullFormatter
+
     fig, axes = subplots(1, 4, figsize=(15, 3.4))
     keys = [("ics_l2", "ICS ‖G − G′‖")] + list(LAND_MEASURES)
     depths = np.asarray(sweep["depths"], dtype=float)
@@ -578,6 +580,7 @@ def _figure3(sweep) -> Figure:
                         label="BN" if bn else "no BN")
         ax.set_xscale("log")
         ax.set_xticks(depths, [str(int(d)) for d in depths])
+        ax.xaxis.set_minor_formatter(NullFormatter())  # only the swept depths are labelled
         ax.set_yscale("log")
         ax.set_xlabel("depth (linear layers)")
         ax.set_ylabel(label)

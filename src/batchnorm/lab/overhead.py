@@ -234,5 +234,5 @@ def run(ctx: Context) -> Section:
                  "infer_ratio": {k: float(np.mean(v)) for k, v in ratio_i.items()},
                  "ours_vs_torch_train": [c_vs.diff, c_vs.half, c_vs.resolved],
                  "fold_max_abs_error": max(fold_err)},
-        notes=["Ours runs the numba CPU kernels where the dispatcher picks them (backend 'auto')."],
+        notes=["Ours is the public layer with backend 'auto': the dispatcher picks the kernel, as it does for users."],
     )
