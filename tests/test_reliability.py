@@ -453,6 +453,34 @@ def test_workqueue_layer_is_fork_safe_even_with_an_openmp_pool():
     assert eval(out.strip()) == (True, "")
 
 
+_LOCK_HELD_AT_FORK = """
+    import os, threading, time
+    from batchnorm.kernels import safety
+    held, release = threading.Event(), threading.Event()
+    def hold():
+        with safety.kernel_guard():  # a thread of the parent is inside a guarded kernel call at fork time
+            held.set()
+            release.wait(30)
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(30)
+    pid = os.fork()
+    if pid == 0:
+        with safety.kernel_guard():  # the child's guard must not be the lock that thread holds
+            os._exit(0)
+    release.set()
+    t.join()
+    _, status = os.waitpid(pid, 0)
+    print(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_guard_held_by_a_parent_thread_at_fork_does_not_block_the_child():
+    out = _ok(_run(_LOCK_HELD_AT_FORK, timeout=60, NUMBA_THREADING_LAYER="workqueue"))
+    assert out.strip() == "0"
+
+
 def test_guard_and_status_in_this_process():
     assert safety.numba_usable() and safety.reason() == ""
     with safety.kernel_guard():
