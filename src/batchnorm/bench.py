@@ -591,6 +591,7 @@ def calibrate(repeats: int = 7, out: str | None = None, sizes: tuple[int, ...] =
         raise SystemExit("batchnorm bench --calibrate: the numba kernels did not become ready within 600 s "
                          f"(status {dispatch.warm_up_status()!r}).")
     waited = time.perf_counter() - waited
+    time.sleep(2.0)  # as in main(): let the warm-up wind down before timing
     print(f"batchnorm bench --calibrate: native vs numba, {repeats} rounds per size, medians "
           f"(numba ready after {waited:.1f} s); ratio = numba / native")
     result: dict = {"machine": _machine(), "repeats": repeats, "ladder": [], "table": {}}
@@ -731,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(dispatch, "wait_ready"):  # time the steady state: numba compiled (or loaded from its cache)
         t = time.perf_counter()
         ready = dispatch.wait_ready(600)
+        time.sleep(2.0)  # the warm-up's helper process and thread wind down (calls right after are disturbed)
         print(f"numba kernels {'ready' if ready else 'NOT ready: ' + dispatch.warm_up_status()} after "
               f"{time.perf_counter() - t:.1f} s of waiting")
     repeats = args.repeats or (3 if args.quick else 15)
