@@ -5,6 +5,8 @@ Kept small: compiling is slow on 2 cores (the module runs one compile for train 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -94,3 +96,38 @@ def test_compile_has_no_graph_breaks(training):
     assert explained.graph_break_count == 0, reasons
     assert explained.graph_count == 1
 
+
+
+def _compiled_targets(model, x, no_breaks=True):
+    explained = torch._dynamo.explain(model)(x)
+    if no_breaks:
+        assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]
+    return {str(getattr(n.target, "__name__", n.target)) for g in explained.graphs for n in g.graph.nodes
+            if n.op == "call_function"}
+
+
+def test_compile_lowers_plain_layers_to_aten_and_keeps_the_non_finite_guard():
+    # issue 12 item 6: plain layers on the automatic backend compile like torch's BN (ATen batch_norm)
+    from batchnorm import zoo
+
+    ref = zoo.BLOCKS["basic_block"][0]()
+    ours = batchnorm.convert(ref)
+    x = zoo.example_input(8, batch=4, size=6)
+    assert "batch_norm" in _compiled_targets(copy.deepcopy(ours), x)
+    compiled = torch.compile(ours)
+    y, y_ref = compiled(x), ref(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.bn1.running_var, ref.bn1.running_var)
+    assert int(ours.bn1.num_batches_tracked) == 1
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    before = ours.bn1.running_mean.clone()
+    compiled(bad)
+    assert torch.equal(ours.bn1.running_mean, before) and int(ours.bn1.num_batches_tracked) == 1
+
+
+def test_compile_kernels_env_keeps_our_ops(monkeypatch):
+    monkeypatch.setenv("BATCHNORM_COMPILE", "kernels")
+    model = batchnorm.convert(_model(), backend=None)  # automatic backend: would lower without the variable
+    targets = _compiled_targets(model, torch.randn(4, 3, 6, 6), no_breaks=False)  # (breaks: see the test above)
+    assert "batch_norm" not in targets

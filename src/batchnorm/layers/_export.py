@@ -15,6 +15,10 @@ and the ONNX exporters cannot run or translate them. So, only while tracing:
   so the exported program holds standard ATen ops (an ONNX ``BatchNormalization``); training-mode
   layers keep the custom ops, which export exactly.
 
+* ``torch.compile`` — plain layers (no mask, ghost batches or renorm; ``memory="default"``; backend
+  not forced; ``momentum`` not None) lower the same way, with the non-finite guard done in-graph:
+  inductor then compiles them as fast as torch's own BN (``BATCHNORM_COMPILE=kernels`` keeps our ops).
+
 ``torch.jit.script`` is refused with one clear error (see :meth:`BatchNorm.__prepare_scriptable__`).
 
 The lowered training path follows ``torch.nn.BatchNorm*d`` exactly (including its momentum=None
@@ -23,6 +27,8 @@ with non-finite statistics — a traced training graph behaves as torch's BN the
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import fx
@@ -43,18 +49,41 @@ _jit_tracing = torch.jit.is_tracing  # (not torch._C._is_tracing: dynamo would t
 _exporting = torch.compiler.is_exporting
 
 
+_compiling = torch.compiler.is_compiling
+
+
 def active(x: object) -> bool:
-    """True while ``x`` flows through a tracer or exporter that needs the code in this module (~0.3 µs eager)."""
+    """True while ``x`` flows through a tracer, exporter or compiler that this module handles (< 1 µs eager)."""
+    return isinstance(x, _Proxy) or _jit_tracing() or _compiling() or _exporting()
+
+
+def tracing(x: object) -> bool:
+    """:func:`active` without plain ``torch.compile`` (fx, jit.trace, export): input checks must be skipped."""
     return isinstance(x, _Proxy) or _jit_tracing() or _exporting()
 
 
+def _compile_lowers(layer) -> bool:
+    """Under torch.compile, plain layers on the automatic backend lower to ATen (``BATCHNORM_COMPILE=kernels``: never).
+
+    Why: inductor compiles ATen's batch norm as fast as for torch's own BN, while tracing our kernel glue and
+    custom ops costs extra compile time (issue 12 item 6; docs/ecosystem.md). A forced backend is respected.
+    """
+    if os.environ.get("BATCHNORM_COMPILE", "") == "kernels" or getattr(layer, "memory", "default") != "default":
+        return False
+    return getattr(layer, "backend", None) in (None, "auto") and os.environ.get("BATCHNORM_BACKEND", "") in ("", "auto")
+
+
 def forward(layer, x, mask):
-    """The traced/exported forward of a BatchNorm-family ``layer``, or None for "run the eager path"."""
+    """The traced/exported/compiled forward of a BatchNorm-family ``layer``, or None for "run the eager path"."""
     if isinstance(x, fx.Proxy):
         return fx_leaf(layer, x, mask)
     uses_batch = layer.training or layer.running_mean is None or layer.running_var is None
     jit = torch.jit.is_tracing()
     why = _not_lowerable(layer, x, mask, uses_batch)
+    if not jit and not _exporting():  # torch.compile
+        if why or not _compile_lowers(layer) or (layer.training and layer.momentum is None):
+            return None  # our custom ops (cumulative momentum would need a host read of num_batches_tracked)
+        return lowered(layer, x, uses_batch, guard=True)
     if not jit:  # torch.export: lower eval-mode layers only; the custom ops export every case exactly
         return None if (uses_batch or why) else lowered(layer, x, uses_batch)
     if why:
@@ -92,8 +121,12 @@ def _not_lowerable(layer, x, mask, uses_batch: bool) -> str | None:
     return None
 
 
-def lowered(layer, x: torch.Tensor, uses_batch: bool) -> torch.Tensor:
-    """``act(batch_norm(x))`` with ATen's batch norm on a view whose feature axis is 1 (torch's rules)."""
+def lowered(layer, x: torch.Tensor, uses_batch: bool, guard: bool = False) -> torch.Tensor:
+    """``act(batch_norm(x))`` with ATen's batch norm on a view whose feature axis is 1 (torch's rules).
+
+    ``guard``: a training update whose new running estimates are not finite is undone in-graph (no host
+    read, so no warning): the README's "a non-finite batch never updates the running estimates".
+    """
     name = type(layer).__name__
     if x.dim() < 2:
         _checks.check_input(x, name)  # the usual error for a 0-D/1-D input
@@ -103,7 +136,11 @@ def lowered(layer, x: torch.Tensor, uses_batch: bool) -> torch.Tensor:
     update = uses_batch and layer.training and layer.track_running_stats and rm is not None
     update = update and layer.num_batches_tracked is not None
     factor = 0.0
-    if update:  # as torch.nn.BatchNorm*d.forward
+    guard = guard and update
+    if guard:  # ATen updates copies (its backward saves them); the buffers take them only if finite
+        buffers, rm, rv = (rm, rv), rm.clone(), rv.clone()
+        factor = float(layer.momentum)
+    elif update:  # as torch.nn.BatchNorm*d.forward
         layer.num_batches_tracked.add_(1)
         factor = 1.0 / float(layer.num_batches_tracked) if layer.momentum is None else float(layer.momentum)
     keep = not uses_batch or update  # batch statistics without updates: ATen gets no running buffers
@@ -113,6 +150,11 @@ def lowered(layer, x: torch.Tensor, uses_batch: bool) -> torch.Tensor:
         xt.float() if low else xt, rm if keep else None, rv if keep else None, layer.weight, layer.bias,
         uses_batch, factor, layer.eps,
     )
+    if guard:
+        ok = torch.isfinite(rm).all() & torch.isfinite(rv).all()
+        buffers[0].copy_(torch.where(ok, rm, buffers[0]))
+        buffers[1].copy_(torch.where(ok, rv, buffers[1]))
+        layer.num_batches_tracked.add_(ok.to(layer.num_batches_tracked.dtype))
     if low:
         y = y.to(xt.dtype)
     if axis != 1:

@@ -88,7 +88,7 @@ class GhostBatchNorm(BatchNorm):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Normalize ``x``; in training each virtual batch uses its own statistics (see the class docstring)."""
-        if _export.active(x):  # fx/jit/export: BatchNorm.forward decides (no checks on Proxies)
+        if _export.tracing(x):  # fx/jit/export: BatchNorm.forward decides (no checks on Proxies)
             return super().forward(x, mask)
         x = _checks.check_input(x, "GhostBatchNorm")
         axis = _checks.normalize_axis(self.axis, x.dim(), x.shape)
