@@ -65,6 +65,9 @@ import threading
 
 import torch
 
+# safety is imported here, not with the numba backend: its fork hook must be registered before any fork, also
+# when this process never ran a numba kernel (safety never imports numba itself)
+from . import safety as _safety
 from .backend import Backend, Settings
 from .composite import COMPOSITE
 from .native import NATIVE, params_ok, viewable
@@ -91,7 +94,6 @@ _status = "cold" if _HAS_NUMBA else "absent"  # cold → warming → ready (or f
 _numba: Backend | None = None  # the numba backend object once imported
 _ready = threading.Event()
 _error: BaseException | None = None
-_safety = None  # batchnorm.kernels.safety once the numba backend is loaded
 
 
 def available() -> list[str]:
@@ -123,11 +125,8 @@ def _canonical(backend: str | None) -> str:
 def _load_numba() -> Backend:
     global _numba
     if _numba is None:
-        global _safety
-        from . import safety
         from .numba import NUMBA
 
-        _safety = safety
         _numba = NUMBA
     return _numba
 
