@@ -629,7 +629,13 @@ def _machine() -> dict:
 
     return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "backends": dispatch.available(),
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "env": {k: os.environ[k] for k in _ENV_KEYS if k in os.environ}}
+
+
+#: Environment variables that change the timings; recorded with every run.
+_ENV_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER",
+             "BATCHNORM_BACKEND", "BATCHNORM_WARMUP", "BATCHNORM_BUFFER_CACHE")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -751,7 +757,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"batchnorm bench: torch {torch.__version__}, {torch.get_num_threads()} threads, backends "
           f"{dispatch.available()}, {repeats} rounds, medians; ratio = ours / torch (lower is better)")
     if hasattr(os, "getloadavg"):
-        print(f"load average before the run: {os.getloadavg()[0]:.1f} (a busy machine makes every figure noisy)")
+        print(f"load average before the run: {os.getloadavg()[0]:.1f} (a busy machine makes every figure noisy; "
+              "there, run with OMP_WAIT_POLICY=PASSIVE)")
+    if results["machine"]["env"]:
+        print("environment: " + ", ".join(f"{k}={v}" for k, v in results["machine"]["env"].items()))
     header = f"{'row':<42}{'bytes':>9}{'ours ms':>10}{'torch ms':>10}{'ratio':>7}  {'backend (auto)':<18}{'target':>7}"
 
     def run_rows(title: str, rows: dict[str, Callable[[], Row]], reps: int, nbytes: dict[str, int]) -> None:
