@@ -325,10 +325,12 @@ def _composite(x, weight, bias, m, axis, eps, group_size, r=None, d=None, activa
     return _t.act(xhat, activation, slope).to(x.dtype)
 
 
+_current_level = getattr(torch._C._functorch, "maybe_current_level", None)
+
+
 def _functorch_active() -> bool:
     """True inside a torch.func transform (grad, vmap, jacrev, ...)."""
-    level = getattr(torch._C._functorch, "maybe_current_level", None)
-    return level is not None and level() is not None
+    return _current_level is not None and _current_level() is not None
 
 
 def _traced_train(x, weight, bias, m, s: Settings, combine):
@@ -437,7 +439,7 @@ def normalize(
         if finite is None:
             finite = ops.update_running(running_mean, running_var, stats[1], stats[2], stats[0], momentum,
                                         num_batches_tracked)
-        if not torch.compiler.is_compiling() and x.device.type != "meta" and not bool(finite):
+        if not bool(finite) and x.device.type != "meta" and not torch.compiler.is_compiling():
             _warn_not_finite(name, x, m)
     return y
 

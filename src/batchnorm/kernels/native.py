@@ -52,6 +52,8 @@ from .backend import Settings
 from .composite import CompositeBackend
 
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+_all = np.logical_and.reduce  # C-level reductions (ndarray.all goes through a Python wrapper)
+_isfinite = np.isfinite
 
 
 def viewable(x: torch.Tensor, axis: int) -> bool:
@@ -96,15 +98,7 @@ class NativeBackend(CompositeBackend):
                 y = torch.batch_norm(xv, weight, bias, None, None, True, 0.0, s.eps, True)
         else:
             rm, rv, nbt, momentum = running
-            dev = x.device.type
-            if dev == "meta" or rm.device != x.device or torch.compiler.is_compiling():
-                # shapes only (meta), or ATen's own device-mismatch error; nothing to check
-                f = 0.0 if momentum is None else momentum
-                y = torch.batch_norm(xv, weight, bias, rm, rv, True, f, s.eps, True)
-                if nbt is not None and rm.device == x.device:
-                    nbt.add_(1)
-                finite = True
-            elif dev == "cpu":
+            if x.device.type == "cpu" and rm.device.type == "cpu" and not torch.compiler.is_compiling():
                 f = momentum if momentum is not None else 1.0 / (int(nbt) + 1)
                 # the snapshot: NumPy copies of the (C,) buffers cost less than torch's clone (bfloat16: clone)
                 npy = rm.dtype in _NUMPY_DTYPES
@@ -112,8 +106,8 @@ class NativeBackend(CompositeBackend):
                 y, mean, invstd = torch.native_batch_norm(xv, weight, bias, rm, rv, True, f, s.eps)
                 if mean.dtype not in _NUMPY_DTYPES:
                     mean, invstd = mean.float(), invstd.float()
-                ma, ia = mean.detach().numpy(), invstd.detach().numpy()
-                finite = bool(np.isfinite(ma).all() and (ia > 0).all())  # NaN/Inf mean; 1/σ NaN or 0 (overflow)
+                # finite mean, and 1/σ neither NaN nor 0 (0: the variance of huge finite inputs overflowed)
+                finite = bool(_all(_isfinite(mean.detach().numpy())) and _all(invstd.detach().numpy() > 0))
                 if finite:
                     if nbt is not None:
                         nbt.add_(1)
@@ -123,7 +117,14 @@ class NativeBackend(CompositeBackend):
                 else:
                     rm.copy_(old_m)
                     rv.copy_(old_v)
-            else:
+            elif x.device.type == "meta" or rm.device != x.device or torch.compiler.is_compiling():
+                # shapes only (meta), ATen's own device-mismatch error, or a traced graph: nothing to check
+                f = 0.0 if momentum is None else momentum
+                y = torch.batch_norm(xv, weight, bias, rm, rv, True, f, s.eps, True)
+                if nbt is not None and rm.device == x.device:
+                    nbt.add_(1)
+                finite = True
+            else:  # CUDA, MPS, ...: torch.batch_norm picks cuDNN / MIOpen; the updated buffers are checked
                 f = momentum if momentum is not None else 1.0 / (int(nbt) + 1)
                 old_m, old_v = rm.clone(), rv.clone()
                 y = torch.batch_norm(xv, weight, bias, rm, rv, True, f, s.eps, True)
