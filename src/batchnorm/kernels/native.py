@@ -1,9 +1,9 @@
 """The ``"native"`` backend: ATen's own batch norm (CPU kernel, cuDNN, MIOpen) for plain batch norm.
 
 It serves *plain* batch norm only — no mask, no ghost groups, the plain combine, ``memory="default"``
-— on any device, for a feature axis that can be viewed as torch's channel axis: ``axis=1`` (any
-memory format), or the last axis of a contiguous tensor (``(N, ..., C)`` is viewed as the 2-D batch
-``(N·…, C)``). Its primitives (reduce, apply, backward) are the composite backend's; its fused
+— on any device, for a feature axis that can be viewed as torch's channel axis (:func:`viewable`):
+``axis=1`` on a contiguous or channels-last tensor, or the last axis of a contiguous tensor
+(``(N, ..., C)`` is viewed as the 2-D batch ``(N·…, C)``). Its primitives (reduce, apply, backward) are the composite backend's; its fused
 sequences call ``torch.native_batch_norm`` on the CPU and ``torch.batch_norm`` elsewhere (which
 picks cuDNN / MIOpen), so the backward is ATen's too, and double backward works through ATen's own
 derivative formulas.
@@ -25,7 +25,8 @@ How it keeps every promise of the README's Semantics section:
 * meta tensors: ATen's meta kernels give shapes, no value is read (no finiteness check, as torch);
   a meta layer given a CPU input raises ATen's device-mismatch ``RuntimeError``.
 
-Shape: ``x`` ``(N, C, *)`` with ``axis=1`` or contiguous ``(N, *, C)`` with ``axis=-1``; parameters and
+Shape: ``x`` ``(N, C, *)`` with ``axis=1`` (contiguous or channels-last) or contiguous ``(N, *, C)`` with
+``axis=-1``; parameters and
 buffers ``(C,)``; output like ``x`` (same dtype and memory format).
 
 Example::
@@ -56,9 +57,21 @@ _all = np.logical_and.reduce  # C-level reductions (ndarray.all goes through a P
 _isfinite = np.isfinite
 
 
+_CL = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def viewable(x: torch.Tensor, axis: int) -> bool:
-    """True when C at ``axis`` can be torch's channel axis: axis 1, or the last axis of a contiguous tensor."""
-    return axis == 1 or (axis == x.dim() - 1 and x.is_contiguous())
+    """True when C at ``axis`` can be torch's channel axis, in a layout ATen handles correctly.
+
+    ``axis=1`` on a contiguous tensor, or on a channels-last (3-D: ``channels_last_3d``) one whose spatial
+    sizes are all > 1; or the last axis of a contiguous tensor (viewed as ``(N·…, C)``). Other layouts go
+    elsewhere: torch 2.13's CPU BatchNorm2d returns a wrong input gradient for a channels-last input with
+    W = 1 and a contiguous gradient (``tests/test_fused.py::test_gradient_exact_for_ambiguous_channels_last_layout``).
+    """
+    if x.is_contiguous():
+        return axis == 1 or axis == x.dim() - 1
+    fmt = _CL.get(x.dim())
+    return axis == 1 and fmt is not None and 1 not in x.shape[2:] and x.is_contiguous(memory_format=fmt)
 
 
 def params_ok(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
