@@ -439,7 +439,8 @@ def normalize(
         if finite is None:
             finite = ops.update_running(running_mean, running_var, stats[1], stats[2], stats[0], momentum,
                                         num_batches_tracked)
-        if not bool(finite) and x.device.type != "meta" and not torch.compiler.is_compiling():
+        # is_compiling first: under torch.compile ``finite`` is a tensor and bool() would break the graph
+        if not torch.compiler.is_compiling() and not bool(finite) and x.device.type != "meta":
             _warn_not_finite(name, x, m)
     return y
 

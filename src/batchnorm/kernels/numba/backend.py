@@ -22,6 +22,8 @@ Reference: docs/kernels.md (loop strategies, one-call sequences); Ioffe & Szeged
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import safety
@@ -29,7 +31,12 @@ from ..backend import Backend, Settings
 from . import ops as _ops
 from .plans import supports as _supports
 
-_guard = safety.kernel_guard
+_NO_GUARD = contextlib.nullcontext()
+
+
+def _guard():
+    """safety.kernel_guard() around eager kernel calls; while compiling, the custom ops (numba/ops.py) guard themselves."""
+    return _NO_GUARD if torch.compiler.is_compiling() else safety.kernel_guard()
 
 
 class NumbaBackend(Backend):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import safety
 from .. import torch_ops as _t
 from . import calls as cpu
 
@@ -34,7 +35,7 @@ def _g(x: torch.Tensor, group_size: int | None) -> int:
 def _reduce_op(
     x: torch.Tensor, axis: int, m: torch.Tensor | None, group_size: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with torch.no_grad():
+    with torch.no_grad(), safety.kernel_guard():
         return cpu.reduce(x, axis, m, group_size)
 
 
@@ -56,7 +57,7 @@ def _apply_op(
     activation: str,
     negative_slope: float,
 ) -> torch.Tensor:
-    with torch.no_grad():
+    with torch.no_grad(), safety.kernel_guard():
         return cpu.apply(x, axis, scale, shift, group_size, activation, negative_slope)
 
 
@@ -103,7 +104,7 @@ def _backward_reduce_op(
     zshift: torch.Tensor | None,
     from_output: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.no_grad():
+    with torch.no_grad(), safety.kernel_guard():
         return cpu.backward_reduce(
             dy, x, axis, mean, invstd, group_size, activation, negative_slope, zscale, zshift, from_output
         )
@@ -133,7 +134,7 @@ def _backward_apply_op(
     zshift: torch.Tensor | None,
     from_output: bool,
 ) -> torch.Tensor:
-    with torch.no_grad():
+    with torch.no_grad(), safety.kernel_guard():
         return cpu.backward_apply(
             dy, x, axis, mean, invstd, k, mean_dy, mean_dy_xhat, m, group_size, activation, negative_slope,
             zscale, zshift, from_output,
