@@ -205,11 +205,11 @@ def wait_ready(timeout: float | None = None) -> bool:
 
 def _numba_for(x: torch.Tensor, forced: bool) -> Backend | None:
     """The numba backend if it can take ``x`` now (auto: only once warm), else None."""
+    if _status == "cold" and not forced:  # auto never waits: numba joins once the background warm-up is done
+        _start_warm_up()  # (BATCHNORM_WARMUP=off: ready at once)
     if _status == "ready" or (forced and _status != "absent"):
         nb = _numba if _numba is not None else _load_numba()  # forced: imports numba here, compiles on first call
         return nb if _safety.numba_usable() and nb.supports(x) else None
-    if _status == "cold":  # auto never waits: numba joins once the background warm-up is done
-        _start_warm_up()
     return None
 
 
