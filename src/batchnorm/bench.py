@@ -872,6 +872,10 @@ def main(argv: list[str] | None = None) -> int:
     return _finish(results, args.out)
 
 
+def _ms(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
 def markdown(results: dict) -> str:
     """A saved run (the ``--out`` JSON) as Markdown tables: one row per timed row, with the backend and the target.
 
@@ -887,7 +891,7 @@ def markdown(results: dict) -> str:
             met = "" if tgt is None or (r["row"].startswith("fixed") and "auto" not in r["backend"]) else (
                 f"≤ {tgt:g} {'met' if r['met'] else '**missed**'}")
             ratio = f"**{r['ratio']:.2f}**" if r.get("met") else f"{r['ratio']:.2f}"
-            lines.append(f"| {r['row'].removeprefix('train ')} | {size} | {r['ours_ms']:.3g} / {r['torch_ms']:.3g} | "
+            lines.append(f"| {r['row'].removeprefix('train ')} | {size} | {_ms(r['ours_ms'])} / {_ms(r['torch_ms'])} | "
                          f"{ratio} | {r['backend']} | {met} |")
         elif "fraction" in r:
             lines.append(f"| {r['row']} | | {r['ours_GBps']:.1f} / {r['copy_GBps']:.1f} GB/s | {r['fraction']:.2f} | "
