@@ -35,7 +35,7 @@ from torch import fx
 
 from .. import _checks
 from .. import activations as _acts
-from .. import functional as F
+from .. import functional as bnf
 
 _SCRIPT_ALTERNATIVES = (
     "Instead use torch.jit.trace(model.eval(), example_input) (our layers record ATen's batch_norm when traced), "
@@ -116,7 +116,7 @@ def _not_lowerable(layer, x, mask, uses_batch: bool) -> str | None:
         return "with a mask and batch statistics"
     if layer.training and layer._group_size(x) is not None:
         return "in training (ghost batches)"
-    if type(layer._combine()) is not F.Combine:
+    if type(layer._combine()) is not bnf.Combine:
         return f"in training ({type(layer._combine()).__name__} statistics)"
     return None
 

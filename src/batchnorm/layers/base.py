@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _checks
-from .. import functional as F
+from .. import functional as bnf
 from ..kernels import dispatch
 from . import _export
 
@@ -205,9 +205,9 @@ class BatchNorm(_BatchNorm):
         raise _export.script_error(self)
 
     # -- hooks for variants (the *combine* step) ----------------------------------------------
-    def _combine(self) -> F.Combine:
+    def _combine(self) -> bnf.Combine:
         """How batch statistics become the normalizing ones (identity here: the shared stateless instance)."""
-        return F._PLAIN
+        return bnf._PLAIN
 
     def _group_size(self, x: torch.Tensor) -> int | None:
         """Rows of axis 0 per ghost batch, or None for one batch."""
@@ -253,8 +253,8 @@ class BatchNorm(_BatchNorm):
         key = (axis, self.eps, group, d.get("activation"), d.get("negative_slope", 0.01), d.get("memory", "default"))
         hit = d.get("_settings")
         if hit is None or hit[0] != key:
-            hit = d["_settings"] = (key, F.settings_for(*key, type(self).__name__))
-        return F.normalize(
+            hit = d["_settings"] = (key, bnf.settings_for(*key, type(self).__name__))
+        return bnf.normalize(
             x,
             params.get("weight"),
             params.get("bias"),

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import _checks
-from .. import functional as F
+from .. import functional as bnf
 from . import _export
 
 
@@ -106,7 +106,7 @@ class FrozenBatchNorm(nn.Module):
 
     def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-feature ``(scale, shift)`` of the affine map, each ``(C,)``."""
-        a, b = F.eval_scale_shift(self.weight, self.bias, self.running_mean, self.running_var, self.eps)
+        a, b = bnf.eval_scale_shift(self.weight, self.bias, self.running_mean, self.running_var, self.eps)
         return a[0], b[0]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,7 +116,7 @@ class FrozenBatchNorm(nn.Module):
         x, axis = _checks.layer_input(self, x, "FrozenBatchNorm")
         _checks.mask_for(x, axis, mask)
         self.__dict__["last_input_shape"] = tuple(x.shape)  # plain attribute: skip nn.Module.__setattr__'s checks
-        return F.normalize(
+        return bnf.normalize(
             x, self.weight, self.bias, axis=axis, eps=self.eps, use_batch_stats=False,
             running_mean=self.running_mean, running_var=self.running_var, name="FrozenBatchNorm",
         )

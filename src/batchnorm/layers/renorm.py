@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .. import functional as F
+from .. import functional as bnf
 from .base import BatchNorm
 
 
@@ -17,7 +17,7 @@ def _check_limit(value: float, name: str, low: float, why: str) -> float:
     return float(value)
 
 
-class RenormCombine(F.Combine):
+class RenormCombine(bnf.Combine):
     """The *combine* step of batch renormalization: batch statistics plus the ``(r, d)`` correction.
 
     ``r = clamp(σ_B / σ, 1/r_max, r_max)``, ``d = clamp((μ_B − μ) / σ, −d_max, d_max)`` with
@@ -175,8 +175,8 @@ class BatchRenorm(BatchNorm):
         frac = (self.num_batches_tracked.to(torch.float64) / self.warmup_steps).clamp(max=1.0)
         return 1.0 + (self.r_max - 1.0) * frac, self.d_max * frac
 
-    def _combine(self) -> F.Combine:
+    def _combine(self) -> bnf.Combine:
         if not self.track_running_stats or self.running_mean is None or self.running_var is None:
-            return F.Combine()
+            return bnf.Combine()
         r_max, d_max = self.current_limits()
         return RenormCombine(self.running_mean, self.running_var, self.eps, r_max, d_max)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import _checks
-from .. import functional as F
+from .. import functional as bnf
 from ..kernels import torch_ops as _t
 
 _EPS64 = torch.finfo(torch.float64).eps
@@ -158,7 +158,7 @@ class Standardizer(nn.Module):
         Example: ``s = Standardizer(3).partial_fit(torch.randn(10, 3)).partial_fit(torch.randn(5, 3))``.
         """
         stats = self._chunk_stats(x, mask, "Standardizer.partial_fit")
-        self._commit(*F.merge_stats(*self._state64(), *stats))
+        self._commit(*bnf.merge_stats(*self._state64(), *stats))
         return self
 
     @torch.no_grad()
@@ -237,7 +237,7 @@ class Standardizer(nn.Module):
             for i, batch in enumerate(chunks):
                 chunk = _select_input(batch, key, i)
                 where = "the data" if isinstance(data, torch.Tensor) else f"batch {i}"
-                state = F.merge_stats(*state, *self._chunk_stats(chunk, None, "Standardizer.fit", where))
+                state = bnf.merge_stats(*state, *self._chunk_stats(chunk, None, "Standardizer.fit", where))
                 seen = i + 1
         except BaseException as exc:
             if hasattr(exc, "add_note"):  # Python >= 3.11: say what happened to the layer

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _checks
-from .. import functional as F
+from .. import functional as bnf
 from .base import BatchNorm
 
 
@@ -72,7 +72,7 @@ def _mismatch(name: str, world: int, table: list[tuple[int, int]]) -> ProcessGro
     )
 
 
-class SyncCombine(F.Combine):
+class SyncCombine(bnf.Combine):
     """*Combine* across processes: exact merge of ``(count, mean, m2)`` and an all-reduce of the backward sums.
 
     Before the first gather of a layer, one fixed-size ``all_gather`` of ``(features, dtype, groups)``
@@ -261,10 +261,10 @@ class SyncBatchNorm(BatchNorm):
         self._masked = mask is not None
         return super().forward(x, mask)
 
-    def _combine(self) -> F.Combine:
+    def _combine(self) -> bnf.Combine:
         world = _group_world(self.process_group)
         if world <= 1 or not self.training:
-            return F.Combine()
+            return bnf.Combine()
         positions, shape, dtype = self._local
         return SyncCombine(
             self.process_group, world, positions, shape, getattr(self, "_masked", False), "SyncBatchNorm",

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import functional as F
+from .. import functional as bnf
 from ..layers.base import BatchNorm
 
 __all__ = ["recalibrate", "RecalibrationReport"]
@@ -51,12 +51,12 @@ class _Accumulator:
         self.calls += 1
         if x.numel() == 0:
             return
-        mean, var, count = F.batch_stats(x.detach().to(torch.float64), axis=self.axis, mask=mask)
+        mean, var, count = bnf.batch_stats(x.detach().to(torch.float64), axis=self.axis, mask=mask)
         m2 = var * count
         if self.count is None:
             self.count, self.mean, self.m2 = count, mean, m2
         else:
-            self.count, self.mean, self.m2 = F.merge_stats(self.count, self.mean, self.m2, count, mean, m2)
+            self.count, self.mean, self.m2 = bnf.merge_stats(self.count, self.mean, self.m2, count, mean, m2)
 
 
 def _merge_across_processes(layer: nn.Module, a: _Accumulator) -> None:
