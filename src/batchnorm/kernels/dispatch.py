@@ -75,17 +75,16 @@ from .native import NATIVE, params_ok, viewable
 BACKENDS = ("auto", "numba", "composite", "native", "torch")
 _ALIASES = {"torch": "composite"}
 
-#: Bytes of ``x`` at which numba becomes cheaper than native, per (mode, layout); see the module docstring.
-#: Provisional values (2026-12-02), read off the side-by-side rows of ``batchnorm bench`` in the README
-#: (``benchmarks/run-2026-12-01*.json``: ours-on-numba vs torch's BatchNorm, i.e. ATen = native): training
-#: (256, 1024) = 1 MiB ran at 2.1x and (512, 2048) = 4 MiB at 0.80x (inner); (32, 64, 8, 8) = 0.5 MiB at 1.24x
-#: and (128, 512, 7, 7) = 12 MiB at 0.49x (outer). A direct calibration run on this VM was too noisy to use
-#: (load average > 10 from concurrent jobs). ``batchnorm bench --calibrate`` re-measures and prints this dict.
+#: Measured with ``batchnorm bench --calibrate`` on the 2-core development VM, 2026-12-02 (torch 2.13.0+cpu,
+#: 2 threads, OMP_WAIT_POLICY=PASSIVE; benchmarks/calibration-2026-12-02.json): forced native vs forced numba,
+#: training steps and eval forwards on a 4 KB-64 MB ladder, medians smoothed over neighbouring sizes. The machine
+#: was busy (load 7-13), so treat each value as within a factor of 2; re-run the command and paste its output here.
+#: (Eval, outer: ATen's eval is one fused pass, and numba's eval forward only won from 32 MB up in that run.)
 CROSSOVER_BYTES: dict[tuple[str, str], int] = {
-    ("train", "inner"): 4 << 20,
-    ("train", "outer"): 1 << 20,
-    ("eval", "inner"): 1 << 20,
-    ("eval", "outer"): 512 << 10,
+    ("train", "inner"): 2 << 20,
+    ("train", "outer"): 512 << 10,
+    ("eval", "inner"): 2 << 20,
+    ("eval", "outer"): 32 << 20,
 }
 
 _HAS_NUMBA = importlib.util.find_spec("numba") is not None
