@@ -16,19 +16,23 @@ from .layers import (
     BatchRenorm,
     FrozenBatchNorm,
     GhostBatchNorm,
+    ProcessGroupMismatchError,
     Standardizer,
     SyncBatchNorm,
 )
-from .tools import convert, fold, freeze, recalibrate, unfreeze
+from .tools import FoldRecord, FuseRecord, convert, fold, freeze, recalibrate, unfreeze
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AffineOnly",
     "BatchRenorm",
     "GhostBatchNorm",
+    "ProcessGroupMismatchError",
     "Standardizer",
     "SyncBatchNorm",
+    "FoldRecord",
+    "FuseRecord",
     "convert",
     "fold",
     "freeze",

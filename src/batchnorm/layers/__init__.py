@@ -7,11 +7,11 @@ from .frozen import FrozenBatchNorm
 from .ghost import GhostBatchNorm
 from .renorm import BatchRenorm
 from .standardizer import Standardizer
-from .sync import SyncBatchNorm
+from .sync import ProcessGroupMismatchError, SyncBatchNorm
 
 interop.install()  # torch's convert_sync_batchnorm / fuse_*_bn_eval / fuse_modules: exact for ours (docs/ecosystem.md)
 
 __all__ = [
     "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FrozenBatchNorm",
-    "AffineOnly", "BatchRenorm", "GhostBatchNorm", "Standardizer", "SyncBatchNorm",
+    "AffineOnly", "BatchRenorm", "GhostBatchNorm", "Standardizer", "SyncBatchNorm", "ProcessGroupMismatchError",
 ]

@@ -118,7 +118,7 @@ class BatchNorm(_BatchNorm):
         if backend is not None and backend not in dispatch.BACKENDS:
             raise ValueError(
                 f"{type(self).__name__} expected backend to be None or one of {dispatch.BACKENDS}, got {backend!r}. "
-                "Use backend='auto' (numba on CPU when it pays off), 'torch' or 'numba'."
+                "Use backend='auto' (the cheapest backend per call), 'numba', 'native' or 'composite' ('torch' is an alias)."
             )
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
