@@ -75,12 +75,16 @@ def test_fake_impls_give_output_shapes():
 
     with FakeTensorMode():
         x = torch.empty(10, 4, 3)
-        count, mean, m2 = torch.ops.batchnorm.reduce(x, 1, None, 3)
+        # every op: its tensors, then the settings tail (axis, group_size, activation, negative_slope, save)
+        count, mean, m2 = torch.ops.batchnorm.reduce(x, None, 1, 3, "identity", 0.01, False)
         assert count.shape == mean.shape == m2.shape == (4, 4)
-        y = torch.ops.batchnorm.apply(x, 1, torch.empty(1, 4), torch.empty(1, 4), None, "relu", 0.01)
+        y = torch.ops.batchnorm.apply(x, torch.empty(1, 4), torch.empty(1, 4), 1, None, "relu", 0.01, False)
         assert y.shape == x.shape
-        s1, s2 = torch.ops.batchnorm.backward_reduce(x, x, 1, mean, mean, 3, "identity", 0.01, None, None, False)
+        s1, s2 = torch.ops.batchnorm.backward_reduce(x, x, mean, mean, None, None, 1, 3, "identity", 0.01, False)
         assert s1.shape == s2.shape == (4, 4)
+        dx = torch.ops.batchnorm.backward_apply(x, x, mean, mean, mean, mean, mean, None, None, None,
+                                                1, 3, "relu", 0.01, False)
+        assert dx.shape == x.shape
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

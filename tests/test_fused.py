@@ -17,6 +17,7 @@ import torch
 from batchnorm import functional as Fn
 from batchnorm.kernels import dispatch
 from batchnorm.kernels import torch_ops as T
+from batchnorm.kernels.backend import Settings
 
 pytestmark = pytest.mark.skipif("numba" not in dispatch.available(), reason="numba is not installed")
 if "numba" in dispatch.available():
@@ -30,12 +31,13 @@ ACTS = [None, "relu", "leaky_relu", "silu", "gelu", "tanh", "relu6"]
 
 def _general(x, axis, m, group_size, w, b, eps, activation, slope, save):
     """Training forward through the torch path's three steps (the reference for the fused call)."""
-    count, mean, m2 = T.reduce(x, axis, m, group_size)
+    s = Settings(axis, eps, group_size, activation, slope)
+    count, mean, m2 = T.reduce(x, s, m)
     var = m2 / count.clamp_min(1)
     invstd = torch.rsqrt(var + eps)
     kz, bz = Fn._affine(w, b, None, None, save, eps, mean)
     scale = kz * invstd
-    y = T.apply(x, axis, scale, bz - mean * scale, group_size, activation, slope)
+    y = T.apply(x, s, scale, bz - mean * scale)
     return y, count, mean, var, invstd
 
 
@@ -45,7 +47,7 @@ def test_train_forward_matches_three_torch_steps(shape, axis, layout, group_size
     m = _mask(shape, axis, masked)
     c = shape[axis]
     w, b = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
-    y, stats, invstd, finite = cpu.train_forward(x, axis, m, group_size, w, b, 1e-5, "leaky_relu", 0.2)
+    y, stats, invstd, finite = cpu.train_forward(x, Settings(axis, 1e-5, group_size, "leaky_relu", 0.2), m, w, b)
     want = _general(x, axis, m, group_size, w, b, 1e-5, "leaky_relu", 0.2, False)
     assert y.stride() == x.stride()  # output keeps the input's memory format
     for g, r in zip((y, stats[0], stats[1], stats[2], invstd), want):
@@ -66,8 +68,9 @@ def test_train_backward_matches_autograd_of_torch_path(shape, axis, layout, grou
     y = Fn._composite(x, w, b, m, axis, 1e-5, group_size, activation=activation, slope=0.2)
     dy = torch.randn_like(y)
     want = torch.autograd.grad(y, (x, w, b), dy)
-    _, stats, invstd, _ = cpu.train_forward(x.detach(), axis, m, group_size, w, b, 1e-5, activation, 0.2)
-    got = cpu.train_backward(dy, x.detach(), axis, stats, invstd, w, b, None, m, group_size, 1e-5, activation, 0.2)
+    s = Settings(axis, 1e-5, group_size, activation, 0.2)
+    _, stats, invstd, _ = cpu.train_forward(x.detach(), s, m, w, b)
+    got = cpu.train_backward(dy, x.detach(), s, stats, invstd, w, b, None, m)
     for g, r in zip(got, want):
         _close(g, r, dtype)
     assert got[0].stride() == x.stride()
@@ -77,8 +80,8 @@ def test_train_backward_matches_autograd_of_torch_path(shape, axis, layout, grou
 def test_train_backward_returns_only_what_is_needed(needs):
     x = torch.randn(6, 4, 5)
     w, b = torch.ones(4), torch.zeros(4)
-    _, stats, invstd, _ = cpu.train_forward(x, 1, None, None, w, b, 1e-5)
-    out = cpu.train_backward(torch.randn_like(x), x, 1, stats, invstd, w, b, None, None, None, 1e-5, needs=needs)
+    _, stats, invstd, _ = cpu.train_forward(x, Settings(1), None, w, b)
+    out = cpu.train_backward(torch.randn_like(x), x, Settings(1), stats, invstd, w, b, None, None, needs=needs)
     assert [o is not None for o in out] == list(needs)
 
 
@@ -87,12 +90,12 @@ def test_memory_save_backward_from_output_matches_default():
     w = torch.tensor([1.5, -0.7, 1e-9], dtype=torch.float64)  # the last |γ| < eps: used as +eps in both
     b = torch.randn(3, dtype=torch.float64)
     eps = 1e-3
-    y, stats, invstd, _ = cpu.train_forward(x, 1, None, None, w, b, eps, "leaky_relu", 0.1, clamp=True)
+    s = Settings(1, eps, activation="leaky_relu", negative_slope=0.1, save=True)
+    y, stats, invstd, _ = cpu.train_forward(x, s, None, w, b)
     dy = torch.randn_like(y)
-    from_y = cpu.train_backward(dy, y, 1, None, invstd, w, b, stats[0][:, :1], None, None, eps, "leaky_relu", 0.1,
-                                from_output=True)
+    from_y = cpu.train_backward(dy, y, s, None, invstd, w, b, stats[0][:, :1], None)
     w_used = torch.tensor([1.5, -0.7, eps], dtype=torch.float64)
-    from_x = cpu.train_backward(dy, x, 1, stats, invstd, w_used, b, None, None, None, eps, "leaky_relu", 0.1)
+    from_x = cpu.train_backward(dy, x, s.replace(save=False), stats, invstd, w_used, b, None, None)
     for a, r in zip(from_y, from_x):
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10)
 
@@ -107,7 +110,7 @@ def test_masked_positions_may_hold_nan_and_inf(layout):
     xp = x.clone()
     xp[~m.expand_as(x)] = float("nan")
     xp[:, 1][~m[:, 0]] = float("inf")
-    y, stats, _, _ = cpu.train_forward(xp, 1, m, None, None, None, 1e-5)
+    y, stats, _, _ = cpu.train_forward(xp, Settings(1), m, None, None)
     want = _general(x, 1, m, None, None, None, 1e-5, None, 0.01, False)
     for g, r in zip(stats, want[1:4]):
         _close(g, r, torch.float32)
@@ -132,7 +135,7 @@ def test_in_kernel_running_update_matches_functional_update_running(momentum, ki
         x[2, 1, 3] = float(kind)
     rm, rv, nbt = torch.randn(4, dtype=bdtype), torch.rand(4, dtype=bdtype) + 0.5, torch.tensor(7)
     rm2, rv2, nbt2 = rm.clone(), rv.clone(), nbt.clone()
-    _, (count, mean, var), _, finite = cpu.train_forward(x, 1, None, group_size, None, None, 1e-5,
+    _, (count, mean, var), _, finite = cpu.train_forward(x, Settings(1, group_size=group_size), None, None, None,
                                                          running=(rm, rv, nbt, momentum))
     ok = Fn.update_running(rm2, rv2, mean, var, count, momentum, nbt2)
     assert finite == bool(ok) == (kind == "finite")
@@ -153,7 +156,7 @@ def test_buffers_the_kernel_cannot_take_are_left_to_the_caller(what):
     else:
         nbt, momentum = None, None
     before = (rm.detach().clone(), rv.clone())
-    *_, finite = cpu.train_forward(torch.randn(8, 4), 1, None, None, None, None, 1e-5, running=(rm, rv, nbt, momentum))
+    *_, finite = cpu.train_forward(torch.randn(8, 4), Settings(1), None, None, None, running=(rm, rv, nbt, momentum))
     assert finite is None  # not updated here: normalize() falls back to the torch update
     assert torch.equal(rm.detach(), before[0]) and torch.equal(rv, before[1])
 
@@ -188,14 +191,14 @@ def _big(shape=(8, 16, 64, 64)):  # 2 MiB of float32: above MIN_BYTES
 
 def test_freed_output_buffer_is_reused_live_one_never(cache):
     x = _big()
-    y1 = cpu.apply(x, 1, torch.ones(1, 16), torch.zeros(1, 16))
-    y2 = cpu.apply(x, 1, torch.ones(1, 16), torch.zeros(1, 16))
+    y1 = cpu.apply(x, Settings(1), torch.ones(1, 16), torch.zeros(1, 16))
+    y2 = cpu.apply(x, Settings(1), torch.ones(1, 16), torch.zeros(1, 16))
     assert y1.data_ptr() != y2.data_ptr()  # both alive: distinct memory
     p1 = y1.data_ptr()
     before = cache.cache_info()["hits"]
     del y1
     gc.collect()
-    y3 = cpu.apply(x, 1, torch.ones(1, 16) * 2, torch.zeros(1, 16))
+    y3 = cpu.apply(x, Settings(1), torch.ones(1, 16) * 2, torch.zeros(1, 16))
     assert y3.data_ptr() == p1 and cache.cache_info()["hits"] == before + 1
     torch.testing.assert_close(y3, 2 * x)
     torch.testing.assert_close(y2, x)  # the reuse did not touch the live tensor
@@ -203,12 +206,12 @@ def test_freed_output_buffer_is_reused_live_one_never(cache):
 
 def test_a_view_keeps_the_buffer_alive(cache):
     x = _big()
-    y = cpu.apply(x, 1, torch.ones(1, 16), torch.zeros(1, 16))
+    y = cpu.apply(x, Settings(1), torch.ones(1, 16), torch.zeros(1, 16))
     view = y[1:3]
     ptr = y.data_ptr()
     del y
     gc.collect()
-    z = cpu.apply(x, 1, torch.ones(1, 16), torch.zeros(1, 16))
+    z = cpu.apply(x, Settings(1), torch.ones(1, 16), torch.zeros(1, 16))
     assert z.data_ptr() != ptr
     torch.testing.assert_close(view, x[1:3])
 
@@ -216,14 +219,14 @@ def test_a_view_keeps_the_buffer_alive(cache):
 def test_cache_limit_zero_gives_plain_tensors(cache):
     cache.set_limit(0)
     x = _big()
-    y = cpu.apply(x, 1, torch.ones(1, 16), torch.zeros(1, 16))
+    y = cpu.apply(x, Settings(1), torch.ones(1, 16), torch.zeros(1, 16))
     del y
     gc.collect()
     assert cache.cache_info()["held_bytes"] == 0
 
 
 def test_empty_cache_releases_free_buffers(cache):
-    y = cpu.apply(_big(), 1, torch.ones(1, 16), torch.zeros(1, 16))
+    y = cpu.apply(_big(), Settings(1), torch.ones(1, 16), torch.zeros(1, 16))
     del y
     gc.collect()
     held = cache.cache_info()["held_bytes"]
@@ -233,7 +236,7 @@ def test_empty_cache_releases_free_buffers(cache):
 
 def test_channels_last_output_from_cache_keeps_layout(cache):
     x = _big().contiguous(memory_format=torch.channels_last)
-    y = cpu.apply(x, 1, torch.ones(1, 16), torch.zeros(1, 16))
+    y = cpu.apply(x, Settings(1), torch.ones(1, 16), torch.zeros(1, 16))
     assert y.is_contiguous(memory_format=torch.channels_last) and y.stride() == x.stride()
 
 
@@ -272,16 +275,17 @@ def test_eval_forward_matches_eval_scale_shift_then_apply(shape, axis, layout, g
     c = shape[axis]
     w, b = torch.randn(c), torch.randn(c)
     rm, rv = torch.randn(c, dtype=bdtype), torch.rand(c, dtype=bdtype) + 0.1
-    y = cpu.eval_forward(x, axis, w, b, rm, rv, 1e-3, activation, 0.01)
+    s = Settings(axis, 1e-3, activation=activation)
+    y = cpu.eval_forward(x, s, w, b, rm, rv)
     a, sh = Fn.eval_scale_shift(w, b, rm, rv, 1e-3, x.dtype)
-    want = T.apply(x, axis, a, sh, None, activation, 0.01)
+    want = T.apply(x, s, a, sh)
     assert y.stride() == x.stride()
     _close(y, want, torch.float32)
 
 
 def test_eval_forward_declines_buffers_it_cannot_take():
     x = torch.randn(8, 4)
-    assert cpu.eval_forward(x, 1, None, None, torch.zeros(4).half(), torch.ones(4).half(), 1e-5) is None
+    assert cpu.eval_forward(x, Settings(1), None, None, torch.zeros(4).half(), torch.ones(4).half()) is None
 
 
 def test_eval_layer_without_grad_uses_one_call_and_matches_torch(backend):

@@ -85,17 +85,19 @@ def _close(a, b, dtype, scale=1.0):
 def test_reduce_and_apply_match_torch_path(shape, axis, layout, group_size, masked, dtype):
     x = _make(shape, layout, dtype)
     m = _mask(shape, axis, masked)
-    ours = cpu.reduce(x, axis, m, group_size)
-    ref = T.reduce(x, axis, m, group_size)
+    s = Settings(axis, group_size=group_size)
+    ours = cpu.reduce(x, s, m)
+    ref = T.reduce(x, s, m)
     for a, b in zip(ours, ref):
         assert a.dtype == b.dtype and a.shape == b.shape
         _close(a, b, dtype, scale=float(b.abs().max()) + 1)
     G, C = ref[1].shape
     scale, shift = torch.randn(G, C, dtype=ref[1].dtype), torch.randn(G, C, dtype=ref[1].dtype)
     for act in ACTS:
-        y = cpu.apply(x, axis, scale, shift, group_size, act, 0.2)
+        sa = s.replace(activation=act, negative_slope=0.2)
+        y = cpu.apply(x, sa, scale, shift)
         assert y.stride() == x.stride() and y.dtype == x.dtype
-        _close(y, T.apply(x, axis, scale, shift, group_size, act, 0.2), dtype, scale=10)
+        _close(y, T.apply(x, sa, scale, shift), dtype, scale=10)
 
 
 @needs_numba
@@ -104,23 +106,23 @@ def test_backward_kernels_match_torch_path(shape, axis, layout, group_size, mask
     x = _make(shape, layout, dtype)
     m = _mask(shape, axis, masked)
     dy = torch.randn(shape, dtype=dtype)  # contiguous even when x is not: the kernels must realign it
-    _, mean, m2 = T.reduce(x, axis, m, group_size)
+    _, mean, m2 = T.reduce(x, Settings(axis, group_size=group_size), m)
     G, C = mean.shape
     invstd = torch.rsqrt(m2 / 10 + 1e-3)
     kz, bz = torch.randn(G, C, dtype=mean.dtype), torch.randn(G, C, dtype=mean.dtype)
     k, m1, m2b = (torch.randn(G, C, dtype=mean.dtype) for _ in range(3))
     cases = [(act, False) for act in ACTS] + [(None, True), ("leaky_relu", True)]
     for act, save in cases:
-        kw = {"activation": act, "negative_slope": 0.2, "zscale": kz, "zshift": bz, "from_output": save}
-        t = T.apply(x, axis, kz * invstd, bz - mean * kz * invstd, group_size, act, 0.2) if save else x
+        s = Settings(axis, group_size=group_size, activation=act, negative_slope=0.2, save=save)
+        t = T.apply(x, s, kz * invstd, bz - mean * kz * invstd) if save else x
         p, q = (bz, 1 / kz) if save else (mean, invstd)
-        ours = cpu.backward_reduce(dy, t, axis, p, q, group_size, **kw)
-        ref = T.backward_reduce(dy, t, axis, p, q, group_size, **kw)
+        ours = cpu.backward_reduce(dy, t, s, p, q, kz, bz)
+        ref = T.backward_reduce(dy, t, s, p, q, kz, bz)
         for a, b in zip(ours, ref):
             _close(a, b, dtype, scale=float(b.abs().max()) + 1)
-        dx = cpu.backward_apply(dy, t, axis, p, q, k, m1, m2b, m, group_size, **kw)
+        dx = cpu.backward_apply(dy, t, s, p, q, k, m1, m2b, m, kz, bz)
         assert dx.stride() == x.stride()
-        _close(dx, T.backward_apply(dy, t, axis, p, q, k, m1, m2b, m, group_size, **kw), dtype, scale=10)
+        _close(dx, T.backward_apply(dy, t, s, p, q, k, m1, m2b, m, kz, bz), dtype, scale=10)
 
 
 LAYER_CASES = [
@@ -302,7 +304,7 @@ def test_double_backward_through_fused_activation(activation, backend):
                                                ((4096, 3), 1, "contig")], ids=str)
 def test_float32_large_offset_variance(shape, axis, layout):
     x = _make(shape, layout, torch.float64, offset=0.0) / 2 + 1e4
-    count, mean, m2 = cpu.reduce(x.float(), axis, None, None)
+    count, mean, m2 = cpu.reduce(x.float(), Settings(axis), None)
     exact = x.var(dim=[d for d in range(x.dim()) if d != axis], unbiased=False)
     assert torch.allclose((m2[0] / count[0]).double(), exact, rtol=1e-3)
 

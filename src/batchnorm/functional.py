@@ -311,7 +311,7 @@ def _composite(x, weight, bias, m, axis, eps, group_size, r=None, d=None, activa
 
     ``stats``: the ``(count, mean, m2)`` of ``x`` already reduced with grad, or None to reduce here.
     """
-    count, mean, m2 = stats if stats is not None else _t.reduce(x, axis, m, group_size)
+    count, mean, m2 = stats if stats is not None else _t.reduce(x, Settings(axis, group_size=group_size), m)
     invstd = torch.rsqrt(m2 / count.clamp_min(1) + eps)
     xhat = (x.to(mean.dtype) - _t.expand(mean, x, axis, group_size)) * _t.expand(invstd, x, axis, group_size)
     if r is not None:
@@ -335,7 +335,7 @@ def _functorch_active() -> bool:
 
 def _traced_train(x, weight, bias, m, s: Settings, combine):
     """The training forward through :func:`_composite` (autograd differentiates it), with its statistics."""
-    count, mean, m2 = _t.reduce(x, s.axis, m, s.group_size)
+    count, mean, m2 = _t.reduce(x, s, m)
     mean_c, var_c = mean.detach(), (m2 / count.clamp_min(1)).detach()
     corr = combine.correction(mean_c, var_c)
     r, d = corr if corr is not None else (None, None)

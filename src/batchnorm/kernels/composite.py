@@ -26,26 +26,20 @@ from .backend import Backend, Settings
 
 
 class CompositeBackend(Backend):
-    """Reduce/apply forward and backward as plain torch ops (any device, dtype, layout)."""
+    """Reduce/apply forward and backward as plain torch ops (any device, dtype, layout).
+
+    The primitives *are* the functions of :mod:`batchnorm.kernels.torch_ops` (same signatures).
+    """
 
     name = "composite"
 
     def supports(self, x, s: Settings | None = None) -> bool:
         return True
 
-    def reduce(self, x, s: Settings, m):
-        return _t.reduce(x, s.axis, m, s.group_size)
-
-    def apply(self, x, s: Settings, scale, shift):
-        return _t.apply(x, s.axis, scale, shift, s.group_size, s.activation, s.negative_slope)
-
-    def backward_reduce(self, dy, t, s: Settings, p, q, zscale=None, zshift=None):
-        return _t.backward_reduce(dy, t, s.axis, p, q, s.group_size, s.activation, s.negative_slope, zscale, zshift,
-                                  s.save)
-
-    def backward_apply(self, dy, t, s: Settings, p, q, k, mean_dz, mean_dzx, m, zscale=None, zshift=None):
-        return _t.backward_apply(dy, t, s.axis, p, q, k, mean_dz, mean_dzx, m, s.group_size, s.activation,
-                                 s.negative_slope, zscale, zshift, s.save)
+    reduce = staticmethod(_t.reduce)
+    apply = staticmethod(_t.apply)
+    backward_reduce = staticmethod(_t.backward_reduce)
+    backward_apply = staticmethod(_t.backward_apply)
 
 
 COMPOSITE = CompositeBackend()

@@ -3,6 +3,10 @@
 Every function here works on any device, dtype and memory format, and is built only from
 differentiable torch operations, so the double-backward path can trace through it.
 
+The four steps take the call's :class:`batchnorm.kernels.backend.Settings` record ``s`` (the same
+signatures as the :class:`~batchnorm.kernels.backend.Backend` primitives, which the composite backend
+is); the helpers (``expand``, ``_group_sum``) take plain ``axis`` / ``group_size``.
+
 Shapes: ``x`` has its feature axis at ``axis`` (C features). Per-feature quantities are ``(G, C)``
 where ``G`` is the number of ghost groups (1 unless ``group_size`` splits axis 0 into consecutive
 virtual batches of ``group_size`` rows; the last group may be shorter). ``m`` is a mask already
@@ -14,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import activations as _activations
+from .backend import Settings
 
 #: Fused activations (names in code order) — read from the one table, :mod:`batchnorm.activations`.
 ACTIVATIONS = tuple(_activations.TABLE)
@@ -78,14 +83,18 @@ def expand(v: torch.Tensor, x: torch.Tensor, axis: int, group_size: int | None) 
 
 
 def reduce(
-    x: torch.Tensor, axis: int, m: torch.Tensor | None = None, group_size: int | None = None
+    x: torch.Tensor, s: Settings, m: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Two-pass per-feature ``(count, mean, m2)`` with ``m2 = Σ (x − mean)²`` (no E[x²] − E[x]²)."""
+    """Two-pass per-feature ``(count, mean, m2)`` with ``m2 = Σ (x − mean)²`` (no E[x²] − E[x]²).
+
+    Reads ``s.axis`` and ``s.group_size``.
+    """
+    axis, group_size = s.axis, s.group_size
     xs = x.to(stat_dtype(x.dtype))
     c = x.shape[axis]
     if m is None:
         ones = xs.new_ones([1] * x.dim())
-        ones = ones.expand(*[s if d != axis else 1 for d, s in enumerate(x.shape)])
+        ones = ones.expand(*[n if d != axis else 1 for d, n in enumerate(x.shape)])
         count = _group_sum(ones, x, axis, group_size).expand(-1, c)
         total = _group_sum(xs, x, axis, group_size)
     else:
@@ -101,86 +110,54 @@ def reduce(
     return count.contiguous(), mean, m2
 
 
-def apply(
-    x: torch.Tensor,
-    axis: int,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    group_size: int | None = None,
-    activation: str | None = None,
-    negative_slope: float = 0.01,
-) -> torch.Tensor:
-    """``y = act(x · scale + shift)`` per feature (and group), returned in x's dtype and memory format."""
+def apply(x: torch.Tensor, s: Settings, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``y = act(x · scale + shift)`` per feature (and group), returned in x's dtype and memory format.
+
+    Reads ``s.axis``, ``s.group_size``, ``s.activation``, ``s.negative_slope``.
+    """
     xs = x.to(scale.dtype)
-    y = torch.addcmul(expand(shift, x, axis, group_size), xs, expand(scale, x, axis, group_size))
-    return act(y, activation, negative_slope).to(x.dtype)
+    y = torch.addcmul(expand(shift, x, s.axis, s.group_size), xs, expand(scale, x, s.axis, s.group_size))
+    return act(y, s.activation, s.negative_slope).to(x.dtype)
 
 
-def _dz_xhat(dy, t, axis, p, q, group_size, activation, negative_slope, zscale, zshift, from_output):
+def _dz_xhat(dy, t, s: Settings, p, q, zscale, zshift):
     """``(dz, x̂)``: ``dz = dy · act'(z)`` with ``z = x̂ · zscale + zshift``.
 
-    ``from_output=False``: ``t`` is the input, ``x̂ = (t − p) · q`` (p, q = mean, invstd).
-    ``from_output=True`` (memory-saving mode): ``t`` is the output ``y`` of an invertible activation,
+    ``s.save`` False: ``t`` is the input, ``x̂ = (t − p) · q`` (p, q = mean, invstd).
+    ``s.save`` True (memory-saving mode): ``t`` is the output ``y`` of an invertible activation,
     ``z = act⁻¹(y)`` and ``x̂ = (z − p) · q`` (p, q = zshift, 1 / zscale).
     """
     sd = p.dtype
-    e = lambda v: expand(v, t, axis, group_size)  # noqa: E731
+    activation, slope = s.activation, s.negative_slope
+    e = lambda v: expand(v, t, s.axis, s.group_size)  # noqa: E731
     ts, dys = t.to(sd), dy.to(sd)
-    if from_output:
+    if s.save:
         if activation == "leaky_relu":
             neg = ~(ts > 0)
-            ts = torch.where(neg, ts / negative_slope, ts)
-            dys = torch.where(neg, dys * negative_slope, dys)
+            ts = torch.where(neg, ts / slope, ts)
+            dys = torch.where(neg, dys * slope, dys)
         return dys, (ts - e(p)) * e(q)
     xhat = (ts - e(p)) * e(q)
     if activation is None or activation == "identity":
         return dys, xhat
     one = torch.ones_like(p[:1])
     z = xhat * e(zscale if zscale is not None else one) + e(zshift if zshift is not None else one * 0)
-    return dys * act_grad(z, activation, negative_slope), xhat
+    return dys * act_grad(z, activation, slope), xhat
 
 
-def backward_reduce(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    axis: int,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    group_size: int | None,
-    activation: str | None = None,
-    negative_slope: float = 0.01,
-    zscale: torch.Tensor | None = None,
-    zshift: torch.Tensor | None = None,
-    from_output: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def backward_reduce(dy, x, s: Settings, mean, invstd, zscale=None, zshift=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Σ dz, Σ dz · x̂)`` per feature over *all* positions (masked ones included: they are normalized too).
 
     ``dz = dy`` without activation; see :func:`_dz_xhat` for the fused activation and memory-saving forms.
     """
-    dz, xhat = _dz_xhat(dy, x, axis, mean, invstd, group_size, activation, negative_slope, zscale, zshift, from_output)
-    return _group_sum(dz, x, axis, group_size), _group_sum(dz * xhat, x, axis, group_size)
+    dz, xhat = _dz_xhat(dy, x, s, mean, invstd, zscale, zshift)
+    return _group_sum(dz, x, s.axis, s.group_size), _group_sum(dz * xhat, x, s.axis, s.group_size)
 
 
-def backward_apply(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    axis: int,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    k: torch.Tensor,
-    mean_dy: torch.Tensor,
-    mean_dy_xhat: torch.Tensor,
-    m: torch.Tensor | None,
-    group_size: int | None,
-    activation: str | None = None,
-    negative_slope: float = 0.01,
-    zscale: torch.Tensor | None = None,
-    zshift: torch.Tensor | None = None,
-    from_output: bool = False,
-) -> torch.Tensor:
+def backward_apply(dy, x, s: Settings, mean, invstd, k, mean_dy, mean_dy_xhat, m, zscale=None, zshift=None):
     """``dx = k · (dz − m · (mean(dz) + x̂ · mean(dz · x̂)))``; ``m`` is 1 where a position counted."""
-    e = lambda v: expand(v, x, axis, group_size)  # noqa: E731
-    dz, xhat = _dz_xhat(dy, x, axis, mean, invstd, group_size, activation, negative_slope, zscale, zshift, from_output)
+    e = lambda v: expand(v, x, s.axis, s.group_size)  # noqa: E731
+    dz, xhat = _dz_xhat(dy, x, s, mean, invstd, zscale, zshift)
     corr = e(mean_dy) + xhat * e(mean_dy_xhat)
     if m is not None:
         corr = torch.where(m, corr, 0.0)  # masked positions: dx = k·dz even where x̂ is not finite

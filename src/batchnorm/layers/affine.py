@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import _checks
 from ..kernels import torch_ops as _t
+from ..kernels.backend import Settings
 from . import _export
 
 
@@ -68,4 +69,4 @@ class AffineOnly(nn.Module):
         self.last_input_shape = tuple(x.shape)
         sd = _t.stat_dtype(torch.promote_types(x.dtype, self.weight.dtype))
         # the torch apply path: differentiable in x, weight and bias on every device
-        return _t.apply(x, axis, self.weight.to(sd).reshape(1, -1), self.bias.to(sd).reshape(1, -1))
+        return _t.apply(x, Settings(axis), self.weight.to(sd).reshape(1, -1), self.bias.to(sd).reshape(1, -1))

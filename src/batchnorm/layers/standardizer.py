@@ -11,6 +11,7 @@ from torch import nn
 from .. import _checks
 from .. import functional as bnf
 from ..kernels import torch_ops as _t
+from ..kernels.backend import Settings
 
 _EPS64 = torch.finfo(torch.float64).eps
 
@@ -123,7 +124,7 @@ class Standardizer(nn.Module):
         m = _checks.mask_for(x, ax, mask)
         xd = x.detach().to(device=self.mean.device, dtype=torch.float64)
         m = m.to(self.mean.device) if m is not None else None
-        count, mean, m2 = _t.reduce(xd, ax, m, None)
+        count, mean, m2 = _t.reduce(xd, Settings(ax), m)
         count, mean, m2 = count[0], mean[0], m2[0]
         bad = ~(torch.isfinite(mean) & torch.isfinite(m2))
         if bool(bad.any()):

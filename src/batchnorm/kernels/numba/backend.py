@@ -48,36 +48,32 @@ class NumbaBackend(Backend):
         """CPU, float32/float64, memory dense in some dimension order, not empty."""
         return _supports(x)
 
-    # -- primitives ------------------------------------------------------------------------
+    # -- primitives (the signatures of the protocol; ops.py unpacks ``s`` only at the custom-op boundary) --
     def reduce(self, x, s: Settings, m):
         with _guard():
-            return _ops.reduce(x, s.axis, m, s.group_size)
+            return _ops.reduce(x, s, m)
 
     def apply(self, x, s: Settings, scale, shift):
         with _guard():
-            return _ops.apply(x, s.axis, scale, shift, s.group_size, s.activation, s.negative_slope)
+            return _ops.apply(x, s, scale, shift)
 
     def backward_reduce(self, dy, t, s: Settings, p, q, zscale=None, zshift=None):
         with _guard():
-            return _ops.backward_reduce(dy, t, s.axis, p, q, s.group_size, s.activation, s.negative_slope, zscale,
-                                        zshift, s.save)
+            return _ops.backward_reduce(dy, t, s, p, q, zscale, zshift)
 
     def backward_apply(self, dy, t, s: Settings, p, q, k, mean_dz, mean_dzx, m, zscale=None, zshift=None):
         with _guard():
-            return _ops.backward_apply(dy, t, s.axis, p, q, k, mean_dz, mean_dzx, m, s.group_size, s.activation,
-                                       s.negative_slope, zscale, zshift, s.save)
+            return _ops.backward_apply(dy, t, s, p, q, k, mean_dz, mean_dzx, m, zscale, zshift)
 
     # -- fused sequences (same rules as the defaults; None from the kernels → the default) --
     def train_forward(self, x, s: Settings, m, weight, bias, running=None):
         with _guard():
-            res = _ops.train_forward(x, s.axis, m, s.group_size, weight, bias, s.eps, s.activation, s.negative_slope,
-                                     s.save, running)
+            res = _ops.train_forward(x, s, m, weight, bias, running)
         return res if res is not None else super().train_forward(x, s, m, weight, bias, running)
 
     def train_backward(self, dy, t, s: Settings, stats, invstd, weight, bias, count, m, needs):
         with _guard():
-            res = _ops.train_backward(dy, t, s.axis, stats, invstd, weight, bias, count, m, s.group_size, s.eps,
-                                      s.activation, s.negative_slope, s.save, needs)
+            res = _ops.train_backward(dy, t, s, stats, invstd, weight, bias, count, m, needs)
         if res is not None:
             return res
         return super().train_backward(dy, t, s, stats, invstd, weight, bias, count, m, needs)
@@ -87,8 +83,7 @@ class NumbaBackend(Backend):
             # the one-call kernel has no autograd: the default (constants, then the differentiable apply)
             return super().eval_forward(x, s, weight, bias, running_mean, running_var)
         with _guard():
-            y = _ops.eval_forward(x, s.axis, weight, bias, running_mean, running_var, s.eps, s.activation,
-                                  s.negative_slope)
+            y = _ops.eval_forward(x, s, weight, bias, running_mean, running_var)
         return y if y is not None else super().eval_forward(x, s, weight, bias, running_mean, running_var)
 
     def update_running(self, running_mean, running_var, mean, var, count, momentum, num_batches_tracked=None):
@@ -106,8 +101,9 @@ def warm_up() -> None:
     """Compile (or load from numba's disk cache) the kernels of the common calls: float32 and float64,
     features innermost (2-D view) and not (3-D view), training forward and backward, eval, masks.
 
-    Runs in :mod:`batchnorm.kernels.dispatch`'s background thread; a signature not covered here (an
-    expanded ``dy`` with zero strides, say) is compiled on its first call, in the caller's thread.
+    Runs in :mod:`batchnorm.kernels.dispatch`'s background thread. Every tensor reaches the kernels as a
+    C-contiguous canonical array (:func:`.plans._arr` copies a zero-stride or other non-dense ``dy``, as
+    ``y.sum().backward()`` makes), so the signatures compiled here are the ones later calls use.
     """
     s = Settings(axis=1)
     for dtype in (torch.float32, torch.float64):

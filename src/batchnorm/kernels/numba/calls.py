@@ -1,6 +1,7 @@
 """The numba kernels' Python entry points: tensors in, plan + arrays, kernel call, tensors out.
 
-Same signatures as :mod:`batchnorm.kernels.torch_ops` for the four steps (``reduce``, ``apply``,
+Every function takes the call's :class:`batchnorm.kernels.backend.Settings` record ``s``; the same
+signatures as :mod:`batchnorm.kernels.torch_ops` for the four steps (``reduce``, ``apply``,
 ``backward_reduce``, ``backward_apply``) plus plain batch norm's one-call sequences
 (``train_forward``, ``train_backward``, ``eval_forward``) and the running update. A tensor the
 kernels cannot take (not dense, other dtype or device) goes to the torch path or returns None.
@@ -17,6 +18,7 @@ import torch
 
 from ... import activations as _activations
 from .. import torch_ops as _t
+from ..backend import Settings
 from .fused import (
     _apply_any,
     _bwd_sums_any,
@@ -40,27 +42,28 @@ from .plans import (
 )
 
 
-def reduce(x: torch.Tensor, axis: int, m: torch.Tensor | None = None, group_size: int | None = None):
+def reduce(x: torch.Tensor, s: Settings, m: torch.Tensor | None = None):
     """Per-feature ``(count, mean, m2)`` (each ``(G, C)``) as :func:`torch_ops.reduce`; float64 inside."""
-    p = _plan(x, axis, group_size)
+    p = _plan(x, s.axis, s.group_size)
     if p is None or x.requires_grad and torch.is_grad_enabled():
-        return _t.reduce(x, axis, m, group_size)
+        return _t.reduce(x, s, m)
     st = _reduce_merged(_arr(x, p), _mask(m, p), m is not None, p.seg, p.seg_group, p.G)
     out = torch.from_numpy(st).to(_t.stat_dtype(x.dtype))
     return out[..., 0].contiguous(), out[..., 1].contiguous(), out[..., 2].contiguous()
 
 
-def apply(x, axis, scale, shift, group_size=None, activation=None, negative_slope=0.01):
+def apply(x: torch.Tensor, s: Settings, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``y = act(x · scale + shift)`` per feature (and group), in x's dtype and memory format."""
-    p = _plan(x, axis, group_size)
+    p = _plan(x, s.axis, s.group_size)
     if p is None or torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):
-        return _t.apply(x, axis, scale, shift, group_size, activation, negative_slope)
+        return _t.apply(x, s, scale, shift)
     y, ya = _out(p, x.dtype)
     _apply_any(_arr(x, p), ya, _per_group(scale, p, np.float64), _per_group(shift, p, np.float64), p.rpg,
-               _t.activation_code(activation), float(negative_slope))
+               _CODES[s.activation], float(s.negative_slope))
     return y
 
 
+_CODES = {None: 0, **{a.name: a.code for a in _activations.TABLE.values()}}  # activation → kernel code
 _F_TYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _NO_NBT = np.zeros(1, np.int64)
 _NO_RUNNING = (False, np.zeros(1, np.float32), np.zeros(1, np.float32), _NO_NBT, False, 0.0, False)
@@ -87,21 +90,20 @@ def _running_args(running):
     return True, rma, rva, nb, nbt is not None, 0.0 if momentum is None else float(momentum), momentum is None
 
 
-def train_forward(x, axis, m, group_size, weight, bias, eps, activation=None, negative_slope=0.01, clamp=False,
-                  running=None):
+def train_forward(x, s: Settings, m, weight, bias, running=None):
     """Plain batch norm's whole training forward in one kernel call: reduce → batch statistics → apply.
 
     ``running = (running_mean, running_var, num_batches_tracked, momentum)`` also updates the running
     estimates in the same call (rule of :func:`batchnorm.functional.update_running`) when the buffers
     are CPU float32/float64. Returns ``(y, stats, invstd, finite)``: ``stats`` is ``(3, G, C)`` =
     (count, mean, biased var) and ``invstd`` ``(G, C)``, in the statistics dtype; ``finite`` is None
-    when the running estimates were not updated here. None when the kernels cannot take ``x``. ``clamp``: memory="save"'s
-    ``|γ| < eps → ±eps``.
+    when the running estimates were not updated here. None when the kernels cannot take ``x``. ``s.save``
+    (memory="save") clamps ``|γ| < eps → ±eps``.
 
     Shape: ``x`` any dense layout with C at ``axis``; ``weight``, ``bias`` ``(C,)`` or None; ``y`` like ``x``.
     Reference: Ioffe & Szegedy (2015), Algorithms 1 and 2.
     """
-    p = _plan(x, axis, group_size)
+    p = _plan(x, s.axis, s.group_size)
     if p is None:
         return None
     sd = _NP[x.dtype]  # the statistics dtype is the input's for the dtypes the kernels take
@@ -110,15 +112,13 @@ def train_forward(x, axis, m, group_size, weight, bias, eps, activation=None, ne
     y, ya = _out(p, x.dtype)
     ra = _running_args(running)
     finite = _train_fwd(_arr(x, p), _mask(m, p), m is not None, p.seg, p.seg_group, p.G,
-                        p.rpg, _vec(weight, p.C, 1.0), _vec(bias, p.C, 0.0), float(eps), bool(clamp),
-                        _CODES[activation], float(negative_slope), ya, out, inv, *ra)
+                        p.rpg, _vec(weight, p.C, 1.0), _vec(bias, p.C, 0.0), float(s.eps), bool(s.save),
+                        _CODES[s.activation], float(s.negative_slope), ya, out, inv, *ra)
     return y, torch.from_numpy(out), torch.from_numpy(inv), (bool(finite) if ra[0] else None)
 
 
-_CODES = {None: 0, **{a.name: a.code for a in _activations.TABLE.values()}}
 
-
-def eval_forward(x, axis, weight, bias, running_mean, running_var, eps, activation=None, negative_slope=0.01):
+def eval_forward(x, s: Settings, weight, bias, running_mean, running_var):
     """Evaluation-mode batch norm in one kernel call: ``y = act(γ·(x − μ)/sqrt(σ² + eps) + β)`` with running μ, σ².
 
     The constants are formed in float64 (as :func:`batchnorm.functional.eval_scale_shift`, but never
@@ -128,7 +128,7 @@ def eval_forward(x, axis, weight, bias, running_mean, running_var, eps, activati
     Shape: ``x`` any dense layout with C at ``axis``; parameters and buffers ``(C,)``; output like ``x``.
     Reference: Ioffe & Szegedy (2015), Algorithm 2, step 11.
     """
-    p = _plan(x, axis, None)
+    p = _plan(x, s.axis, None)
     if p is None:
         return None
     try:
@@ -138,8 +138,8 @@ def eval_forward(x, axis, weight, bias, running_mean, running_var, eps, activati
     if rm.dtype not in _F_TYPES or rv.dtype not in _F_TYPES:
         return None
     y, ya = _out(p, x.dtype)
-    _eval_fwd(_arr(x, p), ya, rm, rv, _vec(weight, p.C, 1.0), _vec(bias, p.C, 0.0), float(eps), _CODES[activation],
-              float(negative_slope), p.rpg)
+    _eval_fwd(_arr(x, p), ya, rm, rv, _vec(weight, p.C, 1.0), _vec(bias, p.C, 0.0), float(s.eps), _CODES[s.activation],
+              float(s.negative_slope), p.rpg)
     return y
 
 
@@ -164,42 +164,37 @@ def _bwd_prep(dy, t, p: _Plan, pp, qq, zscale, zshift):
     return _arr(t, p), dya, f(pp), f(qq), kz, bz
 
 
-def backward_reduce(dy, x, axis, mean, invstd, group_size, activation=None, negative_slope=0.01,
-                    zscale=None, zshift=None, from_output=False):
+def backward_reduce(dy, x, s: Settings, mean, invstd, zscale=None, zshift=None):
     """``(Σ dz, Σ dz · x̂)`` per feature, as :func:`torch_ops.backward_reduce` (float64 sums)."""
-    p = _plan(x, axis, group_size)
+    p = _plan(x, s.axis, s.group_size)
     if p is None:
-        return _t.backward_reduce(dy, x, axis, mean, invstd, group_size, activation, negative_slope,
-                                  zscale, zshift, from_output)
+        return _t.backward_reduce(dy, x, s, mean, invstd, zscale, zshift)
     ta, dya, pa, qa, kz, bz = _bwd_prep(dy, x, p, mean, invstd, zscale, zshift)
-    sums = _bwd_sums_any(dya, ta, pa, qa, kz, bz, p.seg, p.seg_group, p.G, p.rpg, _t.activation_code(activation),
-                         float(negative_slope), bool(from_output))
+    sums = _bwd_sums_any(dya, ta, pa, qa, kz, bz, p.seg, p.seg_group, p.G, p.rpg, _CODES[s.activation],
+                         float(s.negative_slope), bool(s.save))
     out = torch.from_numpy(sums).to(mean.dtype)
     return out[..., 0].contiguous(), out[..., 1].contiguous()
 
 
-def backward_apply(dy, x, axis, mean, invstd, k, mean_dy, mean_dy_xhat, m, group_size, activation=None,
-                   negative_slope=0.01, zscale=None, zshift=None, from_output=False):
+def backward_apply(dy, x, s: Settings, mean, invstd, k, mean_dy, mean_dy_xhat, m, zscale=None, zshift=None):
     """``dx = k · (dz − m · (mean(dz) + x̂ · mean(dz · x̂)))`` as :func:`torch_ops.backward_apply`."""
-    p = _plan(x, axis, group_size)
+    p = _plan(x, s.axis, s.group_size)
     if p is None:
-        return _t.backward_apply(dy, x, axis, mean, invstd, k, mean_dy, mean_dy_xhat, m, group_size, activation,
-                                 negative_slope, zscale, zshift, from_output)
+        return _t.backward_apply(dy, x, s, mean, invstd, k, mean_dy, mean_dy_xhat, m, zscale, zshift)
     ta, dya, pa, qa, kz, bz = _bwd_prep(dy, x, p, mean, invstd, zscale, zshift)
     f = lambda v: _per_group(v, p, np.float64)  # noqa: E731
     # the kernel takes (Σ dz, Σ dz·x̂) and counts: pass the means with a count of one
     sums = np.stack([f(mean_dy), f(mean_dy_xhat)], axis=-1)
     dx, dxa = _out(p, x.dtype)
     _dx_any(dya, ta, dxa, pa, qa, kz, bz, f(k), sums, np.ones((p.G, 1)), _mask(m, p), m is not None, p.rpg,
-            _t.activation_code(activation), float(negative_slope), bool(from_output))
+            _CODES[s.activation], float(s.negative_slope), bool(s.save))
     return dx
 
 
-def train_backward(dy, t, axis, stats, invstd, weight, bias, count, m, group_size, eps, activation=None,
-                   negative_slope=0.01, from_output=False, needs=(True, True, True)):
+def train_backward(dy, t, s: Settings, stats, invstd, weight, bias, count, m, needs=(True, True, True)):
     """Plain batch norm's whole backward in one kernel call: reduce ``(Σ dz, Σ dz·x̂)`` → means → apply ``dx``.
 
-    ``t`` is the input (``from_output=False``; ``stats`` the ``(3, G, C)`` (count, mean, var) of
+    ``t`` is the input (``s.save`` False; ``stats`` the ``(3, G, C)`` (count, mean, var) of
     :func:`train_forward`) or the output of memory="save" (``stats`` unused, ``x̂ = (act⁻¹(y) − β) / γ``
     with γ clamped to ``±eps`` as in the forward). ``count``: ``(G, C)`` or ``(G, 1)`` counted values,
     or None to take them from ``stats``. ``needs`` says which of ``(dx, dγ, dβ)`` to return (others are
@@ -208,10 +203,10 @@ def train_backward(dy, t, axis, stats, invstd, weight, bias, count, m, group_siz
     Shape: ``dy``, ``t`` and ``dx`` like the layer input; ``dγ``, ``dβ`` ``(C,)`` in the parameters' dtype.
     Reference: the analytic backward ``dx = γ/σ · (dy − mean(dy) − x̂ · mean(dy·x̂))`` (Ioffe & Szegedy 2015).
     """
-    p = _plan(t, axis, group_size)
+    p = _plan(t, s.axis, s.group_size)
     if p is None:
         return None
-    inv = bool(from_output)
+    inv = bool(s.save)
     iv = invstd.numpy()
     st = stats.numpy() if stats is not None else None
     dx, dxa = _out(p, t.dtype) if needs[0] else (None, np.empty((1,) * len(p.shape), _NP[t.dtype]))
@@ -220,7 +215,7 @@ def train_backward(dy, t, axis, stats, invstd, weight, bias, count, m, group_siz
     cn = count.numpy() if count is not None else st[0]
     _train_bwd(_arr(dy if dy.dtype == t.dtype else dy.to(t.dtype), p), _arr(t, p), _mask(m, p),
                m is not None, p.seg, p.seg_group, p.G, p.rpg, iv if inv else st[1], iv, _vec(weight, p.C, 1.0),
-               _vec(bias, p.C, 0.0), float(eps), inv, _CODES[activation], float(negative_slope),
+               _vec(bias, p.C, 0.0), float(s.eps), inv, _CODES[s.activation], float(s.negative_slope),
                cn.astype(np.float64, copy=False), needs[0], dxa, dwa, dba)
     if dw is not None and dw.dtype != weight.dtype:
         dw = dw.to(weight.dtype)

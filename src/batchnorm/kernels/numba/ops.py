@@ -6,9 +6,12 @@ its own by the evaluation path, where gradients may still flow to ``x``, ``weigh
 has an autograd formula. The training path differentiates through
 :class:`batchnorm.functional._TrainNorm`, whose forward and backward call these ops.
 
-This module has the same four functions as :mod:`batchnorm.kernels.torch_ops` and
-:mod:`batchnorm.kernels.numba.calls` (``reduce``, ``apply``, ``backward_reduce``, ``backward_apply``); it is
-what :func:`batchnorm.kernels.dispatch.select` returns for the numba path. It also offers the numba
+This module has the same four functions, with the same signatures (tensors and the call's
+:class:`batchnorm.kernels.backend.Settings` record ``s``), as :mod:`batchnorm.kernels.torch_ops` and
+:mod:`batchnorm.kernels.numba.calls` (``reduce``, ``apply``, ``backward_reduce``, ``backward_apply``); the
+numba backend calls them. It is the one place where ``s`` is unpacked into primitives: a custom op's
+schema takes only tensors and plain numbers/strings, so every op takes the same settings tail
+(:data:`_TAIL`, made by :func:`_cfg`) and turns it back into a (cached) record with :func:`_settings`. It also offers the numba
 path's one-call sequences for plain batch norm (``train_forward``, ``train_backward``,
 ``eval_forward``) and its
 running update (``update_running``), eager only: while compiling they return None and the caller
@@ -17,133 +20,117 @@ runs the three steps through the registered ops.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import safety
 from .. import torch_ops as _t
+from ..backend import Settings
 from . import calls as cpu
 
 _LIB = "batchnorm"
 
+#: The settings tail every custom op takes, in this order (what :func:`_cfg` returns).
+_TAIL = "int axis, int? group_size, str activation, float negative_slope, bool save"
 
-def _g(x: torch.Tensor, group_size: int | None) -> int:
-    return _t.num_groups(x.shape[0], group_size)
+
+def _cfg(s: Settings) -> tuple:
+    """``s`` as the primitives of :data:`_TAIL` (the only place a record is unpacked)."""
+    return s.axis, s.group_size, s.activation or "identity", float(s.negative_slope), bool(s.save)
+
+
+@functools.lru_cache(maxsize=256)
+def _settings(axis: int, group_size: int | None, activation: str, negative_slope: float, save: bool) -> Settings:
+    """The record back from :data:`_TAIL`'s primitives (``eps`` is not used by the four steps)."""
+    return Settings(axis=axis, group_size=group_size, activation=None if activation == "identity" else activation,
+                    negative_slope=negative_slope, save=save)
+
+
+def _op(name: str, tensors: str, returns: str):
+    """Register ``batchnorm::name(tensors, <settings tail>) -> returns`` (CPU) around the decorated kernel call."""
+    return torch.library.custom_op(f"{_LIB}::{name}", mutates_args=(), device_types="cpu",
+                                   schema=f"({tensors}, {_TAIL}) -> {returns}")
+
+
+def _g(x: torch.Tensor, s: Settings) -> tuple[int, int]:
+    """The ``(G, C)`` shape of per-feature results."""
+    return _t.num_groups(x.shape[0], s.group_size), x.shape[s.axis]
 
 
 # ---------------------------------------------------------------------------- reduce
-@torch.library.custom_op(f"{_LIB}::reduce", mutates_args=(), device_types="cpu")
-def _reduce_op(
-    x: torch.Tensor, axis: int, m: torch.Tensor | None, group_size: int | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@_op("reduce", "Tensor x, Tensor? m", "(Tensor, Tensor, Tensor)")
+def _reduce_op(x, m, *cfg):
     with torch.no_grad(), safety.kernel_guard():
-        return cpu.reduce(x, axis, m, group_size)
+        return cpu.reduce(x, _settings(*cfg), m)
 
 
 @_reduce_op.register_fake
-def _(x, axis, m, group_size):
-    shape = (_g(x, group_size), x.shape[axis])
-    sd = _t.stat_dtype(x.dtype)
+def _(x, m, *cfg):
+    shape, sd = _g(x, _settings(*cfg)), _t.stat_dtype(x.dtype)
     return x.new_empty(shape, dtype=sd), x.new_empty(shape, dtype=sd), x.new_empty(shape, dtype=sd)
 
 
 # ---------------------------------------------------------------------------- apply
-@torch.library.custom_op(f"{_LIB}::apply", mutates_args=(), device_types="cpu")
-def _apply_op(
-    x: torch.Tensor,
-    axis: int,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    group_size: int | None,
-    activation: str,
-    negative_slope: float,
-) -> torch.Tensor:
+@_op("apply", "Tensor x, Tensor scale, Tensor shift", "Tensor")
+def _apply_op(x, scale, shift, *cfg):
     with torch.no_grad(), safety.kernel_guard():
-        return cpu.apply(x, axis, scale, shift, group_size, activation, negative_slope)
+        return cpu.apply(x, _settings(*cfg), scale, shift)
 
 
 @_apply_op.register_fake
-def _(x, axis, scale, shift, group_size, activation, negative_slope):
+def _(x, scale, shift, *cfg):
     return torch.empty_like(x)
 
 
 def _apply_setup(ctx, inputs, output):
-    x, axis, scale, shift, group_size, activation, negative_slope = inputs
+    x, scale, shift, *cfg = inputs
     ctx.save_for_backward(x, scale, shift)
-    ctx.cfg = (axis, group_size, activation, negative_slope)
+    ctx.settings = _settings(*cfg)
 
 
 def _apply_backward(ctx, dy):
     x, scale, shift = ctx.saved_tensors
-    axis, group_size, activation, negative_slope = ctx.cfg
-    e = lambda v: _t.expand(v, x, axis, group_size)  # noqa: E731
+    s = ctx.settings
+    e = lambda v: _t.expand(v, x, s.axis, s.group_size)  # noqa: E731
     xs = x.to(scale.dtype)
     dz = dy.to(scale.dtype)
-    if activation != "identity":
-        dz = dz * _t.act_grad(torch.addcmul(e(shift), xs, e(scale)), activation, negative_slope)
+    if s.activation is not None:
+        dz = dz * _t.act_grad(torch.addcmul(e(shift), xs, e(scale)), s.activation, s.negative_slope)
     dx = (dz * e(scale)).to(x.dtype) if ctx.needs_input_grad[0] else None
-    dscale = _t._group_sum(dz * xs, x, axis, group_size).reshape(scale.shape) if ctx.needs_input_grad[2] else None
-    dshift = _t._group_sum(dz, x, axis, group_size).reshape(shift.shape) if ctx.needs_input_grad[3] else None
-    return dx, None, dscale, dshift, None, None, None
+    dscale = _t._group_sum(dz * xs, x, s.axis, s.group_size).reshape(scale.shape) if ctx.needs_input_grad[1] else None
+    dshift = _t._group_sum(dz, x, s.axis, s.group_size).reshape(shift.shape) if ctx.needs_input_grad[2] else None
+    return (dx, dscale, dshift) + (None,) * len(_cfg(s))
 
 
 _apply_op.register_autograd(_apply_backward, setup_context=_apply_setup)
 
 
 # ---------------------------------------------------------------------------- backward kernels
-@torch.library.custom_op(f"{_LIB}::backward_reduce", mutates_args=(), device_types="cpu")
-def _backward_reduce_op(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    axis: int,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    group_size: int | None,
-    activation: str,
-    negative_slope: float,
-    zscale: torch.Tensor | None,
-    zshift: torch.Tensor | None,
-    from_output: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+_STATS = "Tensor dy, Tensor x, Tensor mean, Tensor invstd"
+_Z = "Tensor? zscale, Tensor? zshift"
+
+
+@_op("backward_reduce", f"{_STATS}, {_Z}", "(Tensor, Tensor)")
+def _backward_reduce_op(dy, x, mean, invstd, zscale, zshift, *cfg):
     with torch.no_grad(), safety.kernel_guard():
-        return cpu.backward_reduce(
-            dy, x, axis, mean, invstd, group_size, activation, negative_slope, zscale, zshift, from_output
-        )
+        return cpu.backward_reduce(dy, x, _settings(*cfg), mean, invstd, zscale, zshift)
 
 
 @_backward_reduce_op.register_fake
-def _(dy, x, axis, mean, invstd, group_size, activation, negative_slope, zscale, zshift, from_output):
-    shape = (_g(x, group_size), x.shape[axis])
+def _(dy, x, mean, invstd, zscale, zshift, *cfg):
+    shape = _g(x, _settings(*cfg))
     return mean.new_empty(shape), mean.new_empty(shape)
 
 
-@torch.library.custom_op(f"{_LIB}::backward_apply", mutates_args=(), device_types="cpu")
-def _backward_apply_op(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    axis: int,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    k: torch.Tensor,
-    mean_dy: torch.Tensor,
-    mean_dy_xhat: torch.Tensor,
-    m: torch.Tensor | None,
-    group_size: int | None,
-    activation: str,
-    negative_slope: float,
-    zscale: torch.Tensor | None,
-    zshift: torch.Tensor | None,
-    from_output: bool,
-) -> torch.Tensor:
+@_op("backward_apply", f"{_STATS}, Tensor k, Tensor mean_dy, Tensor mean_dy_xhat, Tensor? m, {_Z}", "Tensor")
+def _backward_apply_op(dy, x, mean, invstd, k, mean_dy, mean_dy_xhat, m, zscale, zshift, *cfg):
     with torch.no_grad(), safety.kernel_guard():
-        return cpu.backward_apply(
-            dy, x, axis, mean, invstd, k, mean_dy, mean_dy_xhat, m, group_size, activation, negative_slope,
-            zscale, zshift, from_output,
-        )
+        return cpu.backward_apply(dy, x, _settings(*cfg), mean, invstd, k, mean_dy, mean_dy_xhat, m, zscale, zshift)
 
 
 @_backward_apply_op.register_fake
-def _(dy, x, axis, mean, invstd, k, mean_dy, mean_dy_xhat, m, group_size, activation, negative_slope, zscale,
-      zshift, from_output):
+def _(dy, x, *rest):
     return torch.empty_like(x)
 
 
@@ -154,74 +141,55 @@ def _(dy, x, axis, mean, invstd, k, mean_dy, mean_dy_xhat, m, group_size, activa
 _compiling = torch.compiler.is_compiling
 
 
-def _name(activation: str | None) -> str:
-    return "identity" if activation is None else activation
-
-
-def reduce(x, axis, m=None, group_size=None):
-    """:func:`torch_ops.reduce` through ``torch.ops.batchnorm.reduce`` (torch path when x needs a gradient)."""
+def reduce(x, s: Settings, m=None):
+    """:func:`calls.reduce` (eager) or ``torch.ops.batchnorm.reduce`` (compiling; torch path when x needs a gradient)."""
+    if not _compiling():  # cpu.reduce takes the (differentiable) torch path when x needs a gradient
+        return cpu.reduce(x, s, m)
     if x.requires_grad and torch.is_grad_enabled():
-        return _t.reduce(x, axis, m, group_size)  # batch_stats on a graph: stay differentiable
-    if not _compiling():
-        return cpu.reduce(x, axis, m, group_size)
-    return _reduce_op(x, axis, m, group_size)
+        return _t.reduce(x, s, m)  # batch_stats on a graph: stay differentiable
+    return _reduce_op(x, m, *_cfg(s))
 
 
-def apply(x, axis, scale, shift, group_size=None, activation=None, negative_slope=0.01):
-    """:func:`torch_ops.apply` through ``torch.ops.batchnorm.apply`` (differentiable)."""
+def apply(x, s: Settings, scale, shift):
+    """:func:`calls.apply` (eager) or ``torch.ops.batchnorm.apply`` (compiling; differentiable)."""
     if not _compiling():  # cpu.apply itself takes the (differentiable) torch path when a gradient is needed
-        return cpu.apply(x, axis, scale, shift, group_size, activation, negative_slope)
-    return _apply_op(x, axis, scale, shift, group_size, _name(activation), float(negative_slope))
+        return cpu.apply(x, s, scale, shift)
+    return _apply_op(x, scale, shift, *_cfg(s))
 
 
-def backward_reduce(dy, x, axis, mean, invstd, group_size, activation=None, negative_slope=0.01,
-                    zscale=None, zshift=None, from_output=False):
-    """:func:`torch_ops.backward_reduce` through ``torch.ops.batchnorm.backward_reduce``."""
+def backward_reduce(dy, x, s: Settings, mean, invstd, zscale=None, zshift=None):
+    """:func:`calls.backward_reduce` (eager) or ``torch.ops.batchnorm.backward_reduce`` (compiling)."""
     if not _compiling():
-        return cpu.backward_reduce(dy, x, axis, mean, invstd, group_size, activation, negative_slope, zscale,
-                                   zshift, from_output)
-    return _backward_reduce_op(dy, x, axis, mean, invstd, group_size, _name(activation), float(negative_slope),
-                               zscale, zshift, bool(from_output))
+        return cpu.backward_reduce(dy, x, s, mean, invstd, zscale, zshift)
+    return _backward_reduce_op(dy, x, mean, invstd, zscale, zshift, *_cfg(s))
 
 
-def backward_apply(dy, x, axis, mean, invstd, k, mean_dy, mean_dy_xhat, m, group_size, activation=None,
-                   negative_slope=0.01, zscale=None, zshift=None, from_output=False):
-    """:func:`torch_ops.backward_apply` through ``torch.ops.batchnorm.backward_apply``."""
+def backward_apply(dy, x, s: Settings, mean, invstd, k, mean_dy, mean_dy_xhat, m, zscale=None, zshift=None):
+    """:func:`calls.backward_apply` (eager) or ``torch.ops.batchnorm.backward_apply`` (compiling)."""
     if not _compiling():
-        return cpu.backward_apply(dy, x, axis, mean, invstd, k, mean_dy, mean_dy_xhat, m, group_size, activation,
-                                  negative_slope, zscale, zshift, from_output)
-    return _backward_apply_op(dy, x, axis, mean, invstd, k, mean_dy, mean_dy_xhat, m, group_size, _name(activation),
-                              float(negative_slope), zscale, zshift, bool(from_output))
+        return cpu.backward_apply(dy, x, s, mean, invstd, k, mean_dy, mean_dy_xhat, m, zscale, zshift)
+    return _backward_apply_op(dy, x, mean, invstd, k, mean_dy, mean_dy_xhat, m, zscale, zshift, *_cfg(s))
 
 
 # Plain batch norm's fused sequences and the running update: eager CPU calls only (under torch.compile the
 # caller sees None and runs the three steps above through the registered ops).
-def train_forward(x, axis, m, group_size, weight, bias, eps, activation=None, negative_slope=0.01, clamp=False,
-                  running=None):
-    """:func:`cpu.train_forward` when eager (None while compiling, or when the kernels cannot take ``x``)."""
-    if _compiling():
-        return None
-    return cpu.train_forward(x, axis, m, group_size, weight, bias, eps, activation, negative_slope, clamp, running)
+def train_forward(x, s: Settings, m, weight, bias, running=None):
+    """:func:`calls.train_forward` when eager (None while compiling, or when the kernels cannot take ``x``)."""
+    return None if _compiling() else cpu.train_forward(x, s, m, weight, bias, running)
 
 
-def train_backward(dy, t, axis, stats, invstd, weight, bias, count, m, group_size, eps, activation=None,
-                   negative_slope=0.01, from_output=False, needs=(True, True, True)):
-    """:func:`cpu.train_backward` when eager (None while compiling)."""
-    if _compiling():
-        return None
-    return cpu.train_backward(dy, t, axis, stats, invstd, weight, bias, count, m, group_size, eps, activation,
-                              negative_slope, from_output, needs)
+def train_backward(dy, t, s: Settings, stats, invstd, weight, bias, count, m, needs=(True, True, True)):
+    """:func:`calls.train_backward` when eager (None while compiling)."""
+    return None if _compiling() else cpu.train_backward(dy, t, s, stats, invstd, weight, bias, count, m, needs)
 
 
 def update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked=None):
-    """:func:`cpu.update_running` when eager (None while compiling, or for buffers it does not take)."""
+    """:func:`calls.update_running` when eager (None while compiling, or for buffers it does not take)."""
     if _compiling():
         return None
     return cpu.update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
 
 
-def eval_forward(x, axis, weight, bias, running_mean, running_var, eps, activation=None, negative_slope=0.01):
-    """:func:`cpu.eval_forward` when eager (None while compiling, or for inputs/buffers it does not take)."""
-    if _compiling():
-        return None
-    return cpu.eval_forward(x, axis, weight, bias, running_mean, running_var, eps, activation, negative_slope)
+def eval_forward(x, s: Settings, weight, bias, running_mean, running_var):
+    """:func:`calls.eval_forward` when eager (None while compiling, or for inputs/buffers it does not take)."""
+    return None if _compiling() else cpu.eval_forward(x, s, weight, bias, running_mean, running_var)

@@ -126,11 +126,18 @@ def _segments(A: int, C: int, B: int, rpg: int, G: int, threads: int) -> tuple[n
 
 
 def _arr(t: torch.Tensor, p: _Plan) -> np.ndarray:
-    """``t`` (x-shaped: x itself, dy, y) as the canonical array (``(A, C)`` or ``(A, C, B)``); copies only if its layout differs."""
+    """``t`` (x-shaped: x itself, dy, y) as the canonical C-contiguous array (``(A, C)`` or ``(A, C, B)``).
+
+    Copies only if its layout differs from x's. Always C-contiguous, so the kernels see one array type
+    per dtype and rank: a ``dy`` with zero strides (``y.sum().backward()`` expands a scalar) or another
+    non-dense view would otherwise be a new numba signature, compiled on its first call in the caller's
+    thread, after the warm-up (seconds).
+    """
     a = t.detach().numpy()
     if not p.identity:
         a = a.transpose(p.perm)
-    return a.reshape(p.shape)
+    a = a.reshape(p.shape)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 def _out(p: _Plan, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
