@@ -147,6 +147,19 @@ def _build(variant: str, seed: int) -> nn.Module:
     return net
 
 
+def _probe(net: nn.Module, loss_fn, batch, lr: float, record: dict) -> dict:
+    """Append Santurkar et al.'s measures at the current weights to ``record``: ICS (mean over layers of the
+    ℓ2 and cosine gradient change) and the three landscape measures. Returns the landscape dict."""
+    ics = internal_covariate_shift(net, loss_fn, batch, lr=lr)
+    record["ics_l2"].append(float(np.mean([v["l2"] for v in ics.values()])))
+    record["ics_cos"].append(float(np.nanmean([v["cos"] for v in ics.values()])))
+    land = loss_landscape(net, loss_fn, batch, lr=lr, steps=(0.5, 1, 2, 4))
+    record["loss_range"].append(land["loss_range"])
+    record["grad_pred"].append(land["gradient_predictiveness"])
+    record["beta"].append(land["beta_smoothness"])
+    return land
+
+
 def _train_one(ctx: Context, variant: str, seed: int, steps: int, every: int, digits) -> dict:
     x, y, xt, yt = digits
     model = train.seeded(ctx, seed, lambda: _build(variant, seed))
@@ -166,14 +179,8 @@ def _train_one(ctx: Context, variant: str, seed: int, steps: int, every: int, di
             idx = torch.randperm(len(x), generator=probe_gen)[:BATCH]
             batch = (x[idx], y[idx])
             net.train()
-            ics = internal_covariate_shift(net, ce, batch, lr=LR)
             record["land_steps"].append(step)
-            record["ics_l2"].append(float(np.mean([v["l2"] for v in ics.values()])))
-            record["ics_cos"].append(float(np.nanmean([v["cos"] for v in ics.values()])))
-            land = loss_landscape(net, ce, batch, lr=LR, steps=(0.5, 1, 2, 4))
-            record["loss_range"].append(land["loss_range"])
-            record["grad_pred"].append(land["gradient_predictiveness"])
-            record["beta"].append(land["beta_smoothness"])
+            land = _probe(net, ce, batch, LR, record)
             record["grad_norm"].append(land["grad_norm"])
 
     hist = train.fit(model, (x, y), ctx=ctx, lr=LR, seed=seed, steps=steps, batch_size=BATCH, optimizer="sgd",
@@ -228,13 +235,7 @@ def _dln_run(ctx: Context, depth: int, bn: bool, lr: float, seed: int, steps: in
         idx = torch.randperm(len(x), generator=probe_gen)[:DLN_BATCH]
         batch = (x[idx], y[idx])
         net.train()
-        ics = internal_covariate_shift(net, mse, batch, lr=PROBE_LR)
-        rec["ics_l2"].append(float(np.mean([v["l2"] for v in ics.values()])))
-        rec["ics_cos"].append(float(np.nanmean([v["cos"] for v in ics.values()])))
-        land = loss_landscape(net, mse, batch, lr=PROBE_LR, steps=(0.5, 1, 2, 4))
-        rec["loss_range"].append(land["loss_range"])
-        rec["grad_pred"].append(land["gradient_predictiveness"])
-        rec["beta"].append(land["beta_smoothness"])
+        _probe(net, mse, batch, PROBE_LR, rec)
 
     hist = train.fit(model, (x, y), ctx=ctx.quiet(), lr=lr, seed=seed, steps=steps, batch_size=DLN_BATCH,
                      optimizer="sgd-plain", loss_fn=mse, on_step=on_step, final_train_eval=False)
