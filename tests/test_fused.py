@@ -303,3 +303,59 @@ def test_eval_layer_without_grad_uses_one_call_and_matches_torch(backend):
     y = ours(x.requires_grad_(True))  # grad enabled: the differentiable path still gives gradients
     y.sum().backward()
     assert x.grad is not None and ours.weight.grad is not None
+
+
+def _numba_signatures() -> int:
+    from numba.core.registry import CPUDispatcher
+
+    from batchnorm.kernels.numba import fused, loops
+
+    ds = [v for mod in (fused, loops) for v in vars(mod).values() if isinstance(v, CPUDispatcher)]
+    return sum(len(d.signatures) for d in ds)
+
+
+# (x shape, layout, dtype, how dy is made): dy kinds a training loop produces besides a dense tensor
+ODD_DY_CASES = [
+    ((8, 3), "contig", torch.float32, "sum"),  # y.sum().backward(): a scalar expanded, all strides zero
+    ((4, 3, 5), "contig", torch.float64, "sum"),
+    ((4, 3, 5), "contig", torch.float32, "mean"),
+    ((4, 3, 5), "contig", torch.float32, "broadcast_row"),  # (1, C, L) expanded along the batch
+    ((4, 3, 5, 2), "cl", torch.float32, "sum"),
+    ((4, 3, 5), "contig", torch.float64, "transposed"),  # dense, other order than x
+]
+
+
+@pytest.mark.parametrize("shape,layout,dtype,kind", ODD_DY_CASES, ids=str)
+def test_odd_dy_needs_no_new_kernel_signature_after_warm_up(shape, layout, dtype, kind):
+    """After warm_up(), a zero-stride or otherwise non-dense dy reaches the kernels as the warmed array type.
+
+    (Before, ``y.sum().backward()`` compiled a new numba signature in the caller's thread: seconds.)
+    """
+    from batchnorm.kernels.backend import Settings
+    from batchnorm.kernels.numba import NUMBA, warm_up
+
+    warm_up()
+    x = _make(shape, layout, dtype)
+    dense = torch.randn(shape, dtype=dtype)
+    if kind == "sum":
+        dy = torch.ones((), dtype=dtype).expand(shape)
+    elif kind == "mean":
+        dy = torch.full((), 1 / x.numel(), dtype=dtype).expand(shape)
+    elif kind == "broadcast_row":
+        dy = dense[:1].expand(shape)
+    else:
+        dy = dense.transpose(0, -1).contiguous().transpose(0, -1)
+    s = Settings(1, activation="relu")
+    w, b = torch.randn(shape[1], dtype=dtype), torch.randn(shape[1], dtype=dtype)
+    _, stats, invstd, _ = NUMBA.train_forward(x, s, None, w, b)
+    before = _numba_signatures()
+    got = NUMBA.train_backward(dy, x, s, stats, invstd, w, b, None, None, (True, True, True))
+    p, q = stats[1], invstd
+    k = w.reshape(1, -1) * invstd
+    sums = NUMBA.backward_reduce(dy, x, s, p, q, w.reshape(1, -1), b.reshape(1, -1))
+    NUMBA.backward_apply(dy, x, s, p, q, k, sums[0] / stats[0], sums[1] / stats[0], None, w.reshape(1, -1),
+                         b.reshape(1, -1))
+    assert _numba_signatures() == before, "a dy layout compiled a new numba signature after warm_up()"
+    want = NUMBA.train_backward(dy.contiguous(), x, s, stats, invstd, w, b, None, None, (True, True, True))
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)

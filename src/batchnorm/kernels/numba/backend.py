@@ -115,6 +115,10 @@ def warm_up() -> None:
             for m in (None, mask):
                 y, stats, invstd, _ = NUMBA.train_forward(x, s, m, w, b, (rm, rv, nbt, 0.1))
                 NUMBA.train_backward(torch.randn_like(y), x, s, stats, invstd, w, b, None, m, (True, True, True))
+            # the backward primitives (the renorm and sync combines run them step by step)
+            k, z = w.reshape(1, -1), b.reshape(1, -1)
+            sums = NUMBA.backward_reduce(y, x, s, stats[1], invstd, k, z)
+            NUMBA.backward_apply(y, x, s, stats[1], invstd, k, sums[0], sums[1], mask, k, z)
             NUMBA.eval_forward(x, s, w, b, rm, rv)
             with torch.no_grad():
                 NUMBA.apply(x, s, w.reshape(1, -1), b.reshape(1, -1))
