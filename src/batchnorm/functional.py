@@ -391,6 +391,7 @@ def normalize(
     negative_slope: float = 0.01,
     memory: str = "default",
     settings: Settings | None = None,
+    stacklevel: int = 4,
 ) -> torch.Tensor:
     """The one code path behind every layer: validated input → reduce → combine → apply.
 
@@ -400,7 +401,8 @@ def normalize(
     output instead of the input for backward (In-Place ABN, Rota Bulò et al. 2018). ``backend``
     forces a backend; otherwise :func:`batchnorm.kernels.dispatch.select` picks the cheapest one per
     call. ``settings`` (a layer's cached :class:`~batchnorm.kernels.backend.Settings`) replaces
-    ``axis, eps, group_size, activation, negative_slope, memory`` when given (already checked).
+    ``axis, eps, group_size, activation, negative_slope, memory`` when given (already checked). ``stacklevel``:
+    where the non-finite-batch warning points, counted from :func:`_warn_not_finite` (layers pass 6: their caller).
     """
     s = settings if settings is not None else settings_for(axis, eps, group_size, activation, negative_slope, memory,
                                                             name)
@@ -441,12 +443,15 @@ def normalize(
                                         num_batches_tracked)
         # is_compiling first: under torch.compile ``finite`` is a tensor and bool() would break the graph
         if not torch.compiler.is_compiling() and not bool(finite) and x.device.type != "meta":
-            _warn_not_finite(name, x, m)
+            _warn_not_finite(name, x, m, stacklevel)
     return y
 
 
-def _warn_not_finite(name: str, x: torch.Tensor, m: torch.Tensor | None) -> None:
-    """The RuntimeWarning of a refused batch, naming the real cause (non-finite input, or overflow of finite input)."""
+def _warn_not_finite(name: str, x: torch.Tensor, m: torch.Tensor | None, stacklevel: int = 4) -> None:
+    """The RuntimeWarning of a refused batch, naming the real cause (non-finite input, or overflow of finite input).
+
+    ``stacklevel`` counts from this function (4: the caller of :func:`batch_norm`; layers pass their own depth).
+    """
     with torch.no_grad():
         counted = x if m is None else torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
         finite_input = bool(torch.isfinite(counted).all())
@@ -464,7 +469,7 @@ def _warn_not_finite(name: str, x: torch.Tensor, m: torch.Tensor | None) -> None
         f"{name}: batch statistics are not finite ({cause}); the running estimates and num_batches_tracked "
         "were left unchanged for this batch.",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=stacklevel,
     )
 
 

@@ -250,6 +250,32 @@ def select(
     return nb if nb is not None else COMPOSITE
 
 
+def _env_reader():
+    """A cheap read of ``BATCHNORM_BACKEND`` (``os.environ.get`` costs ~1 µs; its backing dict ~20 ns)."""
+    data, encode = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
+    if isinstance(data, dict) and encode is not None:
+        key = encode("BATCHNORM_BACKEND")
+        return lambda: data.get(key)
+    return lambda: os.environ.get("BATCHNORM_BACKEND")
+
+
+_forced_env = _env_reader()
+
+
+def decision_state() -> tuple:
+    """What :func:`select` reads besides its arguments; a cached choice stays valid while this tuple is equal.
+
+    The forced-backend variable, the numba warm-up status, :func:`batchnorm.kernels.safety.numba_usable`, and the
+    function objects :func:`select` and :func:`device_type` themselves (tests and tools patch them: a patched one
+    never matches a cache built before). Layers key their fast path on it (``BatchNorm.forward``). The cost table
+    :data:`CROSSOVER_BYTES` is read when a choice is made; a layer keeps its choice for a shape until this state,
+    its settings or its tensors change.
+
+    Shape: not applicable. Example: ``dispatch.decision_state() == dispatch.decision_state()`` is True.
+    """
+    return (_forced_env(), _status, _safety.numba_usable(), select, device_type)
+
+
 def _bytes(x: torch.Tensor) -> int:
     return x.numel() * x.element_size()
 

@@ -45,6 +45,8 @@ Reference: ``torch.nn.functional.batch_norm`` / ``aten::native_batch_norm``; Iof
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -55,6 +57,66 @@ from .composite import CompositeBackend
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
 _all = np.logical_and.reduce  # C-level reductions (ndarray.all goes through a Python wrapper)
 _isfinite = np.isfinite
+_dot = np.dot
+_finite = math.isfinite  # (numpy scalar arithmetic would warn on inf − inf)
+_nbn = torch.native_batch_norm
+
+
+def _stats_finite(mean: torch.Tensor, invstd: torch.Tensor) -> bool:
+    """The batch's statistics are usable: finite mean, ``1/σ`` neither NaN nor 0 (0: the variance overflowed)."""
+    if mean.dtype not in _NUMPY_DTYPES:
+        mean, invstd = mean.float(), invstd.float()
+    return bool(_all(_isfinite(mean.detach().numpy())) and _all(invstd.detach().numpy() > 0))
+
+
+class Guard:
+    """The non-finite guard of a CPU training call: ``native_batch_norm`` updates the running buffers in place, so
+    their values are copied first and put back when the batch's statistics are not finite.
+
+    Built once per pair of ``(C,)`` contiguous float32/float64/float16 CPU buffers (a layer's plan keeps it): NumPy
+    views and memoryviews of their storage and a snapshot array. Per call (:meth:`update`): two memoryview copies (a
+    ``memcpy`` each), ATen's call, one check, ``num_batches_tracked += 1``. The check: ATen's update
+    ``running ← (1 − f)·running + f·new`` (``f > 0``) makes the new running variance NaN or ±Inf whenever the batch
+    variance is NaN or infinite, and ATen computes the variance from deviations to the mean, so a NaN/Inf mean makes
+    it NaN/Inf too: a finite ``Σ running_var`` (Python's ``sum`` over a memoryview for C ≤ 64, a NumPy dot product
+    above) proves the batch good. Otherwise (or ``f = 0``) the saved statistics decide exactly
+    (:func:`_stats_finite`: finite mean, ``1/σ`` neither NaN nor 0), so old non-finite buffers or a sum that merely
+    overflows never refuse a good batch.
+
+    Shape: ``rm, rv`` ``(C,)``; ``xv`` ``(N, C, *)``. Example: ``Guard(rm, rv).update(x, None, None, rm, rv, nbt, 0.1,
+    1e-5)`` returns ``(y, finite)``. Reference: the README's Semantics section ("a non-finite batch never updates the
+    running estimates").
+    """
+
+    __slots__ = ("ptrs", "rm", "rv", "old_m", "old_v", "rv_np", "small")
+
+    def __init__(self, rm: torch.Tensor, rv: torch.Tensor):
+        rm_np, rv_np = rm.numpy(), rv.numpy()
+        self.ptrs = (rm.data_ptr(), rv.data_ptr())
+        snap = np.empty((2, rm_np.shape[0]), rm_np.dtype)
+        self.rm, self.rv, self.old_m, self.old_v = map(memoryview, (rm_np, rv_np, snap[0], snap[1]))
+        self.rv_np = rv_np
+        self.small = rv_np.shape[0] <= 64 and rv_np.dtype != np.float16
+
+    @staticmethod
+    def fits(rm: torch.Tensor, rv: torch.Tensor) -> bool:
+        """True for buffers a guard can view: contiguous CPU tensors of one NumPy-supported dtype."""
+        return (rm.device.type == "cpu" and rm.dtype in _NUMPY_DTYPES and rv.dtype == rm.dtype
+                and rm.is_contiguous() and rv.is_contiguous() and rm.requires_grad is rv.requires_grad is False)
+
+    def update(self, xv, weight, bias, rm, rv, nbt, f: float, eps: float):
+        """``native_batch_norm`` with the running update, undone when the batch is not finite: ``(y, finite)``."""
+        self.old_m[:] = self.rm
+        self.old_v[:] = self.rv
+        y, mean, invstd = _nbn(xv, weight, bias, rm, rv, True, f, eps)
+        total = sum(self.rv) if self.small else _dot(self.rv_np, self.rv_np)
+        if (f > 0 and _finite(total)) or _stats_finite(mean, invstd):
+            if nbt is not None:
+                nbt.add_(1)
+            return y, True
+        self.rm[:] = self.old_m
+        self.rv[:] = self.old_v
+        return y, False
 
 
 _CL = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -113,23 +175,18 @@ class NativeBackend(CompositeBackend):
             rm, rv, nbt, momentum = running
             if x.device.type == "cpu" and rm.device.type == "cpu" and not torch.compiler.is_compiling():
                 f = momentum if momentum is not None else 1.0 / (int(nbt) + 1)
-                # the snapshot: NumPy copies of the (C,) buffers cost less than torch's clone (bfloat16: clone)
-                npy = rm.dtype in _NUMPY_DTYPES
-                old_m, old_v = (rm.numpy().copy(), rv.numpy().copy()) if npy else (rm.clone(), rv.clone())
-                y, mean, invstd = torch.native_batch_norm(xv, weight, bias, rm, rv, True, f, s.eps)
-                if mean.dtype not in _NUMPY_DTYPES:
-                    mean, invstd = mean.float(), invstd.float()
-                # finite mean, and 1/σ neither NaN nor 0 (0: the variance of huge finite inputs overflowed)
-                finite = bool(_all(_isfinite(mean.detach().numpy())) and _all(invstd.detach().numpy() > 0))
-                if finite:
-                    if nbt is not None:
-                        nbt.add_(1)
-                elif npy:
-                    np.copyto(rm.numpy(), old_m)
-                    np.copyto(rv.numpy(), old_v)
-                else:
-                    rm.copy_(old_m)
-                    rv.copy_(old_v)
+                if Guard.fits(rm, rv):  # the snapshot: memoryview copies cost less than torch's clone
+                    y, finite = Guard(rm, rv).update(xv, weight, bias, rm, rv, nbt, f, s.eps)
+                else:  # bfloat16 or strided buffers: torch copies
+                    old_m, old_v = rm.clone(), rv.clone()
+                    y, mean, invstd = _nbn(xv, weight, bias, rm, rv, True, f, s.eps)
+                    finite = _stats_finite(mean, invstd)
+                    if finite:
+                        if nbt is not None:
+                            nbt.add_(1)
+                    else:
+                        rm.copy_(old_m)
+                        rv.copy_(old_v)
             elif x.device.type == "meta" or rm.device != x.device or torch.compiler.is_compiling():
                 # shapes only (meta), ATen's own device-mismatch error, or a traced graph: nothing to check
                 f = 0.0 if momentum is None else momentum
@@ -169,3 +226,67 @@ class NativeBackend(CompositeBackend):
 
 
 NATIVE = NativeBackend()
+
+
+class Plan:
+    """A layer's native CPU call for one input signature, prepared once: the layer's fast path (``BatchNorm.forward``).
+
+    The layer keeps one plan per ``(input shape, training)`` and runs it while everything the slow path would
+    read to decide is unchanged (:attr:`key`, built by the layer: input shape/strides/dtype, the layer's settings,
+    parameter and buffer objects, :func:`batchnorm.kernels.dispatch.decision_state`). A plan does exactly what
+    :meth:`NativeBackend.train_forward` / :meth:`~NativeBackend.eval_forward` do for that call, minus the checks
+    and decisions already taken: ``mode`` is ``"update"`` (batch statistics, running update under a
+    :class:`Guard` made once), ``"batch"`` (batch statistics, no update) or ``"eval"`` (running statistics).
+
+    Shape: ``x`` as at plan time; ``view`` is ``(-1, C)`` for a last feature axis (``(N, …, C)`` seen as 2-D) or None.
+
+    Example::
+
+        >>> import torch, batchnorm
+        >>> bn = batchnorm.BatchNorm(4)
+        >>> _ = bn(torch.randn(8, 4)); _ = bn(torch.randn(8, 4))   # the first call prepares, the second runs it
+        >>> next(iter(bn.__dict__["_fast"].values())).mode
+        'update'
+
+    Reference: ``torch.nn.modules.batchnorm._BatchNorm.forward`` (what it does per call is all a plan does).
+    """
+
+    __slots__ = ("key", "tensors", "shape", "view", "mode", "eps", "momentum", "settings", "act", "guard")
+
+    def __init__(self, key, shape, mode: str, s: Settings, momentum, rm, rv):
+        self.key, self.shape, self.mode, self.settings = key, shape, mode, s
+        self.eps, self.momentum = s.eps, momentum
+        self.view = None if s.axis == 1 else (-1, shape[s.axis])
+        self.act = s.activation not in (None, "identity")
+        self.tensors = (None,) * 5  # the layer's (weight, bias, running_mean, running_var, num_batches_tracked)
+        self.guard = Guard(rm, rv) if mode == "update" else None
+
+
+    @staticmethod
+    def servable(x: torch.Tensor, mode: str, rm, rv) -> bool:
+        """True when a plan can serve this (already natively dispatched, CPU) call: NumPy-viewable CPU buffers."""
+        if x.numel() == 0:
+            return False
+        if mode != "update":
+            return True
+        return Guard.fits(rm, rv)
+
+    def run(self, x, weight, bias, rm, rv, nbt):
+        """``(y, finite)``: the call, on ``x`` and the layer's current tensors (``finite`` True unless refused)."""
+        xv = x if self.view is None else x.view(self.view)
+        mode, finite = self.mode, True
+        if mode == "update":
+            guard = self.guard
+            if (rm.data_ptr(), rv.data_ptr()) != guard.ptrs:  # storage swapped in place (swap_tensors)
+                guard = self.guard = Guard(rm, rv)
+            f = self.momentum if self.momentum is not None else 1.0 / (int(nbt) + 1)
+            y, finite = guard.update(xv, weight, bias, rm, rv, nbt, f, self.eps)
+        elif mode == "eval":
+            y = _nbn(xv, weight, bias, rm, rv, False, 0.0, self.eps)[0]
+        else:
+            y = _nbn(xv, weight, bias, None, None, True, 0.0, self.eps)[0]
+        if self.view is not None:
+            y = y.view(self.shape)
+        if self.act:
+            y = _act(y, self.settings)
+        return y, finite

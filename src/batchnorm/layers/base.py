@@ -7,6 +7,7 @@ Every variant (renorm, ghost, sync, ...) subclasses :class:`BatchNorm` and overr
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import _checks
 from .. import functional as bnf
 from ..kernels import dispatch
+from ..kernels import native as _native
 from . import _export
 
 
@@ -240,11 +242,31 @@ class BatchNorm(_BatchNorm):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Normalize ``x``; ``mask`` selects the positions that count toward the statistics."""
-        if _export.active(x) and (traced := _export.forward(self, x, mask)) is not None:  # fx/jit/export: see _export
+        d = self.__dict__
+        # fast path: a plain call whose checks and backend choice were made before (see _prepare_fast)
+        if mask is None and not _compiling() and x.__class__ is _Tensor and x.is_cpu:
+            plans = d.get("_fast")
+            if plans is not None and _tracing_state() is None and not _exporting() and _functorch_level() is None:
+                shape = x.shape
+                plan = plans.get((shape, d["training"]))
+                if plan is not None:
+                    params, bufs = self._parameters, self._buffers
+                    w, b = params.get("weight"), params.get("bias")
+                    rm, rv, nbt = bufs.get("running_mean"), bufs.get("running_var"), bufs.get("num_batches_tracked")
+                    pw, pb, prm, prv, pnbt = plan.tensors
+                    if (w is pw and b is pb and rm is prm and rv is prv and nbt is pnbt and plan.key == (
+                            shape, x.stride(), x.dtype, _config(d), dispatch.decision_state())):
+                        d["last_input_shape"] = plan.shape
+                        y, finite = plan.run(x, w, b, rm, rv, nbt)
+                        if not finite:
+                            bnf._warn_not_finite(type(self).__name__, x, None, stacklevel=5)
+                        return y
+        active = _export.active(x)
+        if active and (traced := _export.forward(self, x, mask)) is not None:  # fx/jit/export: see _export
             return traced
         x, axis = self._validated(x)
         # parameters and buffers read from their dicts once (nn.Module.__getattr__ is slow on a hot path)
-        params, bufs, d = self._parameters, self._buffers, self.__dict__
+        params, bufs = self._parameters, self._buffers
         rm, rv = bufs.get("running_mean"), bufs.get("running_var")
         training = self.training
         update = training and self.track_running_stats and rm is not None
@@ -254,7 +276,8 @@ class BatchNorm(_BatchNorm):
         hit = d.get("_settings")
         if hit is None or hit[0] != key:
             hit = d["_settings"] = (key, bnf.settings_for(*key, type(self).__name__))
-        return bnf.normalize(
+        use_batch = training or rm is None or rv is None
+        y = bnf.normalize(
             x,
             params.get("weight"),
             params.get("bias"),
@@ -262,7 +285,7 @@ class BatchNorm(_BatchNorm):
             eps=self.eps,
             # as torch.nn.BatchNorm*d: eval uses batch statistics only when there are no running buffers;
             # flipping ``track_running_stats`` to False on a built layer stops the updates, nothing more
-            use_batch_stats=training or rm is None or rv is None,
+            use_batch_stats=use_batch,
             running_mean=rm,
             running_var=rv,
             update=update,
@@ -273,7 +296,68 @@ class BatchNorm(_BatchNorm):
             name=type(self).__name__,
             backend=d.get("backend"),
             settings=hit[1],
+            stacklevel=6,
         )
+        if mask is None and not active and x.__class__ is _Tensor and _functorch_level() is None:
+            self._prepare_fast(x, hit[1], use_batch, update and rv is not None)
+        return y
+
+    def _prepare_fast(self, x: torch.Tensor, s, use_batch: bool, updating: bool) -> None:
+        """After a successful plain call: keep a :class:`~batchnorm.kernels.native.Plan` for the next same-shaped one.
+
+        Only for calls the native backend runs on the CPU, on layers whose combine and grouping are
+        :class:`BatchNorm`'s (not renorm, ghost or sync) and that carry every setting of :data:`_CONFIG`. The plan's
+        key holds what the checks and :func:`~batchnorm.kernels.dispatch.select` read: input shape, strides and dtype,
+        the settings, the parameter and buffer objects (compared by identity), and
+        :func:`~batchnorm.kernels.dispatch.decision_state`; ``_apply`` (``.to()``, ``.double()``, ...) drops the plans.
+        """
+        cls, d = type(self), self.__dict__
+        if cls._combine is not BatchNorm._combine or cls._group_size is not BatchNorm._group_size:
+            return
+        if any(k not in d for k in _CONFIG) or not x.is_cpu or dispatch.device_type(x) != "cpu":
+            return
+        params, bufs = self._parameters, self._buffers
+        w, b = params.get("weight"), params.get("bias")
+        rm, rv, nbt = bufs.get("running_mean"), bufs.get("running_var"), bufs.get("num_batches_tracked")
+        backend = d.get("backend")
+        if use_batch:
+            ops = dispatch.select(x, s, training=True, backend=backend, params=(w, b, rm, rv) if updating else (w, b))
+        else:
+            ops = dispatch.select(x, s, training=False, backend=backend, params=(w, b, rm, rv))
+        mode = "update" if updating else "batch" if use_batch else "eval"
+        if ops is not _native.NATIVE or not _native.Plan.servable(x, mode, rm, rv):
+            return
+        shape = x.shape
+        key = (shape, x.stride(), x.dtype, _config(d), dispatch.decision_state())
+        plan = _native.Plan(key, tuple(shape), mode, s, d["momentum"], rm, rv)
+        plan.tensors = (w, b, rm, rv, nbt)
+        plans = d.get("_fast")
+        if plans is None or len(plans) >= 8:  # a few shapes per layer (e.g. the last, smaller batch of an epoch)
+            plans = d["_fast"] = _Plans()
+        plans[(shape, d["training"])] = plan
+
+    def _apply(self, *args, **kwargs):
+        """``nn.Module._apply`` (``.to()``, ``.double()``, ``.cuda()``, ...), dropping the fast-path plans first."""
+        self.__dict__.pop("_fast", None)
+        return super()._apply(*args, **kwargs)
+
+
+class _Plans(dict):
+    """A layer's fast-path plans by ``(input shape, training)``; copies and pickles of the layer start without them."""
+
+    def __reduce__(self):
+        return (_Plans, ())
+
+
+#: The layer settings a fast-path plan is keyed on (plain attributes users may reassign).
+_CONFIG = ("training", "eps", "momentum", "axis", "track_running_stats", "activation", "negative_slope", "memory",
+           "backend")
+_config = operator.itemgetter(*_CONFIG)
+_Tensor = torch.Tensor
+_compiling = torch.compiler.is_compiling
+_exporting = torch.compiler.is_exporting
+_tracing_state = torch._C._get_tracing_state
+_functorch_level = getattr(torch._C._functorch, "maybe_current_level", lambda: None)
 
 
 def _fixed_rank(ranks: tuple[int, ...], label: str):
