@@ -302,3 +302,153 @@ def test_warning_stack_points_at_the_caller():
         warnings.simplefilter("always")
         layer(torch.full((8, 4), float("nan")))
     assert caught and caught[0].category is RuntimeWarning
+
+
+# ------------------------------------------------------------------ the layer's fast path (native plans)
+def _slow_copy(layer):
+    """A twin of ``layer`` that never keeps a plan (its ``_prepare_fast`` is a no-op)."""
+    import copy
+
+    twin = copy.deepcopy(layer)
+    twin._prepare_fast = lambda *a, **k: None
+    return twin
+
+
+FAST_CASES = [
+    # (layer kwargs, input shape, training, dtype)
+    (dict(), (8, 16), True, torch.float32),
+    (dict(momentum=None), (8, 16), True, torch.float32),
+    (dict(axis=-1, activation="relu"), (4, 5, 6), True, torch.float32),
+    (dict(track_running_stats=False), (8, 6, 3, 3), True, torch.float32),
+    (dict(), (8, 6, 3, 3), False, torch.float32),
+    (dict(activation="leaky_relu", negative_slope=0.2), (16, 3), True, torch.float64),
+    (dict(affine=False), (300, 100), True, torch.float32),  # C > 64: the dot-product check
+]
+
+
+@pytest.mark.parametrize("kw,shape,training,dtype", FAST_CASES, ids=range(len(FAST_CASES)))
+def test_fast_path_matches_the_slow_path_call_for_call(kw, shape, training, dtype, monkeypatch):
+    monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
+    fast = batchnorm.BatchNorm(shape[-1] if kw.get("axis") == -1 else shape[1], **kw).to(dtype).train(training)
+    slow = _slow_copy(fast)
+    calls = []
+    real = Fn.normalize
+    monkeypatch.setattr(Fn, "normalize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for step in range(3):
+        x = (torch.randn(shape, dtype=dtype) * (step + 1) + step).requires_grad_()
+        xs = x.detach().clone().requires_grad_()
+        y, ys = fast(x), slow(xs)
+        torch.testing.assert_close(y, ys, rtol=0, atol=0)
+        g = torch.randn_like(y)
+        y.backward(g)
+        ys.backward(g)
+        torch.testing.assert_close(x.grad, xs.grad, rtol=0, atol=0)
+        for name, t in fast.state_dict().items():
+            torch.testing.assert_close(t, slow.state_dict()[name], rtol=0, atol=0, msg=name)
+        assert fast.last_input_shape == slow.last_input_shape == shape
+    assert len(calls) == 1 + 3  # fast: only its first call took the slow path; slow: every call
+    assert "_fast" in fast.__dict__ and dispatch.chosen(fast, x) == "native"
+
+
+def _bad(shape=(8, 4)):
+    return torch.full(shape, float("nan"))
+
+
+CHANGE_CASES = [
+    # (what changes after the plan was made, applied to (layer, x) -> new x)
+    ("momentum", lambda m, x: setattr(m, "momentum", 0.5) or x),
+    ("eps", lambda m, x: setattr(m, "eps", 0.25) or x),
+    ("eval", lambda m, x: m.eval() and x),
+    ("weight object", lambda m, x: setattr(m, "weight", torch.nn.Parameter(torch.rand(4) + 1)) or x),
+    ("double", lambda m, x: m.double() and x.double()),
+    ("activation", lambda m, x: setattr(m, "activation", "tanh") or x),
+    ("buffers swapped in place", lambda m, x: torch.utils.swap_tensors(m.running_var, torch.rand(4) + 1) or x),
+]
+
+
+@pytest.mark.parametrize("what,change", CHANGE_CASES, ids=[c[0] for c in CHANGE_CASES])
+def test_fast_path_follows_every_change_of_the_layer(what, change, monkeypatch):
+    monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
+    layer = batchnorm.BatchNorm(4)
+    x = torch.randn(8, 4)
+    layer(x)
+    layer(x)  # runs the plan
+    x = change(layer, x)
+    twin = _slow_copy(layer)
+    torch.testing.assert_close(layer(x), twin(x), rtol=0, atol=0)
+    for name, t in layer.state_dict().items():
+        torch.testing.assert_close(t, twin.state_dict()[name], rtol=0, atol=0, msg=name)
+    # and a non-finite batch is still refused with the state left as it was
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match="batch statistics are not finite"):
+        layer.train()(_bad().to(x.dtype))
+    for name, t in layer.state_dict().items():
+        torch.testing.assert_close(t, before[name], rtol=0, atol=0, msg=name)
+
+
+def test_fast_path_follows_the_environment_and_patched_dispatch(monkeypatch):
+    monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
+    layer, x = batchnorm.BatchNorm(4), torch.randn(8, 4)
+    layer(x)
+    layer(x)
+    seen = []
+    real = dispatch.select
+    monkeypatch.setattr(dispatch, "select", lambda *a, **k: seen.append(real(*a, **k).name) or real(*a, **k))
+    layer(x)
+    layer(x)
+    assert seen and set(seen) == {"native"}  # a patched select is consulted on every call
+    monkeypatch.setenv("BATCHNORM_BACKEND", "composite")
+    seen.clear()
+    layer(x)
+    assert seen[-1] == "composite"
+    monkeypatch.setenv("BATCHNORM_BACKEND", "fast")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        layer(x)
+
+
+GUARD_CASES = [
+    # (layer kwargs, old running_mean fill, batch factory, accepted?)
+    (dict(), 0.0, lambda: _bad(), False),
+    (dict(), 0.0, lambda: torch.randn(8, 4) * 1e20, False),  # the variance overflows float32
+    (dict(momentum=0.0), 0.0, lambda: _bad(), False),  # f = 0: the exact check decides
+    (dict(), float("nan"), lambda: torch.randn(8, 4), True),  # old non-finite buffers never refuse a good batch
+    (dict(), float("inf"), lambda: torch.randn(8, 4), True),
+]
+
+
+@pytest.mark.parametrize("kw,old,make,accepted", GUARD_CASES, ids=range(len(GUARD_CASES)))
+def test_fast_path_guard_agrees_with_the_composite_rule(kw, old, make, accepted, monkeypatch):
+    monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
+    layer = batchnorm.BatchNorm(4, **kw)
+    layer(torch.randn(8, 4))
+    layer.running_var.fill_(old)
+    ref = batchnorm.BatchNorm(4, backend="composite", **kw)  # the decision: composite's update_running rule
+    ref.load_state_dict(layer.state_dict())
+    twin = _slow_copy(layer)  # the values: the same native call without a plan (ATen's update, not torch.lerp)
+    x = make()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer(x)
+        ref(x)
+        twin(x)
+    refused = [w for w in caught if "not finite" in str(w.message)]
+    assert len(refused) == (0 if accepted else 3)
+    assert refused[:1] == [] or refused[0].filename == __file__  # the fast path's warning points at the caller
+    assert int(layer.num_batches_tracked) == int(ref.num_batches_tracked) == (2 if accepted else 1)
+    for name, t in layer.state_dict().items():
+        torch.testing.assert_close(t, twin.state_dict()[name], rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def test_copies_of_a_layer_start_without_plans_and_update_their_own_buffers():
+    import copy
+    import pickle
+
+    layer, x = batchnorm.BatchNorm(4), torch.randn(8, 4)
+    layer(x)
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert not twin.__dict__.get("_fast")
+        before = layer.running_mean.clone()
+        twin(x * 3 + 1)
+        twin(x * 3 + 1)
+        torch.testing.assert_close(layer.running_mean, before)
+        assert int(twin.num_batches_tracked) == 3
