@@ -69,6 +69,17 @@ def _stats_finite(mean: torch.Tensor, invstd: torch.Tensor) -> bool:
     return bool(_all(_isfinite(mean.detach().numpy())) and _all(invstd.detach().numpy() > 0))
 
 
+
+def _keep_if_finite(finite: bool, rm, rv, nbt, old_m, old_v) -> bool:
+    """Count a finite batch in ``num_batches_tracked``; otherwise put the running buffers back (snapshot)."""
+    if finite:
+        if nbt is not None:
+            nbt.add_(1)
+    else:
+        rm.copy_(old_m)
+        rv.copy_(old_v)
+    return finite
+
 class Guard:
     """The non-finite guard of a CPU training call: ``native_batch_norm`` updates the running buffers in place, so
     their values are copied first and put back when the batch's statistics are not finite.
@@ -180,13 +191,7 @@ class NativeBackend(CompositeBackend):
                 else:  # bfloat16 or strided buffers: torch copies
                     old_m, old_v = rm.clone(), rv.clone()
                     y, mean, invstd = _nbn(xv, weight, bias, rm, rv, True, f, s.eps)
-                    finite = _stats_finite(mean, invstd)
-                    if finite:
-                        if nbt is not None:
-                            nbt.add_(1)
-                    else:
-                        rm.copy_(old_m)
-                        rv.copy_(old_v)
+                    finite = _keep_if_finite(_stats_finite(mean, invstd), rm, rv, nbt, old_m, old_v)
             elif x.device.type == "meta" or rm.device != x.device or torch.compiler.is_compiling():
                 # shapes only (meta), ATen's own device-mismatch error, or a traced graph: nothing to check
                 f = 0.0 if momentum is None else momentum
@@ -199,12 +204,7 @@ class NativeBackend(CompositeBackend):
                 old_m, old_v = rm.clone(), rv.clone()
                 y = torch.batch_norm(xv, weight, bias, rm, rv, True, f, s.eps, True)
                 finite = bool(torch.isfinite(rm).all() & torch.isfinite(rv).all())  # one device sync
-                if finite:
-                    if nbt is not None:
-                        nbt.add_(1)
-                else:
-                    rm.copy_(old_m)
-                    rv.copy_(old_v)
+                finite = _keep_if_finite(finite, rm, rv, nbt, old_m, old_v)
         if axis != 1:
             y = y.view(shape)
         return _act(y, s), None, None, finite
