@@ -110,7 +110,8 @@ def test_backward_removes_mean_and_projection() -> None:
     np.testing.assert_allclose((dxf * cache.xhat).sum(1), 0, atol=1e-10)
 
 
-DOC_MODULES = [batchnorm.functional, batchnorm.layers.base, batchnorm.reference]
+DOC_MODULES = [batchnorm.functional, batchnorm.layers.base, batchnorm.reference, batchnorm.activations,
+               batchnorm.kernels.dispatch]
 _FINDER = doctest.DocTestFinder(exclude_empty=True)
 DOCTESTS = [(m, t) for m in DOC_MODULES for t in _FINDER.find(m, globs={}) if t.examples]
 

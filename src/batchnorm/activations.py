@@ -128,7 +128,15 @@ def is_invertible(name: str | None, negative_slope: float) -> bool:
 
 
 def to_module(name: str | None, negative_slope: float = 0.01) -> nn.Module | None:
-    """A fresh ``torch.nn`` module computing the activation (None for identity)."""
+    """A fresh ``torch.nn`` module computing the activation (None for identity); :func:`from_module` inverts it.
+
+    Shape: not applicable. Example::
+
+        >>> to_module("leaky_relu", 0.2)
+        LeakyReLU(negative_slope=0.2)
+        >>> from_module(to_module("relu6"))
+        ('relu6', 0.01)
+    """
     return get(name).make_module(float(negative_slope))
 
 

@@ -197,7 +197,16 @@ def warm_up_status() -> str:
 
 
 def wait_ready(timeout: float | None = None) -> bool:
-    """Start the numba warm-up if needed and wait for it; True when numba is ready (benchmarks call this first)."""
+    """Start the numba warm-up if needed and wait up to ``timeout`` seconds; True when numba is ready.
+
+    Rule: "auto" never picks numba before the warm-up finishes (native/composite serve meanwhile); call this
+    before timing "auto" (benchmarks do), or to make a process use numba from its first step.
+
+    Shape: not applicable. Example::
+
+        >>> wait_ready(600) in (True, False)       # False only where numba is absent or unusable here
+        True
+    """
     if _status == "absent":
         return False
     _start_warm_up()
@@ -284,7 +293,16 @@ def _bytes(x: torch.Tensor) -> int:
 
 
 def chosen(layer: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> str:
-    """The name of the backend ``layer(x, mask)`` would run on now (benchmarks print it per row)."""
+    """The name of the backend ``layer(x, mask)`` would run on now, by the rule of :func:`select`.
+
+    Shape: ``x`` (and ``mask``) as the layer takes them. Example::
+
+        >>> from batchnorm import BatchNorm
+        >>> chosen(BatchNorm(16), torch.randn(8, 16))           # 512 B: below every crossover
+        'native'
+        >>> chosen(BatchNorm(16, backend="composite"), torch.randn(8, 16))
+        'composite'
+    """
     from .. import functional
 
     return functional.backend_for(layer, x, mask).name
