@@ -70,6 +70,14 @@ def _stats_finite(mean: torch.Tensor, invstd: torch.Tensor) -> bool:
 
 
 
+def _factor(momentum: float | None, nbt: torch.Tensor) -> float:
+    """ATen's running-update weight: ``momentum``, or ``1 / (batches so far + 1)`` (cumulative average, None).
+
+    ``num_batches_tracked`` is counted after ATen's call (only for finite batches), hence the ``+ 1``.
+    """
+    return momentum if momentum is not None else 1.0 / (int(nbt) + 1)
+
+
 def _keep_if_finite(finite: bool, rm, rv, nbt, old_m, old_v) -> bool:
     """Count a finite batch in ``num_batches_tracked``; otherwise put the running buffers back (snapshot)."""
     if finite:
@@ -185,7 +193,7 @@ class NativeBackend(CompositeBackend):
         else:
             rm, rv, nbt, momentum = running
             if x.device.type == "cpu" and rm.device.type == "cpu" and not torch.compiler.is_compiling():
-                f = momentum if momentum is not None else 1.0 / (int(nbt) + 1)
+                f = _factor(momentum, nbt)
                 if Guard.fits(rm, rv):  # the snapshot: memoryview copies cost less than torch's clone
                     y, finite = Guard(rm, rv).update(xv, weight, bias, rm, rv, nbt, f, s.eps)
                 else:  # bfloat16 or strided buffers: torch copies
@@ -200,7 +208,7 @@ class NativeBackend(CompositeBackend):
                     nbt.add_(1)
                 finite = True
             else:  # CUDA, MPS, ...: torch.batch_norm picks cuDNN / MIOpen; the updated buffers are checked
-                f = momentum if momentum is not None else 1.0 / (int(nbt) + 1)
+                f = _factor(momentum, nbt)
                 old_m, old_v = rm.clone(), rv.clone()
                 y = torch.batch_norm(xv, weight, bias, rm, rv, True, f, s.eps, True)
                 finite = bool(torch.isfinite(rm).all() & torch.isfinite(rv).all())  # one device sync
@@ -279,7 +287,7 @@ class Plan:
             guard = self.guard
             if (rm.data_ptr(), rv.data_ptr()) != guard.ptrs:  # storage swapped in place (swap_tensors)
                 guard = self.guard = Guard(rm, rv)
-            f = self.momentum if self.momentum is not None else 1.0 / (int(nbt) + 1)
+            f = _factor(self.momentum, nbt)
             y, finite = guard.update(xv, weight, bias, rm, rv, nbt, f, self.eps)
         elif mode == "eval":
             y = _nbn(xv, weight, bias, rm, rv, False, 0.0, self.eps)[0]
