@@ -17,7 +17,7 @@ import torch
 
 import batchnorm
 from batchnorm import functional as Fn
-from batchnorm.kernels import dispatch
+from batchnorm.kernels import dispatch, warmup
 from batchnorm.kernels.backend import Backend, Settings
 from batchnorm.kernels.composite import COMPOSITE
 from batchnorm.kernels.native import NATIVE
@@ -185,13 +185,13 @@ def test_cold_start_serves_without_numba_and_numba_takes_over(make_layer, make_x
     monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
     layer, x = make_layer(), make_x()
     mask = torch.ones([d for i, d in enumerate(x.shape) if i != 1], dtype=torch.bool) if masked else None
-    monkeypatch.setattr(dispatch, "_status", "warming")  # "the numba kernels are still compiling"
-    monkeypatch.setattr(dispatch, "_start_warm_up", lambda: None)
+    monkeypatch.setattr(warmup, "_status", "warming")  # "the numba kernels are still compiling"
+    monkeypatch.setattr(warmup, "_start_warm_up", lambda: None)
     assert dispatch.chosen(layer, x, mask) == cold
     layer(x, mask)  # runs on that backend without waiting for numba
     if "numba" not in NAMES:
         return
-    monkeypatch.setattr(dispatch, "_status", "ready")
+    monkeypatch.setattr(warmup, "_status", "ready")
     big = torch.randn(64, 4, 64, 64).to(x.dtype).reshape(-1, 4) if x.dim() == 2 else None
     if cold == "composite" and x.dtype in (torch.float32, torch.float64) and x.stride(-1) != 2:
         assert dispatch.chosen(layer, x, mask) == "numba"  # what native cannot serve: numba once it is warm
