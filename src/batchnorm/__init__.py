@@ -20,7 +20,17 @@ from .layers import (
     Standardizer,
     SyncBatchNorm,
 )
-from .tools import FoldRecord, FuseRecord, convert, fold, freeze, recalibrate, unfreeze
+from .tools import (
+    FoldRecord,
+    FuseRecord,
+    adapt,
+    convert,
+    fold,
+    freeze,
+    prediction_time_bn,
+    recalibrate,
+    unfreeze,
+)
 
 __version__ = "0.2.0"
 
@@ -33,9 +43,11 @@ __all__ = [
     "SyncBatchNorm",
     "FoldRecord",
     "FuseRecord",
+    "adapt",
     "convert",
     "fold",
     "freeze",
+    "prediction_time_bn",
     "recalibrate",
     "unfreeze",
     "BatchNorm",
