@@ -30,7 +30,7 @@ Rule of ``"auto"`` (the default), per call:
    (its non-finite guard reads values), so compiled graphs see the numba custom ops or torch ops.
 
 Forcing: the ``backend=`` argument of layers/functions, or the ``BATCHNORM_BACKEND`` environment
-variable (the argument wins), ``"numba" | "composite" | "torch" | "native" | "auto"``. A forced
+variable (the argument wins), ``"numba" | "composite" | "torch" | "native" | "triton" | "auto"``. A forced
 backend that cannot serve a call falls back to composite (which serves everything), silently — the
 forced name says "this one when possible", as before. A forced ``"numba"`` compiles synchronously
 (no background warm-up).
@@ -70,8 +70,10 @@ from . import warmup as _warmup
 from .backend import Backend, Settings
 from .composite import COMPOSITE
 from .native import NATIVE, params_ok, viewable
+from .triton import TRITON
+from .triton import available as _triton_available
 
-BACKENDS = ("auto", "numba", "composite", "native", "torch")
+BACKENDS = ("auto", "numba", "composite", "native", "torch", "triton")
 _ALIASES = {"torch": "composite"}
 
 #: Measured with ``batchnorm bench --calibrate`` on the 2-core development VM, 2026-12-02 (torch 2.13.0+cpu,
@@ -97,7 +99,8 @@ wait_ready = _warmup.wait_ready
 
 def available() -> list[str]:
     """The backends that can run here (the tests run every one of them)."""
-    return (["numba"] if _HAS_NUMBA else []) + ["composite", "native"]
+    # triton: installed, and a CUDA device or its CPU interpreter (TRITON_INTERPRET=1) can run the kernels
+    return (["numba"] if _HAS_NUMBA else []) + ["composite", "native"] + (["triton"] if _triton_available() else [])
 
 
 def device_type(x: torch.Tensor) -> str:
@@ -115,7 +118,7 @@ def _canonical(backend: str | None) -> str:
     if choice not in BACKENDS:
         raise ValueError(
             f"backend must be one of {BACKENDS}, got {choice!r}. Pass backend='auto' (default: the cheapest backend "
-            "per call), 'numba', 'native' or 'composite' ('torch' is an alias), as an argument or through the "
+            "per call), 'numba', 'native', 'triton' or 'composite' ('torch' is an alias), as an argument or through the "
             "BATCHNORM_BACKEND environment variable."
         )
     return _ALIASES.get(choice, choice)
@@ -152,6 +155,8 @@ def select(
     )
     if choice == "native":
         return NATIVE if native_ok else COMPOSITE
+    if choice == "triton":  # CUDA tensors (CPU ones under TRITON_INTERPRET=1); not inside a torch.compile graph
+        return TRITON if not torch.compiler.is_compiling() and TRITON.supports(x, s) else COMPOSITE
     on_cpu = device_type(x) == "cpu"
     if choice == "numba":
         nb = _numba_for(x, True) if on_cpu else None

@@ -1,0 +1,546 @@
+"""The Triton kernels of the ``"triton"`` backend (imported lazily: ``import batchnorm`` never imports triton).
+
+Every tensor reaches a kernel as a strided ``(O, C, I)`` view (:func:`batchnorm.kernels.triton.backend.view`):
+``O`` merges the dimensions before the feature axis, ``I`` those after it, each with one stride, so NCHW,
+channels-last 2-D/3-D, ``axis=-1`` and any rank run the same code. A *position* ``p`` of one feature is
+``(o, i) = (p // I, p % I)``; ghost group ``g`` owns the ``R`` rows ``o ∈ [g·R, (g+1)·R)`` (``R = O`` without
+groups). Tiles are ``[BLOCK_P, BLOCK_C]`` (positions × features): ``BLOCK_C = 1`` with long position runs when
+the features are outer in memory (NCHW), ``BLOCK_C`` = 16 or 64 when they are innermost (channels-last, ``(N, C)``).
+
+Kernels (docs/gpu.md explains the launch sequences):
+
+* :func:`reduce_partial` — per (split, feature block, group): Welford-style ``(count, mean, m2)`` of each
+  tile (two passes over the tile in registers), merged tile by tile with Chan's formula;
+* :func:`finalize` — one program: Chan merge of the splits, then (train mode) the variance, ``1/σ``, the
+  renorm ``r, d`` correction, scale/shift, and the running update selected on the device (the non-finite
+  guard) with ``num_batches_tracked`` advanced by the finite flag;
+* :func:`apply` — ``y = act(x · a + b)``; eval mode forms ``a, b`` from the running estimates in-kernel;
+* :func:`backward_partial` / :func:`backward_finalize` / :func:`backward_apply` — the same three steps for
+  ``(Σ dz, Σ dz·x̂)`` and ``dx = k·(dz − m·(mean(dz) + x̂·mean(dz·x̂)))``, with ``dγ, dβ`` in the finalize.
+
+Activation codes are those of :data:`batchnorm.activations.TABLE` (0 identity … 7 relu6); the
+forward/derivative formulas are the table's, written in Triton.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _ct(v, F64: tl.constexpr):
+    """Cast to the compute dtype: float64 for float64 calls, else float32."""
+    if F64:
+        return v.to(tl.float64)
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _tanh(z):
+    e = tl.exp(-2.0 * tl.abs(z))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(z < 0, -t, t)
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr, slope):
+    """The forward of activation code ``ACT`` (NaN propagates as in torch)."""
+    if ACT == 1:
+        z = tl.where(z < 0, 0.0, z)
+    elif ACT == 2:
+        z = tl.where(z > 0, z, z * slope)
+    elif ACT == 3:
+        z = z * _sigmoid(z)
+    elif ACT == 4:
+        z = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    elif ACT == 5:
+        z = _sigmoid(z)
+    elif ACT == 6:
+        z = _tanh(z)
+    elif ACT == 7:
+        z = tl.where(z < 0, 0.0, tl.where(z > 6.0, 6.0, z))
+    return z
+
+
+@triton.jit
+def _dact(z, ACT: tl.constexpr, slope):
+    """``d act / dz`` (at a kink the left value, as torch: relu'(0) = 0, relu6'(6) = 0)."""
+    if ACT == 1:
+        g = tl.where(z > 0, 1.0, 0.0)
+    elif ACT == 2:
+        g = tl.where(z > 0, 1.0, slope)
+    elif ACT == 3:
+        s = _sigmoid(z)
+        g = s * (1.0 + z * (1.0 - s))
+    elif ACT == 4:
+        g = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    elif ACT == 5:
+        s = _sigmoid(z)
+        g = s * (1.0 - s)
+    elif ACT == 6:
+        t = _tanh(z)
+        g = 1.0 - t * t
+    elif ACT == 7:
+        g = tl.where((z > 0) & (z < 6.0), 1.0, 0.0)
+    else:
+        g = z * 0.0 + 1.0
+    return g
+
+
+@triton.jit
+def _feature(ptr, g, cs, sg, sc, cmask, F64: tl.constexpr):
+    """A per-(group, feature) value as a ``[BLOCK_C]`` vector (``g`` a scalar group index)."""
+    return _ct(tl.load(ptr + g * sg + cs * sc, mask=cmask, other=0.0), F64)
+
+
+@triton.jit
+def _feature2(ptr, g, cs, sg, sc, v2, F64: tl.constexpr):
+    """A per-(group, feature) value gathered per position (``g`` a ``[BLOCK_P]`` vector): ``[BLOCK_P, BLOCK_C]``."""
+    return _ct(tl.load(ptr + g[:, None] * sg + cs[None, :] * sc, mask=v2, other=0.0), F64)
+
+
+@triton.jit
+def _clamped(w, eps, CLAMP: tl.constexpr):
+    """memory="save": ``|γ| < eps`` is used as ``±eps`` (sign kept, sign(0) = +1); the rule of ``functional._affine``."""
+    if CLAMP:
+        w = tl.where(tl.abs(w) < eps, tl.where(w < 0, -eps, eps), w)
+    return w
+
+
+@triton.jit
+def reduce_partial(
+    x_ptr, m_ptr, part_ptr,
+    NO, C, NI, sxo, sxc, sxi, smo, smi, R, G, S, TILES,
+    HAS_MASK: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``part[(count, mean, m2), g, split, c]`` over this program's ``TILES`` tiles of group ``g``'s positions."""
+    pid_s = tl.program_id(0)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    g = tl.program_id(2)
+    cmask = cs < C
+    o0 = g * R
+    npos = tl.minimum(R, NO - o0) * NI
+    acc_n = _ct(tl.zeros([BLOCK_C], dtype=tl.float32), F64)
+    acc_mean = acc_n
+    acc_m2 = acc_n
+    c_off = cs.to(tl.int64) * sxc
+    for t in range(0, TILES):
+        p = (pid_s * TILES + t) * BLOCK_P + tl.arange(0, BLOCK_P)
+        valid = p < npos
+        o = (o0 + p // NI).to(tl.int64)
+        i = (p % NI).to(tl.int64)
+        if HAS_MASK:
+            valid = valid & (tl.load(m_ptr + o * smo + i * smi, mask=valid, other=0) != 0)
+        v2 = valid[:, None] & cmask[None, :]
+        x = _ct(tl.load(x_ptr + (o * sxo + i * sxi)[:, None] + c_off[None, :], mask=v2, other=0.0), F64)
+        n_t = tl.sum(_ct(v2, F64), axis=0)
+        mean_t = tl.sum(x, axis=0) / tl.maximum(n_t, 1.0)
+        d = tl.where(v2, x - mean_t[None, :], 0.0)
+        m2_t = tl.sum(d * d, axis=0)
+        # Chan, Golub & LeVeque: merge the tile (n_t, mean_t, m2_t) into the running (acc_n, acc_mean, acc_m2)
+        n_new = acc_n + n_t
+        frac = n_t / tl.maximum(n_new, 1.0)
+        delta = mean_t - acc_mean
+        acc_mean = acc_mean + delta * frac
+        acc_m2 = acc_m2 + m2_t + delta * delta * acc_n * frac
+        acc_n = n_new
+    base = (g * S + pid_s) * C + cs
+    plane = G * S * C
+    tl.store(part_ptr + base, acc_n, mask=cmask)
+    tl.store(part_ptr + plane + base, acc_mean, mask=cmask)
+    tl.store(part_ptr + 2 * plane + base, acc_m2, mask=cmask)
+
+
+@triton.jit
+def finalize(
+    part_ptr, stats_ptr, aux_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr, finite_ptr, rmax_ptr, dmax_ptr,
+    C, G, S, eps, momentum, r_max, d_max,
+    TRAIN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, CLAMP: tl.constexpr, UPDATE: tl.constexpr,
+    HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr, RENORM: tl.constexpr, LIMITS_PTR: tl.constexpr,
+    F64: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program. ``TRAIN=False``: ``stats = (count, mean, m2)`` ``(3, G, C)`` (the reduce primitive).
+
+    ``TRAIN=True``: ``stats = (count, mean, biased var)``; ``aux = (1/σ, scale, shift, r, d, new mean, new var)``
+    ``(7, G, C)`` (the last two use row 0 only); with ``UPDATE`` the running buffers move toward the batch only
+    when every new value is finite and every count exceeds 1; ``num_batches_tracked += finite``; ``finite`` stored.
+    """
+    plane = G * C
+    ok_finite = tl.full([BLOCK_C], 1, tl.int32)
+    ok_enough = tl.full([BLOCK_C], 1, tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        if TRAIN:
+            if HAS_W:
+                w = _clamped(_feature(w_ptr, 0, cs, 0, 1, cmask, F64), eps, CLAMP)
+            else:
+                w = _ct(tl.full([BLOCK_C], 1.0, tl.float32), F64)
+            if HAS_B:
+                b = _feature(b_ptr, 0, cs, 0, 1, cmask, F64)
+            else:
+                b = _ct(tl.zeros([BLOCK_C], tl.float32), F64)
+            if RENORM:
+                rm0 = _feature(rm_ptr, 0, cs, 0, 1, cmask, F64)
+                sigma = tl.sqrt(_feature(rv_ptr, 0, cs, 0, 1, cmask, F64) + eps)
+                if LIMITS_PTR:
+                    rmx = _ct(tl.load(rmax_ptr), F64)
+                    dmx = _ct(tl.load(dmax_ptr), F64)
+                else:
+                    rmx = r_max
+                    dmx = d_max
+        sum_mean = _ct(tl.zeros([BLOCK_C], tl.float32), F64)
+        sum_var = sum_mean
+        for g in range(0, G):
+            n = _ct(tl.zeros([BLOCK_C], tl.float32), F64)
+            mean = n
+            m2 = n
+            for s in range(0, S):
+                idx = (g * S + s) * C + cs
+                n_b = _ct(tl.load(part_ptr + idx, mask=cmask, other=0.0), F64)
+                mean_b = _ct(tl.load(part_ptr + G * S * C + idx, mask=cmask, other=0.0), F64)
+                m2_b = _ct(tl.load(part_ptr + 2 * G * S * C + idx, mask=cmask, other=0.0), F64)
+                n_new = n + n_b
+                frac = n_b / tl.maximum(n_new, 1.0)
+                delta = mean_b - mean
+                mean = mean + delta * frac
+                m2 = m2 + m2_b + delta * delta * n * frac
+                n = n_new
+            out = g * C + cs
+            tl.store(stats_ptr + out, n, mask=cmask)
+            tl.store(stats_ptr + plane + out, mean, mask=cmask)
+            if TRAIN:
+                var = m2 / tl.maximum(n, 1.0)
+                tl.store(stats_ptr + 2 * plane + out, var, mask=cmask)
+                invstd = 1.0 / tl.sqrt(var + eps)
+                kz = w
+                bz = b
+                if RENORM:
+                    r = tl.sqrt(var + eps) / sigma
+                    r = tl.minimum(tl.maximum(r, 1.0 / rmx), rmx)
+                    d = (mean - rm0) / sigma
+                    d = tl.minimum(tl.maximum(d, -dmx), dmx)
+                    kz = w * r
+                    bz = b + w * d
+                    tl.store(aux_ptr + 3 * plane + out, r, mask=cmask)
+                    tl.store(aux_ptr + 4 * plane + out, d, mask=cmask)
+                scale = kz * invstd
+                tl.store(aux_ptr + out, invstd, mask=cmask)
+                tl.store(aux_ptr + plane + out, scale, mask=cmask)
+                tl.store(aux_ptr + 2 * plane + out, bz - mean * scale, mask=cmask)
+                sum_mean += mean
+                sum_var += var * n / tl.maximum(n - 1.0, 1.0)
+                ok_enough = ok_enough & tl.where(cmask & (n <= 1.0), 0, 1)
+            else:
+                tl.store(stats_ptr + 2 * plane + out, m2, mask=cmask)
+        if TRAIN:
+            new_mean = sum_mean / G
+            new_var = sum_var / G
+            fin = ((new_mean - new_mean) == 0) & ((new_var - new_var) == 0)  # False for NaN and ±Inf
+            ok_finite = ok_finite & tl.where(cmask & ~fin, 0, 1)
+            tl.store(aux_ptr + 5 * plane + cs, new_mean, mask=cmask)
+            tl.store(aux_ptr + 6 * plane + cs, new_var, mask=cmask)
+    if UPDATE:
+        tl.debug_barrier()  # the new values above are read back below (the same program)
+        finite = tl.min(ok_finite, axis=0)
+        ok = (finite & tl.min(ok_enough, axis=0)) != 0
+        if HAS_NBT:
+            nbt = tl.load(nbt_ptr) + finite.to(tl.int64)
+            tl.store(nbt_ptr, nbt)
+        if CUMULATIVE:
+            f = 1.0 / tl.maximum(_ct(nbt, F64), 1.0)
+        else:
+            f = momentum
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            cmask = cs < C
+            new_mean = _feature(aux_ptr + 5 * plane, 0, cs, 0, 1, cmask, F64)
+            new_var = _feature(aux_ptr + 6 * plane, 0, cs, 0, 1, cmask, F64)
+            rm = _feature(rm_ptr, 0, cs, 0, 1, cmask, F64)
+            rv = _feature(rv_ptr, 0, cs, 0, 1, cmask, F64)
+            rm = tl.where(ok, rm + f * (new_mean - rm), rm)
+            rv = tl.where(ok, rv + f * (new_var - rv), rv)
+            tl.store(rm_ptr + cs, rm.to(rm_ptr.dtype.element_ty), mask=cmask)
+            tl.store(rv_ptr + cs, rv.to(rv_ptr.dtype.element_ty), mask=cmask)
+        tl.store(finite_ptr, finite != 0)
+
+
+@triton.jit
+def apply(
+    x_ptr, y_ptr, a_ptr, b_ptr, w_ptr, bias_ptr,
+    NO, C, NI, sxo, sxc, sxi, syo, syc, syi, sag, sac, sbg, sbc, R, eps, slope,
+    ACT: tl.constexpr, EVAL: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, GROUPED: tl.constexpr,
+    F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``y = act(x · a + b)``; ``EVAL``: ``a = γ / sqrt(rv + eps)``, ``b = β − rm · a`` with ``a_ptr, b_ptr`` = rv, rm."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pmask = p < NO * NI
+    cmask = cs < C
+    v2 = pmask[:, None] & cmask[None, :]
+    o = (p // NI).to(tl.int64)
+    i = (p % NI).to(tl.int64)
+    c64 = cs.to(tl.int64)
+    x = _ct(tl.load(x_ptr + (o * sxo + i * sxi)[:, None] + (c64 * sxc)[None, :], mask=v2, other=0.0), F64)
+    if EVAL:
+        a = 1.0 / tl.sqrt(_feature(a_ptr, 0, cs, 0, sac, cmask, F64) + eps)
+        if HAS_W:
+            a = a * _feature(w_ptr, 0, cs, 0, 1, cmask, F64)
+        b = -_feature(b_ptr, 0, cs, 0, sbc, cmask, F64) * a
+        if HAS_B:
+            b = b + _feature(bias_ptr, 0, cs, 0, 1, cmask, F64)
+        z = x * a[None, :] + b[None, :]
+    elif GROUPED:
+        g = o // R
+        z = x * _feature2(a_ptr, g, cs, sag, sac, v2, F64) + _feature2(b_ptr, g, cs, sbg, sbc, v2, F64)
+    else:
+        z = x * _feature(a_ptr, 0, cs, 0, sac, cmask, F64)[None, :] + _feature(b_ptr, 0, cs, 0, sbc, cmask, F64)[None, :]
+    y = _act(z, ACT, slope)
+    tl.store(y_ptr + (o * syo + i * syi)[:, None] + (c64 * syc)[None, :], y.to(y_ptr.dtype.element_ty), mask=v2)
+
+
+@triton.jit
+def _dz_xhat(dy, t, p, q, zs, zb, ACT: tl.constexpr, SAVE: tl.constexpr, slope):
+    """``(dz, x̂)`` of ``torch_ops._dz_xhat``: ``SAVE`` recovers ``z = act⁻¹(y)`` from the output."""
+    if SAVE:
+        if ACT == 2:
+            neg = ~(t > 0)
+            t = tl.where(neg, t / slope, t)
+            dy = tl.where(neg, dy * slope, dy)
+        xhat = (t - p) * q
+        dz = dy
+    else:
+        xhat = (t - p) * q
+        if ACT == 0:
+            dz = dy
+        else:
+            dz = dy * _dact(xhat * zs + zb, ACT, slope)
+    return dz, xhat
+
+
+@triton.jit
+def _params(p_ptr, q_ptr, zs_ptr, zb_ptr, g, cs, spg, spc, sqg, sqc, szsg, szsc, szbg, szbc, cmask, eps,
+            PQ_WB: tl.constexpr, CLAMP: tl.constexpr, HAS_ZS: tl.constexpr, HAS_ZB: tl.constexpr,
+            F64: tl.constexpr):
+    """The per-feature ``p, q, zscale, zshift`` of group ``g`` as ``[BLOCK_C]`` vectors.
+
+    ``PQ_WB`` (memory="save", fused): ``p = zshift``, ``q = 1 / clamp(zscale)`` are formed here from γ, β.
+    """
+    if HAS_ZS:
+        zs = _clamped(_feature(zs_ptr, g, cs, szsg, szsc, cmask, F64), eps, CLAMP)
+    else:
+        zs = _ct(cs.to(tl.float32) * 0.0 + 1.0, F64)
+    if HAS_ZB:
+        zb = _feature(zb_ptr, g, cs, szbg, szbc, cmask, F64)
+    else:
+        zb = _ct(cs.to(tl.float32) * 0.0, F64)
+    if PQ_WB:
+        p = zb
+        q = 1.0 / zs
+    else:
+        p = _feature(p_ptr, g, cs, spg, spc, cmask, F64)
+        q = _feature(q_ptr, g, cs, sqg, sqc, cmask, F64)
+    return p, q, zs, zb
+
+
+@triton.jit
+def backward_partial(
+    dy_ptr, t_ptr, part_ptr, p_ptr, q_ptr, zs_ptr, zb_ptr,
+    NO, C, NI, sdo, sdc, sdi, sto, stc, sti, spg, spc, sqg, sqc, szsg, szsc, szbg, szbc, R, G, S, TILES, eps, slope,
+    ACT: tl.constexpr, SAVE: tl.constexpr, PQ_WB: tl.constexpr, CLAMP: tl.constexpr, HAS_ZS: tl.constexpr,
+    HAS_ZB: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``part[(Σ dz, Σ dz·x̂), g, split, c]`` over all positions of this program's tiles (masked ones too)."""
+    pid_s = tl.program_id(0)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    g = tl.program_id(2)
+    cmask = cs < C
+    p, q, zs, zb = _params(p_ptr, q_ptr, zs_ptr, zb_ptr, g, cs, spg, spc, sqg, sqc, szsg, szsc, szbg, szbc, cmask,
+                           eps, PQ_WB, CLAMP, HAS_ZS, HAS_ZB, F64)
+    o0 = g * R
+    npos = tl.minimum(R, NO - o0) * NI
+    acc_dz = _ct(tl.zeros([BLOCK_C], dtype=tl.float32), F64)
+    acc_dzx = acc_dz
+    c64 = cs.to(tl.int64)
+    for t in range(0, TILES):
+        pos = (pid_s * TILES + t) * BLOCK_P + tl.arange(0, BLOCK_P)
+        v2 = (pos < npos)[:, None] & cmask[None, :]
+        o = (o0 + pos // NI).to(tl.int64)
+        i = (pos % NI).to(tl.int64)
+        dy = _ct(tl.load(dy_ptr + (o * sdo + i * sdi)[:, None] + (c64 * sdc)[None, :], mask=v2, other=0.0), F64)
+        tv = _ct(tl.load(t_ptr + (o * sto + i * sti)[:, None] + (c64 * stc)[None, :], mask=v2, other=0.0), F64)
+        dz, xhat = _dz_xhat(dy, tv, p[None, :], q[None, :], zs[None, :], zb[None, :], ACT, SAVE, slope)
+        dz = tl.where(v2, dz, 0.0)
+        acc_dz += tl.sum(dz, axis=0)
+        acc_dzx += tl.sum(tl.where(v2, dz * xhat, 0.0), axis=0)
+    base = (g * S + pid_s) * C + cs
+    tl.store(part_ptr + base, acc_dz, mask=cmask)
+    tl.store(part_ptr + G * S * C + base, acc_dzx, mask=cmask)
+
+
+@triton.jit
+def backward_finalize(
+    part_ptr, sums_ptr, k_ptr, cnt_ptr, invstd_ptr, w_ptr, rd_ptr, dw_ptr, db_ptr,
+    C, G, S, scg, scc, eps,
+    FUSED: tl.constexpr, HAS_W: tl.constexpr, CLAMP: tl.constexpr, RENORM: tl.constexpr, WANT_DW: tl.constexpr,
+    WANT_DB: tl.constexpr, F64: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``sums = (Σ dz, Σ dz·x̂)`` ``(2, G, C)`` from the split partials; ``FUSED`` also writes
+    ``k = γ'·r·(1/σ)``, ``mean(dz)``, ``mean(dz·x̂)`` into ``k_ptr`` ``(3, G, C)`` and ``dγ = Σ_g (Σdz·x̂·r + d·Σdz)``,
+    ``dβ = Σ_g Σdz``."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs < C
+    plane = G * C
+    if FUSED:
+        if HAS_W:
+            w = _clamped(_feature(w_ptr, 0, cs, 0, 1, cmask, F64), eps, CLAMP)
+        else:
+            w = _ct(tl.full([BLOCK_C], 1.0, tl.float32), F64)
+    dw = _ct(tl.zeros([BLOCK_C], tl.float32), F64)
+    db = dw
+    for g in range(0, G):
+        s_dz = _ct(tl.zeros([BLOCK_C], tl.float32), F64)
+        s_dzx = s_dz
+        for s in range(0, S):
+            idx = (g * S + s) * C + cs
+            s_dz += _ct(tl.load(part_ptr + idx, mask=cmask, other=0.0), F64)
+            s_dzx += _ct(tl.load(part_ptr + G * S * C + idx, mask=cmask, other=0.0), F64)
+        out = g * C + cs
+        tl.store(sums_ptr + out, s_dz, mask=cmask)
+        tl.store(sums_ptr + plane + out, s_dzx, mask=cmask)
+        if FUSED:
+            n = tl.maximum(_feature(cnt_ptr, g, cs, scg, scc, cmask, F64), 1.0)
+            kz = w
+            if RENORM:
+                r = _feature(rd_ptr, g, cs, C, 1, cmask, F64)
+                d = _feature(rd_ptr + plane, g, cs, C, 1, cmask, F64)
+                kz = w * r
+                dw += s_dzx * r + d * s_dz
+            else:
+                dw += s_dzx
+            db += s_dz
+            tl.store(k_ptr + out, kz * _feature(invstd_ptr, g, cs, C, 1, cmask, F64), mask=cmask)
+            tl.store(k_ptr + plane + out, s_dz / n, mask=cmask)
+            tl.store(k_ptr + 2 * plane + out, s_dzx / n, mask=cmask)
+    if WANT_DW:
+        tl.store(dw_ptr + cs, dw.to(dw_ptr.dtype.element_ty), mask=cmask)
+    if WANT_DB:
+        tl.store(db_ptr + cs, db.to(db_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def backward_apply(
+    dy_ptr, t_ptr, m_ptr, dx_ptr, p_ptr, q_ptr, zs_ptr, zb_ptr, k_ptr, mdz_ptr, mdzx_ptr,
+    NO, C, NI, sdo, sdc, sdi, sto, stc, sti, smo, smi, sxo, sxc, sxi,
+    spg, spc, sqg, sqc, szsg, szsc, szbg, szbc, skg, skc, smg, smc, sng, snc, R, eps, slope,
+    ACT: tl.constexpr, SAVE: tl.constexpr, PQ_WB: tl.constexpr, CLAMP: tl.constexpr, HAS_ZS: tl.constexpr,
+    HAS_ZB: tl.constexpr, HAS_MASK: tl.constexpr, GROUPED: tl.constexpr, F64: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``dx = k · (dz − m · (mean(dz) + x̂ · mean(dz·x̂)))`` in the dtype of ``t``."""
+    pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pmask = pos < NO * NI
+    cmask = cs < C
+    v2 = pmask[:, None] & cmask[None, :]
+    o = (pos // NI).to(tl.int64)
+    i = (pos % NI).to(tl.int64)
+    c64 = cs.to(tl.int64)
+    dy = _ct(tl.load(dy_ptr + (o * sdo + i * sdi)[:, None] + (c64 * sdc)[None, :], mask=v2, other=0.0), F64)
+    tv = _ct(tl.load(t_ptr + (o * sto + i * sti)[:, None] + (c64 * stc)[None, :], mask=v2, other=0.0), F64)
+    if GROUPED:
+        g = o // R
+        if HAS_ZS:
+            zs = _clamped(_feature2(zs_ptr, g, cs, szsg, szsc, v2, F64), eps, CLAMP)
+        else:
+            zs = _ct(tl.full([BLOCK_P, BLOCK_C], 1.0, tl.float32), F64)
+        if HAS_ZB:
+            zb = _feature2(zb_ptr, g, cs, szbg, szbc, v2, F64)
+        else:
+            zb = _ct(tl.zeros([BLOCK_P, BLOCK_C], tl.float32), F64)
+        if PQ_WB:
+            p = zb
+            q = 1.0 / zs
+        else:
+            p = _feature2(p_ptr, g, cs, spg, spc, v2, F64)
+            q = _feature2(q_ptr, g, cs, sqg, sqc, v2, F64)
+        k = _feature2(k_ptr, g, cs, skg, skc, v2, F64)
+        mdz = _feature2(mdz_ptr, g, cs, smg, smc, v2, F64)
+        mdzx = _feature2(mdzx_ptr, g, cs, sng, snc, v2, F64)
+    else:
+        p1, q1, zs1, zb1 = _params(p_ptr, q_ptr, zs_ptr, zb_ptr, 0, cs, spg, spc, sqg, sqc, szsg, szsc, szbg, szbc,
+                                   cmask, eps, PQ_WB, CLAMP, HAS_ZS, HAS_ZB, F64)
+        p = p1[None, :]
+        q = q1[None, :]
+        zs = zs1[None, :]
+        zb = zb1[None, :]
+        k = _feature(k_ptr, 0, cs, skg, skc, cmask, F64)[None, :]
+        mdz = _feature(mdz_ptr, 0, cs, smg, smc, cmask, F64)[None, :]
+        mdzx = _feature(mdzx_ptr, 0, cs, sng, snc, cmask, F64)[None, :]
+    dz, xhat = _dz_xhat(dy, tv, p, q, zs, zb, ACT, SAVE, slope)
+    corr = mdz + xhat * mdzx
+    if HAS_MASK:
+        keep = tl.load(m_ptr + o * smo + i * smi, mask=pmask, other=0) != 0
+        corr = tl.where(keep[:, None], corr, 0.0)
+    dx = k * (dz - corr)
+    tl.store(dx_ptr + (o * sxo + i * sxi)[:, None] + (c64 * sxc)[None, :], dx.to(dx_ptr.dtype.element_ty), mask=v2)
+
+
+@triton.jit
+def update_running(
+    mean_ptr, var_ptr, cnt_ptr, rm_ptr, rv_ptr, nbt_ptr, finite_ptr,
+    C, G, smg, smc, svg, svc, scg, scc, momentum,
+    HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr, F64: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The running update of ``functional.update_running`` from ``(G, C)`` statistics, in one program:
+    ``μ = mean_g(mean)``, ``σ² = mean_g(var·n/(n−1))``; applied only if all finite and every count > 1."""
+    ok_finite = tl.full([BLOCK_C], 1, tl.int32)
+    ok_enough = tl.full([BLOCK_C], 1, tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        new_mean = _ct(tl.zeros([BLOCK_C], tl.float32), F64)
+        new_var = new_mean
+        for g in range(0, G):
+            n = _feature(cnt_ptr, g, cs, scg, scc, cmask, F64)
+            new_mean += _feature(mean_ptr, g, cs, smg, smc, cmask, F64)
+            new_var += _feature(var_ptr, g, cs, svg, svc, cmask, F64) * n / tl.maximum(n - 1.0, 1.0)
+            ok_enough = ok_enough & tl.where(cmask & (n <= 1.0), 0, 1)
+        new_mean = new_mean / G
+        new_var = new_var / G
+        fin = ((new_mean - new_mean) == 0) & ((new_var - new_var) == 0)
+        ok_finite = ok_finite & tl.where(cmask & ~fin, 0, 1)
+    finite = tl.min(ok_finite, axis=0)
+    ok = (finite & tl.min(ok_enough, axis=0)) != 0
+    if HAS_NBT:
+        nbt = tl.load(nbt_ptr) + finite.to(tl.int64)
+        tl.store(nbt_ptr, nbt)
+    if CUMULATIVE:
+        f = 1.0 / tl.maximum(_ct(nbt, F64), 1.0)
+    else:
+        f = momentum
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        new_mean = _ct(tl.zeros([BLOCK_C], tl.float32), F64)
+        new_var = new_mean
+        for g in range(0, G):
+            n = _feature(cnt_ptr, g, cs, scg, scc, cmask, F64)
+            new_mean += _feature(mean_ptr, g, cs, smg, smc, cmask, F64)
+            new_var += _feature(var_ptr, g, cs, svg, svc, cmask, F64) * n / tl.maximum(n - 1.0, 1.0)
+        new_mean = new_mean / G
+        new_var = new_var / G
+        rm = _feature(rm_ptr, 0, cs, 0, 1, cmask, F64)
+        rv = _feature(rv_ptr, 0, cs, 0, 1, cmask, F64)
+        rm = tl.where(ok, rm + f * (new_mean - rm), rm)
+        rv = tl.where(ok, rv + f * (new_var - rv), rv)
+        tl.store(rm_ptr + cs, rm.to(rm_ptr.dtype.element_ty), mask=cmask)
+        tl.store(rv_ptr + cs, rv.to(rv_ptr.dtype.element_ty), mask=cmask)
+    tl.store(finite_ptr, finite != 0)
