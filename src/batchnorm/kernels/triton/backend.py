@@ -213,8 +213,8 @@ class TritonBackend(Backend):
         part = torch.empty((3, geo.G, geo.S, geo.C), dtype=geo.sd, device=x.device)
         _O, _I, so, sc, si = geo.v
         _launch(_k().reduce_partial, (geo.S, geo.ncb, geo.G), geo.x, mm if mm is not None else part, part,
-                geo.O, geo.C, geo.I, so, sc, si, smo, smi, geo.R, geo.G, geo.S, geo.tiles,
-                HAS_MASK=m is not None, F64=geo.f64, BLOCK_P=geo.bp, BLOCK_C=geo.bc)
+                geo.O, geo.C, geo.I, so, sc, si, smo, smi, geo.R, geo.G, geo.S, geo.tiles, int(m is not None),
+                F64=geo.f64, BLOCK_P=geo.bp, BLOCK_C=geo.bc)
         return part, geo
 
     def _finalize(self, part, geo, s: Settings, *, train, weight=None, bias=None, running=None, renorm=None):
@@ -247,10 +247,10 @@ class TritonBackend(Backend):
                 bias if bias is not None else dummy, rm if rm is not None else dummy, rv if rv is not None else dummy,
                 nbt if nbt is not None else dummy, finite if finite is not None else dummy, rmax_t, dmax_t,
                 geo.C, geo.G, geo.S, float(s.eps), float(momentum if momentum is not None else 0.0),
-                float(r_max), float(d_max),
-                TRAIN=train, HAS_W=weight is not None, HAS_B=bias is not None, CLAMP=bool(s.save),
-                UPDATE=running is not None, HAS_NBT=nbt is not None, CUMULATIVE=running is not None and momentum is None,
-                RENORM=renorm is not None, LIMITS_PTR=limits_ptr, F64=geo.f64, BLOCK_C=TUNING["finalize"])
+                float(r_max), float(d_max), int(weight is not None), int(bias is not None), int(s.save),
+                int(nbt is not None), TRAIN=train, UPDATE=running is not None,
+                CUMULATIVE=running is not None and momentum is None, RENORM=renorm is not None, LIMITS_PTR=limits_ptr,
+                F64=geo.f64, BLOCK_C=TUNING["finalize"])
         return stats, aux, finite
 
     def _apply(self, geo, s: Settings, a, b, *, eval_=False, weight=None, bias=None):
@@ -262,9 +262,9 @@ class TritonBackend(Backend):
         dummy = a
         _launch(_k().apply, geo.apply_grid(), geo.x, y, a, b, weight if weight is not None else dummy,
                 bias if bias is not None else dummy, geo.O, geo.C, geo.I, sxo, sxc, sxi, yv[2], yv[3], yv[4],
-                sag, sac, sbg, sbc, geo.R, float(s.eps), float(s.negative_slope),
-                ACT=s.code, EVAL=eval_, HAS_W=weight is not None, HAS_B=bias is not None,
-                GROUPED=geo.G > 1 and not eval_, F64=f64, BLOCK_P=geo.bp, BLOCK_C=geo.bc)
+                sag, sac, sbg, sbc, geo.R, float(s.eps), float(s.negative_slope), s.code, int(weight is not None),
+                int(bias is not None), FUSED_ACT=s.code != 0, EVAL=eval_, GROUPED=geo.G > 1 and not eval_, F64=f64,
+                BLOCK_P=geo.bp, BLOCK_C=geo.bc)
         return y
 
     def _pq(self, s: Settings, p, q, zscale, zshift, fused_save: bool):
@@ -274,28 +274,27 @@ class TritonBackend(Backend):
         zs, szsg, szsc = _fs(zscale)
         zb, szbg, szbc = _fs(zshift)
         anyt = next(t for t in (p, q, zs, zb) if t is not None)
-        flags = dict(PQ_WB=fused_save, CLAMP=fused_save, HAS_ZS=zs is not None, HAS_ZB=zb is not None)
+        flags = (s.code, int(zs is not None), int(zb is not None), int(fused_save))
         ptrs = tuple(t if t is not None else anyt for t in (p, q, zs, zb))
-        return ptrs, (spg, spc, sqg, sqc, szsg, szsc, szbg, szbc), flags
+        return ptrs, (spg, spc, sqg, sqc, szsg, szsc, szbg, szbc), flags, fused_save
 
     def _backward_sums(self, dy, t, s: Settings, pq, fused=None):
         """``(Σ dz, Σ dz·x̂)`` ``(2, G, C)``; ``fused = (count, invstd, weight, rd, dγ-like, dβ-like)`` also
         gives ``k, mean(dz), mean(dz·x̂)`` ``(3, G, C)`` and ``dγ, dβ``."""
         geo = _Geometry(t, s)
         dy, dv = _viewed(dy, s.axis)
-        ptrs, strides, flags = pq
+        ptrs, strides, flags, pq_wb = pq
         part = torch.empty((2, geo.G, geo.S, geo.C), dtype=geo.sd, device=t.device)
         _launch(_k().backward_partial, (geo.S, geo.ncb, geo.G), dy, geo.x, part, *ptrs,
                 geo.O, geo.C, geo.I, dv[2], dv[3], dv[4], geo.v[2], geo.v[3], geo.v[4], *strides,
-                geo.R, geo.G, geo.S, geo.tiles, float(s.eps), float(s.negative_slope),
-                ACT=s.code, SAVE=bool(s.save), **flags, F64=geo.f64, BLOCK_P=geo.bp, BLOCK_C=geo.bc)
+                geo.R, geo.G, geo.S, geo.tiles, float(s.eps), float(s.negative_slope), *flags,
+                SAVE=bool(s.save), FUSED_ACT=s.code != 0, PQ_WB=pq_wb, F64=geo.f64, BLOCK_P=geo.bp, BLOCK_C=geo.bc)
         sums = torch.empty((2, geo.G, geo.C), dtype=geo.sd, device=t.device)
         kbuf = dw = db = None
         if fused is None:
             _launch(_k().backward_finalize, (-(-geo.C // TUNING["finalize"]),), part, sums, sums, sums, sums, sums,
-                    sums, sums, sums, geo.C, geo.G, geo.S, 0, 0, float(s.eps),
-                    FUSED=False, HAS_W=False, CLAMP=False, RENORM=False, WANT_DW=False, WANT_DB=False, F64=geo.f64,
-                    BLOCK_C=TUNING["finalize"])
+                    sums, sums, sums, geo.C, geo.G, geo.S, 0, 0, float(s.eps), 0, 0, 0, 0,
+                    FUSED=False, RENORM=False, F64=geo.f64, BLOCK_C=TUNING["finalize"])
         else:
             count, invstd, weight, rd, dw_like, db_like = fused
             kbuf = torch.empty((3, geo.G, geo.C), dtype=geo.sd, device=t.device)
@@ -306,14 +305,14 @@ class TritonBackend(Backend):
             _launch(_k().backward_finalize, (-(-geo.C // TUNING["finalize"]),), part, sums, kbuf, count, invstd,
                     weight if weight is not None else sums, rd if rd is not None else sums,
                     dw if dw is not None else sums, db if db is not None else sums,
-                    geo.C, geo.G, geo.S, scg, scc, float(s.eps),
-                    FUSED=True, HAS_W=weight is not None, CLAMP=bool(s.save), RENORM=rd is not None,
-                    WANT_DW=dw is not None, WANT_DB=db is not None, F64=geo.f64, BLOCK_C=TUNING["finalize"])
+                    geo.C, geo.G, geo.S, scg, scc, float(s.eps), int(weight is not None), int(s.save),
+                    int(dw is not None), int(db is not None), FUSED=True, RENORM=rd is not None, F64=geo.f64,
+                    BLOCK_C=TUNING["finalize"])
         return geo, dy, dv, sums, kbuf, dw, db
 
     def _backward_dx(self, geo, dy, dv, s: Settings, pq, k, mdz, mdzx, m):
         dx, xv = _out_like(geo.x, s.axis)
-        ptrs, strides, flags = pq
+        ptrs, strides, flags, pq_wb = pq
         mm, smo, smi = _mask_view(m, s.axis)
         k, skg, skc = _fs(k)
         mdz, smg, smc = _fs(mdz)
@@ -321,8 +320,8 @@ class TritonBackend(Backend):
         _launch(_k().backward_apply, geo.apply_grid(), dy, geo.x, mm if mm is not None else k, dx, *ptrs, k, mdz,
                 mdzx, geo.O, geo.C, geo.I, dv[2], dv[3], dv[4], geo.v[2], geo.v[3], geo.v[4], smo, smi,
                 xv[2], xv[3], xv[4], *strides, skg, skc, smg, smc, sng, snc, geo.R, float(s.eps),
-                float(s.negative_slope), ACT=s.code, SAVE=bool(s.save), **flags, HAS_MASK=m is not None,
-                GROUPED=geo.G > 1, F64=geo.f64, BLOCK_P=geo.bp, BLOCK_C=geo.bc)
+                float(s.negative_slope), *flags, int(m is not None), SAVE=bool(s.save), FUSED_ACT=s.code != 0,
+                PQ_WB=pq_wb, GROUPED=geo.G > 1, F64=geo.f64, BLOCK_P=geo.bp, BLOCK_C=geo.bc)
         return dx
 
     # -- primitives ---------------------------------------------------------------------------
@@ -411,9 +410,8 @@ class TritonBackend(Backend):
         nbt = num_batches_tracked
         _launch(_k().update_running, (1,), mean, var, count, running_mean, running_var,
                 nbt if nbt is not None else finite, finite, c, g, smg, smc, svg, svc, scg, scc,
-                float(momentum if momentum is not None else 0.0),
-                HAS_NBT=nbt is not None, CUMULATIVE=momentum is None, F64=sd == torch.float64,
-                BLOCK_C=TUNING["finalize"])
+                float(momentum if momentum is not None else 0.0), int(nbt is not None),
+                CUMULATIVE=momentum is None, F64=sd == torch.float64, BLOCK_C=TUNING["finalize"])
         return finite
 
     # -- batch renormalization (Ioffe 2017) as fused sequences ----------------------------------

@@ -24,8 +24,26 @@ forward/derivative formulas are the table's, written in Triton.
 
 from __future__ import annotations
 
+import inspect
+
 import triton
 import triton.language as tl
+
+#: Integer arguments that are sizes or runtime flags: never specialized (a value of 1 or a multiple of 16 would
+#: otherwise compile a new kernel). Runtime flags (0/1) select optional operands through load masks, and ``act``
+#: the activation code, uniform over a launch: one compiled kernel serves every activation.
+_SIZES = ("NO", "C", "NI", "R", "G", "S", "TILES", "has_mask", "has_w", "has_b", "clamp", "has_nbt", "act", "has_zs",
+          "has_zb", "want_dw", "want_db")
+
+
+def _kernel(fn):
+    """``triton.jit`` with the specialization policy of this backend: sizes and flags are never specialized; strides only
+    on the value 1 (the layout: features or positions contiguous), not on divisibility by 16; pointers on
+    their 16-byte alignment (triton's default). This keeps the set of compiled variants finite and known, so
+    ``python -m batchnorm.kernels.triton compile`` can build all of them ahead of time."""
+    names = list(inspect.signature(fn).parameters)
+    ints = [n for n in names if n in _SIZES or (n.startswith("s") and not n.endswith("_ptr") and n != "slope")]
+    return triton.jit(fn, do_not_specialize=[n for n in names if n in _SIZES], do_not_specialize_on_alignment=ints)
 
 
 @triton.jit
@@ -50,8 +68,8 @@ def _tanh(z):
 
 
 @triton.jit
-def _act(z, ACT: tl.constexpr, slope):
-    """The forward of activation code ``ACT`` (NaN propagates as in torch)."""
+def _act(z, ACT, slope):
+    """The forward of activation code ``ACT`` (a runtime scalar, uniform over the launch; NaN propagates as in torch)."""
     if ACT == 1:
         z = tl.where(z < 0, 0.0, z)
     elif ACT == 2:
@@ -70,12 +88,13 @@ def _act(z, ACT: tl.constexpr, slope):
 
 
 @triton.jit
-def _dact(z, ACT: tl.constexpr, slope):
+def _dact(z, ACT, slope):
     """``d act / dz`` (at a kink the left value, as torch: relu'(0) = 0, relu6'(6) = 0)."""
+    one = z * 0.0 + 1.0
     if ACT == 1:
-        g = tl.where(z > 0, 1.0, 0.0)
+        g = tl.where(z > 0, one, 0.0)
     elif ACT == 2:
-        g = tl.where(z > 0, 1.0, slope)
+        g = tl.where(z > 0, one, one * slope)
     elif ACT == 3:
         s = _sigmoid(z)
         g = s * (1.0 + z * (1.0 - s))
@@ -88,9 +107,9 @@ def _dact(z, ACT: tl.constexpr, slope):
         t = _tanh(z)
         g = 1.0 - t * t
     elif ACT == 7:
-        g = tl.where((z > 0) & (z < 6.0), 1.0, 0.0)
+        g = tl.where((z > 0) & (z < 6.0), one, 0.0)
     else:
-        g = z * 0.0 + 1.0
+        g = one
     return g
 
 
@@ -107,18 +126,29 @@ def _feature2(ptr, g, cs, sg, sc, v2, F64: tl.constexpr):
 
 
 @triton.jit
-def _clamped(w, eps, CLAMP: tl.constexpr):
-    """memory="save": ``|γ| < eps`` is used as ``±eps`` (sign kept, sign(0) = +1); the rule of ``functional._affine``."""
-    if CLAMP:
-        w = tl.where(tl.abs(w) < eps, tl.where(w < 0, -eps, eps), w)
-    return w
+def _opt(ptr, g, cs, sg, sc, cmask, present, default, F64: tl.constexpr):
+    """An optional per-feature vector: loaded where ``present`` (a runtime 0/1), else ``default`` (no memory read)."""
+    return _ct(tl.load(ptr + g * sg + cs * sc, mask=cmask & (present != 0), other=default), F64)
 
 
 @triton.jit
+def _opt2(ptr, g, cs, sg, sc, v2, present, default, F64: tl.constexpr):
+    """:func:`_opt` gathered per position (``g`` a ``[BLOCK_P]`` vector)."""
+    return _ct(tl.load(ptr + g[:, None] * sg + cs[None, :] * sc, mask=v2 & (present != 0), other=default), F64)
+
+
+@triton.jit
+def _clamped(w, eps, clamp):
+    """memory="save" (``clamp`` = 1): ``|γ| < eps`` is used as ``±eps`` (sign kept, sign(0) = +1); the rule of
+    ``functional._affine``."""
+    return tl.where((clamp != 0) & (tl.abs(w) < eps), tl.where(w < 0, -eps, eps), w)
+
+
+@_kernel
 def reduce_partial(
     x_ptr, m_ptr, part_ptr,
-    NO, C, NI, sxo, sxc, sxi, smo, smi, R, G, S, TILES,
-    HAS_MASK: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    NO, C, NI, sxo, sxc, sxi, smo, smi, R, G, S, TILES, has_mask,
+    F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """``part[(count, mean, m2), g, split, c]`` over this program's ``TILES`` tiles of group ``g``'s positions."""
     pid_s = tl.program_id(0)
@@ -133,12 +163,11 @@ def reduce_partial(
     c_off = cs.to(tl.int64) * sxc
     for t in range(0, TILES):
         p = (pid_s * TILES + t) * BLOCK_P + tl.arange(0, BLOCK_P)
-        valid = p < npos
+        inside = p < npos
         o = (o0 + p // NI).to(tl.int64)
         i = (p % NI).to(tl.int64)
-        if HAS_MASK:
-            valid = valid & (tl.load(m_ptr + o * smo + i * smi, mask=valid, other=0) != 0)
-        v2 = valid[:, None] & cmask[None, :]
+        keep = tl.load(m_ptr + o * smo + i * smi, mask=inside & (has_mask != 0), other=1) != 0
+        v2 = (inside & keep)[:, None] & cmask[None, :]
         x = _ct(tl.load(x_ptr + (o * sxo + i * sxi)[:, None] + c_off[None, :], mask=v2, other=0.0), F64)
         n_t = tl.sum(_ct(v2, F64), axis=0)
         mean_t = tl.sum(x, axis=0) / tl.maximum(n_t, 1.0)
@@ -158,13 +187,12 @@ def reduce_partial(
     tl.store(part_ptr + 2 * plane + base, acc_m2, mask=cmask)
 
 
-@triton.jit
+@_kernel
 def finalize(
     part_ptr, stats_ptr, aux_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr, finite_ptr, rmax_ptr, dmax_ptr,
-    C, G, S, eps, momentum, r_max, d_max,
-    TRAIN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, CLAMP: tl.constexpr, UPDATE: tl.constexpr,
-    HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr, RENORM: tl.constexpr, LIMITS_PTR: tl.constexpr,
-    F64: tl.constexpr, BLOCK_C: tl.constexpr,
+    C, G, S, eps, momentum, r_max, d_max, has_w, has_b, clamp, has_nbt,
+    TRAIN: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, RENORM: tl.constexpr,
+    LIMITS_PTR: tl.constexpr, F64: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One program. ``TRAIN=False``: ``stats = (count, mean, m2)`` ``(3, G, C)`` (the reduce primitive).
 
@@ -179,14 +207,8 @@ def finalize(
         cs = c0 + tl.arange(0, BLOCK_C)
         cmask = cs < C
         if TRAIN:
-            if HAS_W:
-                w = _clamped(_feature(w_ptr, 0, cs, 0, 1, cmask, F64), eps, CLAMP)
-            else:
-                w = _ct(tl.full([BLOCK_C], 1.0, tl.float32), F64)
-            if HAS_B:
-                b = _feature(b_ptr, 0, cs, 0, 1, cmask, F64)
-            else:
-                b = _ct(tl.zeros([BLOCK_C], tl.float32), F64)
+            w = _clamped(_opt(w_ptr, 0, cs, 0, 1, cmask, has_w, 1.0, F64), eps, clamp)
+            b = _opt(b_ptr, 0, cs, 0, 1, cmask, has_b, 0.0, F64)
             if RENORM:
                 rm0 = _feature(rm_ptr, 0, cs, 0, 1, cmask, F64)
                 sigma = tl.sqrt(_feature(rv_ptr, 0, cs, 0, 1, cmask, F64) + eps)
@@ -251,9 +273,8 @@ def finalize(
         tl.debug_barrier()  # the new values above are read back below (the same program)
         finite = tl.min(ok_finite, axis=0)
         ok = (finite & tl.min(ok_enough, axis=0)) != 0
-        if HAS_NBT:
-            nbt = tl.load(nbt_ptr) + finite.to(tl.int64)
-            tl.store(nbt_ptr, nbt)
+        nbt = tl.load(nbt_ptr, mask=has_nbt != 0, other=0) + finite.to(tl.int64)
+        tl.store(nbt_ptr, nbt, mask=has_nbt != 0)
         if CUMULATIVE:
             f = 1.0 / tl.maximum(_ct(nbt, F64), 1.0)
         else:
@@ -272,12 +293,12 @@ def finalize(
         tl.store(finite_ptr, finite != 0)
 
 
-@triton.jit
+@_kernel
 def apply(
     x_ptr, y_ptr, a_ptr, b_ptr, w_ptr, bias_ptr,
-    NO, C, NI, sxo, sxc, sxi, syo, syc, syi, sag, sac, sbg, sbc, R, eps, slope,
-    ACT: tl.constexpr, EVAL: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, GROUPED: tl.constexpr,
-    F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    NO, C, NI, sxo, sxc, sxi, syo, syc, syi, sag, sac, sbg, sbc, R, eps, slope, act, has_w, has_b,
+    FUSED_ACT: tl.constexpr, EVAL: tl.constexpr, GROUPED: tl.constexpr, F64: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """``y = act(x · a + b)``; ``EVAL``: ``a = γ / sqrt(rv + eps)``, ``b = β − rm · a`` with ``a_ptr, b_ptr`` = rv, rm."""
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -291,56 +312,47 @@ def apply(
     x = _ct(tl.load(x_ptr + (o * sxo + i * sxi)[:, None] + (c64 * sxc)[None, :], mask=v2, other=0.0), F64)
     if EVAL:
         a = 1.0 / tl.sqrt(_feature(a_ptr, 0, cs, 0, sac, cmask, F64) + eps)
-        if HAS_W:
-            a = a * _feature(w_ptr, 0, cs, 0, 1, cmask, F64)
-        b = -_feature(b_ptr, 0, cs, 0, sbc, cmask, F64) * a
-        if HAS_B:
-            b = b + _feature(bias_ptr, 0, cs, 0, 1, cmask, F64)
+        a = a * _opt(w_ptr, 0, cs, 0, 1, cmask, has_w, 1.0, F64)
+        b = _opt(bias_ptr, 0, cs, 0, 1, cmask, has_b, 0.0, F64) - _feature(b_ptr, 0, cs, 0, sbc, cmask, F64) * a
         z = x * a[None, :] + b[None, :]
     elif GROUPED:
         g = o // R
         z = x * _feature2(a_ptr, g, cs, sag, sac, v2, F64) + _feature2(b_ptr, g, cs, sbg, sbc, v2, F64)
     else:
         z = x * _feature(a_ptr, 0, cs, 0, sac, cmask, F64)[None, :] + _feature(b_ptr, 0, cs, 0, sbc, cmask, F64)[None, :]
-    y = _act(z, ACT, slope)
-    tl.store(y_ptr + (o * syo + i * syi)[:, None] + (c64 * syc)[None, :], y.to(y_ptr.dtype.element_ty), mask=v2)
+    if FUSED_ACT:
+        z = _act(z, act, slope)
+    tl.store(y_ptr + (o * syo + i * syi)[:, None] + (c64 * syc)[None, :], z.to(y_ptr.dtype.element_ty), mask=v2)
 
 
 @triton.jit
-def _dz_xhat(dy, t, p, q, zs, zb, ACT: tl.constexpr, SAVE: tl.constexpr, slope):
-    """``(dz, x̂)`` of ``torch_ops._dz_xhat``: ``SAVE`` recovers ``z = act⁻¹(y)`` from the output."""
+def _dz_xhat(dy, t, p, q, zs, zb, act, slope, SAVE: tl.constexpr, FUSED_ACT: tl.constexpr):
+    """``(dz, x̂)`` of ``torch_ops._dz_xhat``: ``SAVE`` recovers ``z = act⁻¹(y)`` from the output (leaky_relu: code 2)."""
     if SAVE:
-        if ACT == 2:
-            neg = ~(t > 0)
+        if FUSED_ACT:
+            neg = ~(t > 0) & (act == 2)
             t = tl.where(neg, t / slope, t)
             dy = tl.where(neg, dy * slope, dy)
         xhat = (t - p) * q
         dz = dy
     else:
         xhat = (t - p) * q
-        if ACT == 0:
-            dz = dy
+        if FUSED_ACT:
+            dz = dy * _dact(xhat * zs + zb, act, slope)
         else:
-            dz = dy * _dact(xhat * zs + zb, ACT, slope)
+            dz = dy
     return dz, xhat
 
 
 @triton.jit
 def _params(p_ptr, q_ptr, zs_ptr, zb_ptr, g, cs, spg, spc, sqg, sqc, szsg, szsc, szbg, szbc, cmask, eps,
-            PQ_WB: tl.constexpr, CLAMP: tl.constexpr, HAS_ZS: tl.constexpr, HAS_ZB: tl.constexpr,
-            F64: tl.constexpr):
+            has_zs, has_zb, clamp, PQ_WB: tl.constexpr, F64: tl.constexpr):
     """The per-feature ``p, q, zscale, zshift`` of group ``g`` as ``[BLOCK_C]`` vectors.
 
     ``PQ_WB`` (memory="save", fused): ``p = zshift``, ``q = 1 / clamp(zscale)`` are formed here from γ, β.
     """
-    if HAS_ZS:
-        zs = _clamped(_feature(zs_ptr, g, cs, szsg, szsc, cmask, F64), eps, CLAMP)
-    else:
-        zs = _ct(cs.to(tl.float32) * 0.0 + 1.0, F64)
-    if HAS_ZB:
-        zb = _feature(zb_ptr, g, cs, szbg, szbc, cmask, F64)
-    else:
-        zb = _ct(cs.to(tl.float32) * 0.0, F64)
+    zs = _clamped(_opt(zs_ptr, g, cs, szsg, szsc, cmask, has_zs, 1.0, F64), eps, clamp)
+    zb = _opt(zb_ptr, g, cs, szbg, szbc, cmask, has_zb, 0.0, F64)
     if PQ_WB:
         p = zb
         q = 1.0 / zs
@@ -350,12 +362,13 @@ def _params(p_ptr, q_ptr, zs_ptr, zb_ptr, g, cs, spg, spc, sqg, sqc, szsg, szsc,
     return p, q, zs, zb
 
 
-@triton.jit
+@_kernel
 def backward_partial(
     dy_ptr, t_ptr, part_ptr, p_ptr, q_ptr, zs_ptr, zb_ptr,
     NO, C, NI, sdo, sdc, sdi, sto, stc, sti, spg, spc, sqg, sqc, szsg, szsc, szbg, szbc, R, G, S, TILES, eps, slope,
-    ACT: tl.constexpr, SAVE: tl.constexpr, PQ_WB: tl.constexpr, CLAMP: tl.constexpr, HAS_ZS: tl.constexpr,
-    HAS_ZB: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    act, has_zs, has_zb, clamp,
+    SAVE: tl.constexpr, FUSED_ACT: tl.constexpr, PQ_WB: tl.constexpr, F64: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """``part[(Σ dz, Σ dz·x̂), g, split, c]`` over all positions of this program's tiles (masked ones too)."""
     pid_s = tl.program_id(0)
@@ -363,7 +376,7 @@ def backward_partial(
     g = tl.program_id(2)
     cmask = cs < C
     p, q, zs, zb = _params(p_ptr, q_ptr, zs_ptr, zb_ptr, g, cs, spg, spc, sqg, sqc, szsg, szsc, szbg, szbc, cmask,
-                           eps, PQ_WB, CLAMP, HAS_ZS, HAS_ZB, F64)
+                           eps, has_zs, has_zb, clamp, PQ_WB, F64)
     o0 = g * R
     npos = tl.minimum(R, NO - o0) * NI
     acc_dz = _ct(tl.zeros([BLOCK_C], dtype=tl.float32), F64)
@@ -376,7 +389,7 @@ def backward_partial(
         i = (pos % NI).to(tl.int64)
         dy = _ct(tl.load(dy_ptr + (o * sdo + i * sdi)[:, None] + (c64 * sdc)[None, :], mask=v2, other=0.0), F64)
         tv = _ct(tl.load(t_ptr + (o * sto + i * sti)[:, None] + (c64 * stc)[None, :], mask=v2, other=0.0), F64)
-        dz, xhat = _dz_xhat(dy, tv, p[None, :], q[None, :], zs[None, :], zb[None, :], ACT, SAVE, slope)
+        dz, xhat = _dz_xhat(dy, tv, p[None, :], q[None, :], zs[None, :], zb[None, :], act, slope, SAVE, FUSED_ACT)
         dz = tl.where(v2, dz, 0.0)
         acc_dz += tl.sum(dz, axis=0)
         acc_dzx += tl.sum(tl.where(v2, dz * xhat, 0.0), axis=0)
@@ -385,12 +398,11 @@ def backward_partial(
     tl.store(part_ptr + G * S * C + base, acc_dzx, mask=cmask)
 
 
-@triton.jit
+@_kernel
 def backward_finalize(
     part_ptr, sums_ptr, k_ptr, cnt_ptr, invstd_ptr, w_ptr, rd_ptr, dw_ptr, db_ptr,
-    C, G, S, scg, scc, eps,
-    FUSED: tl.constexpr, HAS_W: tl.constexpr, CLAMP: tl.constexpr, RENORM: tl.constexpr, WANT_DW: tl.constexpr,
-    WANT_DB: tl.constexpr, F64: tl.constexpr, BLOCK_C: tl.constexpr,
+    C, G, S, scg, scc, eps, has_w, clamp, want_dw, want_db,
+    FUSED: tl.constexpr, RENORM: tl.constexpr, F64: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """``sums = (Σ dz, Σ dz·x̂)`` ``(2, G, C)`` from the split partials; ``FUSED`` also writes
     ``k = γ'·r·(1/σ)``, ``mean(dz)``, ``mean(dz·x̂)`` into ``k_ptr`` ``(3, G, C)`` and ``dγ = Σ_g (Σdz·x̂·r + d·Σdz)``,
@@ -399,10 +411,7 @@ def backward_finalize(
     cmask = cs < C
     plane = G * C
     if FUSED:
-        if HAS_W:
-            w = _clamped(_feature(w_ptr, 0, cs, 0, 1, cmask, F64), eps, CLAMP)
-        else:
-            w = _ct(tl.full([BLOCK_C], 1.0, tl.float32), F64)
+        w = _clamped(_opt(w_ptr, 0, cs, 0, 1, cmask, has_w, 1.0, F64), eps, clamp)
     dw = _ct(tl.zeros([BLOCK_C], tl.float32), F64)
     db = dw
     for g in range(0, G):
@@ -429,19 +438,18 @@ def backward_finalize(
             tl.store(k_ptr + out, kz * _feature(invstd_ptr, g, cs, C, 1, cmask, F64), mask=cmask)
             tl.store(k_ptr + plane + out, s_dz / n, mask=cmask)
             tl.store(k_ptr + 2 * plane + out, s_dzx / n, mask=cmask)
-    if WANT_DW:
-        tl.store(dw_ptr + cs, dw.to(dw_ptr.dtype.element_ty), mask=cmask)
-    if WANT_DB:
-        tl.store(db_ptr + cs, db.to(db_ptr.dtype.element_ty), mask=cmask)
+    if FUSED:
+        tl.store(dw_ptr + cs, dw.to(dw_ptr.dtype.element_ty), mask=cmask & (want_dw != 0))
+        tl.store(db_ptr + cs, db.to(db_ptr.dtype.element_ty), mask=cmask & (want_db != 0))
 
 
-@triton.jit
+@_kernel
 def backward_apply(
     dy_ptr, t_ptr, m_ptr, dx_ptr, p_ptr, q_ptr, zs_ptr, zb_ptr, k_ptr, mdz_ptr, mdzx_ptr,
     NO, C, NI, sdo, sdc, sdi, sto, stc, sti, smo, smi, sxo, sxc, sxi,
     spg, spc, sqg, sqc, szsg, szsc, szbg, szbc, skg, skc, smg, smc, sng, snc, R, eps, slope,
-    ACT: tl.constexpr, SAVE: tl.constexpr, PQ_WB: tl.constexpr, CLAMP: tl.constexpr, HAS_ZS: tl.constexpr,
-    HAS_ZB: tl.constexpr, HAS_MASK: tl.constexpr, GROUPED: tl.constexpr, F64: tl.constexpr,
+    act, has_zs, has_zb, clamp, has_mask,
+    SAVE: tl.constexpr, FUSED_ACT: tl.constexpr, PQ_WB: tl.constexpr, GROUPED: tl.constexpr, F64: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """``dx = k · (dz − m · (mean(dz) + x̂ · mean(dz·x̂)))`` in the dtype of ``t``."""
@@ -457,14 +465,8 @@ def backward_apply(
     tv = _ct(tl.load(t_ptr + (o * sto + i * sti)[:, None] + (c64 * stc)[None, :], mask=v2, other=0.0), F64)
     if GROUPED:
         g = o // R
-        if HAS_ZS:
-            zs = _clamped(_feature2(zs_ptr, g, cs, szsg, szsc, v2, F64), eps, CLAMP)
-        else:
-            zs = _ct(tl.full([BLOCK_P, BLOCK_C], 1.0, tl.float32), F64)
-        if HAS_ZB:
-            zb = _feature2(zb_ptr, g, cs, szbg, szbc, v2, F64)
-        else:
-            zb = _ct(tl.zeros([BLOCK_P, BLOCK_C], tl.float32), F64)
+        zs = _clamped(_opt2(zs_ptr, g, cs, szsg, szsc, v2, has_zs, 1.0, F64), eps, clamp)
+        zb = _opt2(zb_ptr, g, cs, szbg, szbc, v2, has_zb, 0.0, F64)
         if PQ_WB:
             p = zb
             q = 1.0 / zs
@@ -476,7 +478,7 @@ def backward_apply(
         mdzx = _feature2(mdzx_ptr, g, cs, sng, snc, v2, F64)
     else:
         p1, q1, zs1, zb1 = _params(p_ptr, q_ptr, zs_ptr, zb_ptr, 0, cs, spg, spc, sqg, sqc, szsg, szsc, szbg, szbc,
-                                   cmask, eps, PQ_WB, CLAMP, HAS_ZS, HAS_ZB, F64)
+                                   cmask, eps, has_zs, has_zb, clamp, PQ_WB, F64)
         p = p1[None, :]
         q = q1[None, :]
         zs = zs1[None, :]
@@ -484,20 +486,18 @@ def backward_apply(
         k = _feature(k_ptr, 0, cs, skg, skc, cmask, F64)[None, :]
         mdz = _feature(mdz_ptr, 0, cs, smg, smc, cmask, F64)[None, :]
         mdzx = _feature(mdzx_ptr, 0, cs, sng, snc, cmask, F64)[None, :]
-    dz, xhat = _dz_xhat(dy, tv, p, q, zs, zb, ACT, SAVE, slope)
-    corr = mdz + xhat * mdzx
-    if HAS_MASK:
-        keep = tl.load(m_ptr + o * smo + i * smi, mask=pmask, other=0) != 0
-        corr = tl.where(keep[:, None], corr, 0.0)
+    dz, xhat = _dz_xhat(dy, tv, p, q, zs, zb, act, slope, SAVE, FUSED_ACT)
+    keep = tl.load(m_ptr + o * smo + i * smi, mask=pmask & (has_mask != 0), other=1) != 0
+    corr = tl.where(keep[:, None], mdz + xhat * mdzx, 0.0)
     dx = k * (dz - corr)
     tl.store(dx_ptr + (o * sxo + i * sxi)[:, None] + (c64 * sxc)[None, :], dx.to(dx_ptr.dtype.element_ty), mask=v2)
 
 
-@triton.jit
+@_kernel
 def update_running(
     mean_ptr, var_ptr, cnt_ptr, rm_ptr, rv_ptr, nbt_ptr, finite_ptr,
-    C, G, smg, smc, svg, svc, scg, scc, momentum,
-    HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr, F64: tl.constexpr, BLOCK_C: tl.constexpr,
+    C, G, smg, smc, svg, svc, scg, scc, momentum, has_nbt,
+    CUMULATIVE: tl.constexpr, F64: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """The running update of ``functional.update_running`` from ``(G, C)`` statistics, in one program:
     ``μ = mean_g(mean)``, ``σ² = mean_g(var·n/(n−1))``; applied only if all finite and every count > 1."""
@@ -519,9 +519,8 @@ def update_running(
         ok_finite = ok_finite & tl.where(cmask & ~fin, 0, 1)
     finite = tl.min(ok_finite, axis=0)
     ok = (finite & tl.min(ok_enough, axis=0)) != 0
-    if HAS_NBT:
-        nbt = tl.load(nbt_ptr) + finite.to(tl.int64)
-        tl.store(nbt_ptr, nbt)
+    nbt = tl.load(nbt_ptr, mask=has_nbt != 0, other=0) + finite.to(tl.int64)
+    tl.store(nbt_ptr, nbt, mask=has_nbt != 0)
     if CUMULATIVE:
         f = 1.0 / tl.maximum(_ct(nbt, F64), 1.0)
     else:
