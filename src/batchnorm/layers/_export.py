@@ -11,9 +11,11 @@ and the ONNX exporters cannot run or translate them. So, only while tracing:
   ATen's ``batch_norm`` (what ``torch.nn.BatchNorm*d`` records) plus the fused activation as a second
   op, with ``movedim`` around it when the feature axis is not 1; cases ATen's batch norm cannot express
   (masked or ghost batches, renormalization in training) raise one error that names the alternatives;
-* ``torch.export`` (and ``torch.onnx.export(..., dynamo=True)``) — eval-mode layers lower the same way,
-  so the exported program holds standard ATen ops (an ONNX ``BatchNormalization``); training-mode
-  layers keep the custom ops, which export exactly.
+* ``torch.export`` (and ``torch.onnx.export(..., dynamo=True)``) — every layer ATen's batch norm expresses
+  lowers the same way, in eval and in training (the exported training graph is torch's BN graph node for node,
+  so PT2E QAT and other passes written for torch's BN apply); the rest (masks, ghost batches, renorm in
+  training) export as the composite torch ops (:func:`batchnorm.functional.normalize`). Either way the graph
+  does not depend on the numba warm-up, autograd differentiates it, and ``torch.export.save``/``load`` round-trip.
 
 * ``torch.compile`` — plain layers (no mask, ghost batches or renorm; ``memory="default"``; backend
   not forced; ``momentum`` not None) lower the same way, with the non-finite guard done in-graph:
@@ -84,8 +86,12 @@ def forward(layer, x, mask):
         if why or not _compile_lowers(layer) or (layer.training and layer.momentum is None):
             return None  # our custom ops (cumulative momentum would need a host read of num_batches_tracked)
         return lowered(layer, x, uses_batch, guard=True)
-    if not jit:  # torch.export: lower eval-mode layers only; the custom ops export every case exactly
-        return None if (uses_batch or why) else lowered(layer, x, uses_batch)
+    if not jit:  # torch.export: ATen's batch_norm wherever it expresses the layer (one graph, warm numba or cold)
+        if why:
+            return None  # the composite torch ops (functional.normalize routes exporting calls there)
+        # no in-graph guard: the exported training graph is torch.nn.BatchNorm*d's, node for node, which is what
+        # graph passes written for torch's BN match (PT2E QAT's conv-BN fusion expects the buffers as get_attr)
+        return lowered(layer, x, uses_batch)
     if why:
         raise RuntimeError(
             f"torch.jit.trace cannot record {type(layer).__name__} {why}: ATen's batch_norm, which the trace records, "

@@ -71,7 +71,8 @@ class FrozenBatchNorm(nn.Module):
             state_dict.setdefault(prefix + "bias", torch.zeros_like(self.bias))
         for name in ("weight", "bias", "running_mean", "running_var"):
             k = prefix + name
-            if k in state_dict and tuple(state_dict[k].shape) != (self.num_features,):
+            # inside a model (prefix set) torch's rule: every matching tensor copied, one error lists all mismatches
+            if prefix == "" and k in state_dict and tuple(state_dict[k].shape) != (self.num_features,):
                 raise _checks.state_shape_error(
                     "FrozenBatchNorm", k, tuple(state_dict[k].shape), (self.num_features,), self.num_features
                 )
