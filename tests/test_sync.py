@@ -159,13 +159,17 @@ def _scenario_mismatch(rank: int, world: int, variant: str) -> dict:
     from batchnorm.layers.sync import ProcessGroupMismatchError
 
     calls = {"all_gather": 0}
-    real = dist.all_gather
+    names = ("all_gather", "all_gather_single", "all_gather_into_tensor")
+    real = {name: getattr(dist, name) for name in names if hasattr(dist, name)}
 
-    def counting(*args, **kwargs):
-        calls["all_gather"] += 1
-        return real(*args, **kwargs)
+    def counting(fn):
+        def wrapped(*args, **kwargs):
+            calls["all_gather"] += 1
+            return fn(*args, **kwargs)
+        return wrapped
 
-    dist.all_gather = counting
+    for name, fn in real.items():
+        setattr(dist, name, counting(fn))
     features = {"features": (4, 6)}.get(variant, (4, 4))[rank]
     dtypes = {"dtype": (torch.float32, torch.float64)}.get(variant, (torch.float32, torch.float32))
     layer = SyncBatchNorm(features)
@@ -182,7 +186,8 @@ def _scenario_mismatch(rank: int, world: int, variant: str) -> dict:
             out["errors"].append((step, str(err), isinstance(err, RuntimeError), isinstance(err, ValueError)))
             break
     out["all_gather_calls"] = calls["all_gather"]
-    dist.all_gather = real
+    for name, fn in real.items():
+        setattr(dist, name, fn)
     flag = torch.ones(1)
     dist.all_reduce(flag)  # the group still works after the error
     out["alive"] = float(flag)
@@ -304,10 +309,10 @@ MISMATCH_CASES = {
     # one fixed-size handshake gather, then it raises before the size-dependent statistics gather
     "_scenario_mismatch_features": (0, ["feature counts", "rank 0: 4 features, float32", "rank 1: 6 features, float32"], 1),
     "_scenario_mismatch_dtype": (0, ["input dtypes", "rank 0: 4 features, float32", "rank 1: 4 features, float64"], 1),
-    # handshake once + one statistics gather per step; step 2's gather carries the new dtype
-    "_scenario_mismatch_dtype_later": (2, ["input dtypes", "rank 1: 4 features, float64"], 1 + 3),
-    # agreement is checked once per layer, not per step: 1 handshake + 3 statistics gathers
-    "_scenario_mismatch_none": (None, [], 1 + 3),
+    # handshake once + a forward and a backward gather per step; step 2's forward gather carries the new dtype
+    "_scenario_mismatch_dtype_later": (2, ["input dtypes", "rank 1: 4 features, float64"], 1 + 2 * 2 + 1),
+    # agreement is checked once per layer, not per step: 1 handshake + 3 forward and 3 backward gathers
+    "_scenario_mismatch_none": (None, [], 1 + 3 * 2),
 }
 
 
