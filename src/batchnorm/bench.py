@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .kernels import calibrate as _cal
 from .layers import BatchNorm
 
 Fn = Callable[[], object]
@@ -508,64 +509,10 @@ def first_call_times(shape: tuple[int, ...] = FIRST_CALL_SHAPE, wait_s: float = 
 CALIBRATION_BYTES = tuple(1 << k for k in range(12, 27))
 
 
-def calibration_shape(layout: str, nbytes: int) -> tuple[tuple[int, ...], int]:
-    """The float32 input ``(shape, axis)`` of ``nbytes`` bytes for a layout class of the dispatch table.
-
-    ``"inner"`` (features innermost in memory): a dense ``(N, 256)`` batch, N = nbytes / 1 KB (at least 4).
-    ``"outer"`` (NCHW-like): ``(N, 32, L)``, N = nbytes / 1 KB up to 32, then L grows (L >= 8, so the
-    feature axis is never innermost).
-
-    Example: ``calibration_shape("outer", 1 << 20) == ((32, 32, 256), 1)``.
-    """
-    n = nbytes // 4
-    if layout == "inner":
-        return (max(4, n // 256), 256), 1
-    if layout == "outer":
-        rows = max(1, min(32, n // 256))
-        return (rows, 32, max(8, n // (32 * rows))), 1
-    raise ValueError(f"calibration_shape expected layout 'inner' or 'outer', got {layout!r}.")
-
-
-def _calibration_fns(mode: str, shape: tuple[int, ...], axis: int) -> dict[str, Fn]:
-    x = torch.randn(shape, requires_grad=mode == "train")
-    g = torch.randn(shape)
-    fns: dict[str, Fn] = {}
-    for name in ("native", "numba"):
-        layer = BatchNorm(shape[axis], axis=axis, backend=name)
-        if mode == "train":
-            fns[name] = _step(layer, x, g)
-        else:
-            layer.eval()
-
-            def fwd(layer=layer):
-                with torch.no_grad():
-                    layer(x)
-
-            fns[name] = fwd
-    return fns
-
-
-def crossover(sizes: list[int], native_ms: list[float], numba_ms: list[float]) -> int | None:
-    """Smallest ladder size from which numba is faster than native at that size and every larger one.
-
-    The ratios numba / native are first smoothed over each size and its two neighbours on the ladder
-    (median of three), so one noisy point does not move the crossover. None when native is at least
-    as fast at the largest size measured. Example::
-
-        >>> crossover([1, 2, 4, 8, 16], [1.0, 1.0, 1.0, 1.0, 1.0], [2.0, 1.5, 0.5, 0.8, 0.7])
-        4
-        >>> crossover([1, 2, 4], [1.0, 1.0, 1.0], [2.0, 1.5, 1.2]) is None
-        True
-    """
-    ratios = [b / a for a, b in zip(native_ms, numba_ms)]
-    smooth = [statistics.median(ratios[max(0, i - 1):i + 2]) for i in range(len(ratios))]
-    last_native = -1
-    for i, r in enumerate(smooth):
-        if r >= 1.0:
-            last_native = i
-    if last_native == len(sizes) - 1:
-        return None
-    return sizes[last_native + 1]
+# one copy of the crossover rule and the ladder inputs: batchnorm.kernels.calibrate (the warm-up measures with them)
+calibration_shape = _cal.calibration_shape
+_calibration_fns = _cal.calibration_fns
+crossover = _cal.crossover
 
 
 def _bytes_literal(n: int) -> str:
@@ -657,6 +604,12 @@ def _custom_row(spec: str) -> dict[str, Callable[[], Row]]:
     except ValueError:
         raise SystemExit(f"batchnorm bench: --shape expects integers like 16,32,64,64 (optionally :cl, :last, :relu), "
                          f"got {spec!r}.") from None
+    if any(v < 1 for v in shape):
+        raise SystemExit(f"batchnorm bench: --shape {spec!r}: every size must be at least 1, got {shape}; e.g. "
+                         "--shape 8,16 for 8 samples of 16 features.")
+    if len(shape) >= 2 and torch.Size(shape).numel() // shape[1] < 2:
+        raise SystemExit(f"batchnorm bench: --shape {spec!r}: a training step needs more than 1 value per feature "
+                         f"(batch x spatial sizes multiply to 1 in {shape}); use a batch of at least 2.")
     unknown = set(flags) - {"cl", "last", "relu"}
     if len(shape) < 2 or unknown or ("cl" in flags and len(shape) not in (4, 5)) or ("cl" in flags and "last" in flags):
         raise SystemExit(f"batchnorm bench: --shape {spec!r}: need at least 2 dims, flags from :cl (4-D or 5-D only), "
@@ -723,8 +676,40 @@ def _print_row(name: str, nbytes: str, o: float, t: float, backend: str, target:
     print(f"{name:<42}{nbytes:>9}{o:>10.3f}{t:>10.3f}{ratio:>7.2f}  {backend:<18}{tgt:>7} {mark}", flush=True)
 
 
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict | None:
+    """Every argument checked before anything waits or runs (usage error, exit status 2, no traceback);
+    returns the ``--markdown`` results when given."""
+    for name in ("threads", "repeats"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            parser.error(f"--{name} must be at least 1, got {v}.")
+    if args.backend is not None and args.backend not in ("auto", "numba", "composite", "torch", "native"):
+        parser.error(f"--backend must be one of auto, numba, composite, torch, native; got {args.backend!r}.")
+    for spec in args.shape:
+        try:
+            _custom_row(spec)
+        except SystemExit as e:
+            parser.error(str(e.code).removeprefix("batchnorm bench: "))
+    if args.markdown is None:
+        return None
+    try:
+        with open(args.markdown) as fh:
+            results = json.load(fh)
+        if not isinstance(results, dict) or not isinstance(results.get("rows"), list):
+            raise ValueError("no 'rows' list: not the output of batchnorm bench --out")
+    except OSError as e:
+        parser.error(f"--markdown: cannot read {args.markdown!r} ({e.strerror or e}); give the JSON file an earlier "
+                     "'batchnorm bench --out RUN.json' wrote.")
+    except ValueError as e:
+        parser.error(f"--markdown: {args.markdown!r} is not a batchnorm bench result ({e}); give the JSON file an "
+                     "earlier 'batchnorm bench --out RUN.json' wrote.")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    md = _check(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
         try:
@@ -733,9 +718,11 @@ def main(argv: list[str] | None = None) -> int:
             numba.set_num_threads(args.threads)
         except ImportError:  # pragma: no cover - numba is optional
             pass
-    if args.markdown:
-        with open(args.markdown) as fh:
-            print(markdown(json.load(fh)))
+    if md is not None:
+        try:
+            print(markdown(md))
+        except (KeyError, TypeError, ValueError) as e:
+            parser.error(f"--markdown: {args.markdown!r} is not a complete batchnorm bench result (missing {e}).")
         return 0
     if args.calibrate:
         calibrate(repeats=args.repeats or 7, out=args.out)
@@ -745,9 +732,16 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(dispatch, "wait_ready"):  # time the steady state: numba compiled (or loaded from its cache)
         t = time.perf_counter()
         ready = dispatch.wait_ready(600)
+        from .kernels import warmup
+
+        if ready:  # "auto" is timed with the crossovers it keeps: measured here (once per machine and threads)
+            warmup.wait_calibrated(600)
         time.sleep(2.0)  # the warm-up's helper process and thread wind down (calls right after are disturbed)
         print(f"numba kernels {'ready' if ready else 'NOT ready: ' + dispatch.warm_up_status()} after "
               f"{time.perf_counter() - t:.1f} s of waiting")
+        detail = warmup.warm_up_status(detail=True)
+        print(f"crossovers (auto picks numba from these sizes of x): {detail['crossovers']}: "
+              + ", ".join(f"{k} {_fmt_bytes(v) if v < 1 << 60 else 'never'}" for k, v in detail["table"].items()))
     repeats = args.repeats or (3 if args.quick else 15)
     model_repeats = args.repeats or (3 if args.quick else 7)
     sections = {s for s in ("sweep", "models", "fixed") if getattr(args, s)}
@@ -758,7 +752,8 @@ def main(argv: list[str] | None = None) -> int:
         return not wanted or any(w in name for w in wanted)
 
     results: dict = {
-        "machine": _machine(),
+        "machine": _machine(), "crossovers": {k: v for k, v in dispatch.warm_up_status(detail=True).items()
+                                              if k in ("crossovers", "table", "reason")},
         "repeats": repeats, "model_repeats": model_repeats, "quick": args.quick, "rows": [],
     }
     print(f"batchnorm bench: torch {torch.__version__}, {torch.get_num_threads()} threads, backends "

@@ -1,4 +1,4 @@
-"""The ``batchnorm`` command: ``batchnorm lab | demo | bench``; each subcommand lives in its own module.
+"""The ``batchnorm`` command: ``batchnorm lab | demo | bench | doctor``; each subcommand lives in its own module.
 
 ``batchnorm --version`` prints the version; ``batchnorm --help`` lists the commands; an unknown command
 is named on stderr together with the valid ones (exit status 2, like argparse's usage errors).
@@ -7,7 +7,7 @@ Example::
 
     $ batchnorm lab --quick        # the smoke-test lab, report in ./lab-report-quick
     $ batchnorm labb
-    batchnorm: unknown command 'labb'; the commands are: lab, demo, bench (see batchnorm --help).
+    batchnorm: unknown command 'labb'; the commands are: lab, demo, bench, doctor (see batchnorm --help).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ COMMANDS = {
     "demo": ("batchnorm.demo", "train a small 1-D CNN on MNIST-1D with and without BatchNorm and print both "
                                "test accuracies"),
     "bench": ("batchnorm.bench", "time our batch-norm kernels against PyTorch's"),
+    "doctor": ("batchnorm.doctor", "say where the numba kernels stand here and why (cache, background compile, "
+                                   "crossovers)"),
 }
 
 

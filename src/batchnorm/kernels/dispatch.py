@@ -11,8 +11,11 @@ Backends (protocol: :mod:`batchnorm.kernels.backend`):
 
 Rule of ``"auto"`` (the default), per call:
 
-1. not on the CPU (:func:`device_type`; CUDA, MPS, XPU, meta ...): native if it can serve the call,
-   else composite;
+1. not on the CPU (:func:`device_type`; CUDA, MPS, XPU, meta ...), the *GPU route*: plain batch norm without
+   a fused activation goes to native (cuDNN / MIOpen) unless :data:`GPU_PLAIN` names triton for this GPU
+   model (the hook for a measured choice); every variant (mask, ghost groups, renorm and sync combines,
+   ``memory="save"`` in training, a fused activation) goes to triton where it can serve the call; otherwise
+   native if it can, else composite (:func:`_gpu_select`). ``memory="save"`` in eval is plain eval;
 2. on the CPU: among the backends that can serve the call, the cheapest by the cost model below.
    The numba kernels cost about a fixed overhead plus bandwidth; ATen's CPU kernel costs less per
    call but more per byte. So: native below :data:`CROSSOVER_BYTES` (bytes of ``x``, per
@@ -104,7 +107,9 @@ def available() -> list[str]:
 
 
 def device_type(x: torch.Tensor) -> str:
-    """``x``'s device type; the one device check of :func:`select` (tests mock it to route fake GPU tensors)."""
+    """``x``'s device type: the one device check of the package. Every device-dependent branch asks it (:func:`select`,
+    the native backend's CPU/GPU calls, the non-finite guard and its warning, the mask-count checks, memory="save"),
+    so tests that patch it to answer ``"cuda"`` run CPU tensors through the GPU route."""
     return x.device.type
 
 
@@ -149,9 +154,11 @@ def select(
     choice = _canonical(backend)
     if choice == "composite":
         return COMPOSITE
-    native_ok = (
-        s is not None and plain and not masked and s.group_size is None and not s.save and x.numel() > 0
-        and viewable(x, s.axis) and params_ok(x, *params) and not (training and torch.compiler.is_compiling())
+    native_ok = (  # memory="save" changes only what a training step keeps: eval is plain eval
+        s is not None and plain and not masked and s.group_size is None and not (s.save and training)
+        and x.numel() > 0 and viewable(x, s.axis) and params_ok(x, *params)
+        and not (training and torch.compiler.is_compiling())
+        and not (training and _half_count_too_large(x, s))
     )
     if choice == "native":
         return NATIVE if native_ok else COMPOSITE
@@ -162,11 +169,86 @@ def select(
         nb = _numba_for(x, True) if on_cpu else None
         return nb if nb is not None else COMPOSITE
     if not on_cpu:
-        return NATIVE if native_ok else COMPOSITE
+        return _gpu_select(x, s, native_ok)
     nb = _numba_for(x, False)
     if native_ok and (nb is None or _bytes(x) < CROSSOVER_BYTES[("train" if training else "eval", layout(x, s.axis))]):
         return NATIVE
     return nb if nb is not None else COMPOSITE
+
+
+#: The plain-BN backend per GPU model (``torch.cuda.get_device_name``, e.g. ``"NVIDIA H100 80GB HBM3"``): ``"native"``
+#: (cuDNN, the default for a GPU not listed) or ``"triton"``. The hook for a measured choice: ``batchnorm bench
+#: --device cuda`` times both on the GPU at hand; put the faster one here with :func:`set_gpu_plain` (or edit this
+#: table with the figures). Variants never consult it: they go to triton wherever it can serve them.
+GPU_PLAIN: dict[str, str] = {}
+
+
+def set_gpu_plain(device_name: str, backend: str) -> None:
+    """Choose the plain-BN backend of one GPU model (``"native"`` or ``"triton"``), e.g. from a bench measurement.
+
+    Example: ``set_gpu_plain(torch.cuda.get_device_name(), "triton")``. Shape: not applicable.
+    """
+    if backend not in ("native", "triton"):
+        raise ValueError(f"set_gpu_plain expected backend 'native' or 'triton', got {backend!r}.")
+    GPU_PLAIN[device_name] = backend
+
+
+_names: dict = {}
+
+
+def device_name(x: torch.Tensor) -> str:
+    """The key of :data:`GPU_PLAIN` for ``x``'s device: the CUDA device's name (cached per index), else the type."""
+    dev = x.device
+    key = (dev.type, dev.index)
+    name = _names.get(key)
+    if name is None:
+        name = dev.type
+        if dev.type == "cuda":
+            try:
+                name = torch.cuda.get_device_name(dev)
+            except Exception:  # noqa: BLE001 - no name, no measured choice: the default applies
+                name = "cuda"
+        _names[key] = name
+    return name
+
+
+def _triton_for(x: torch.Tensor, s: Settings | None) -> Backend | None:
+    """The triton backend when it can serve this call (a CUDA tensor; the interpreter's CPU ones), outside compile."""
+    return TRITON if not torch.compiler.is_compiling() and TRITON.supports(x, s) else None
+
+
+def _gpu_select(x: torch.Tensor, s: Settings | None, native_ok: bool) -> Backend:
+    """The automatic rule off the CPU (one decision per call; the layer's CPU fast path never reaches it).
+
+    Plain batch norm without a fused activation: native (cuDNN / MIOpen; :data:`GPU_PLAIN` may name triton for a
+    GPU where it was measured faster). Everything else — masks, ghost groups, the renorm and sync combines,
+    ``memory="save"``, a fused activation (native would run it as a second pass over the output): triton where
+    :meth:`~batchnorm.kernels.triton.TritonBackend.supports` the call; else native if it can serve it (the
+    activation as a second op), else composite.
+    """
+    if native_ok and (s.activation is None or s.activation == "identity") and \
+            GPU_PLAIN.get(device_name(x), "native") != "triton":
+        return NATIVE
+    tr = _triton_for(x, s)
+    if tr is not None:
+        return tr
+    return NATIVE if native_ok else COMPOSITE
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _half_count_too_large(x: torch.Tensor, s: Settings) -> bool:
+    """True for a float16/bfloat16 CPU batch with more than 2**24 values per feature.
+
+    Why: ATen's CPU batch norm counts such inputs in float32, which stops counting at 2**24: for float16 input
+    ``(1, 1, 4097, 4097)`` of mean 50 its batch mean is 0.65 off and the output 0.55 off (measured, torch 2.13).
+    Those calls go to the numba or composite backends, which accumulate correctly at any count.
+    """
+    if x.dtype not in _HALF or x.device.type != "cpu":
+        return False
+    c = x.shape[s.axis] if x.dim() > s.axis else 1
+    return x.numel() // max(c, 1) > 1 << 24
 
 
 def _env_reader():
@@ -184,15 +266,16 @@ _forced_env = _env_reader()
 def decision_state() -> tuple:
     """What :func:`select` reads besides its arguments; a cached choice stays valid while this tuple is equal.
 
-    The forced-backend variable, the numba warm-up status, :func:`batchnorm.kernels.safety.numba_usable`, and the
-    function objects :func:`select` and :func:`device_type` themselves (tests and tools patch them: a patched one
-    never matches a cache built before). Layers key their fast path on it (``BatchNorm.forward``). The cost table
-    :data:`CROSSOVER_BYTES` is read when a choice is made; a layer keeps its choice for a shape until this state,
-    its settings or its tensors change.
+    The forced-backend variable, the numba warm-up status, the version of the cost table
+    (:func:`batchnorm.kernels.warmup.table_version`: it changes when crossovers measured on this machine replace
+    the built-in ones), :func:`batchnorm.kernels.safety.numba_usable`, and the function objects :func:`select` and
+    :func:`device_type` themselves (tests and tools patch them: a patched one never matches a cache built before).
+    Layers key their fast path on it (``BatchNorm.forward``); a layer keeps its choice for a shape until this
+    state, its settings or its tensors change.
 
     Shape: not applicable. Example: ``dispatch.decision_state() == dispatch.decision_state()`` is True.
     """
-    return (_forced_env(), _warmup._status, _safety.numba_usable(), select, device_type)
+    return (_forced_env(), _warmup._status, _warmup._table_version, _safety.numba_usable(), select, device_type)
 
 
 def _bytes(x: torch.Tensor) -> int:

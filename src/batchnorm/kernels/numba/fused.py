@@ -21,6 +21,7 @@ from numba import njit
 from numba.extending import overload
 
 from .loops import (
+    _CACHE,
     _apply_cols,
     _apply_rows,
     _bwd_apply,
@@ -37,7 +38,7 @@ from .loops import (
 # --------------------------------------------------------------------------------------------
 # per-feature constants and the running update (tiny serial kernels: one call instead of ~20 torch ops)
 # --------------------------------------------------------------------------------------------
-@njit(inline="always", cache=True)
+@njit(inline="always", cache=_CACHE)
 def _clamped(wc, eps):
     """memory="save"'s γ rule: ``|γ| < eps`` is used as ``±eps`` (sign kept, sign(0) = +1)."""
     if abs(wc) < eps:
@@ -45,7 +46,7 @@ def _clamped(wc, eps):
     return wc
 
 
-@njit(cache=True)
+@njit(cache=_CACHE)
 def _constants(st, w, b, eps, clamp, out, inv, scale, shift):
     """Merged ``st[g, c] = (count, mean, m2)`` → ``out = (count, mean, var)``, ``inv`` and apply constants.
 
@@ -69,7 +70,7 @@ def _constants(st, w, b, eps, clamp, out, inv, scale, shift):
             shift[g, c] = b[c] - mu * sc
 
 
-@njit(cache=True)
+@njit(cache=_CACHE)
 def _bwd_constants(mean, invstd, w, b, eps, inv, p, q, kz, bz, k):
     """Per-(group, feature) constants of plain BN's backward: ``x̂ = (t − p) · q``, ``z = x̂ · kz + bz``, ``k = kz · invstd``.
 
@@ -91,7 +92,7 @@ def _bwd_constants(mean, invstd, w, b, eps, inv, p, q, kz, bz, k):
                 q[g, c] = invstd[g, c]
 
 
-@njit(cache=True)
+@njit(cache=_CACHE)
 def _update_running(count, mean, var, rm, rv, nbt, has_nbt, momentum, cumulative):
     """In-place running update from ``(G, C)`` batch statistics; returns whether they were finite.
 
@@ -190,18 +191,18 @@ def _bwd_apply_layout_typed(dy, t, dx, p, q, kz, bz, k, mdz, mdzx, u, v, m, has_
         dy, t, dx, p, q, kz, bz, k, mdz, mdzx, u, v, m, has_mask, rpg, code, slope, inv)
 
 
-@njit(cache=True)
+@njit(cache=_CACHE)
 def _reduce_merged(x, m, has_mask, seg, seg_group, G):
     """Merged per-group ``(count, mean, m2)`` as a float64 ``(G, C, 3)`` array (the array's loop strategy)."""
     return _reduce_layout(x, m, has_mask, seg, seg_group, G)
 
 
-@njit(cache=True)
+@njit(cache=_CACHE)
 def _apply_any(x, y, scale, shift, rpg, code, slope):
     _apply_layout(x, y, scale, shift, rpg, code, slope)
 
 
-@njit(cache=True)
+@njit(cache=_CACHE)
 def _train_fwd(x, m, has_mask, seg, seg_group, G, rpg, w, b, eps, clamp, code, slope, y, out, inv,
                upd, rm, rv, nbt, has_nbt, momentum, cumulative):
     """Training forward of plain BN: statistics into ``out``/``inv``, running update if ``upd``, ``y``.
@@ -220,7 +221,7 @@ def _train_fwd(x, m, has_mask, seg, seg_group, G, rpg, w, b, eps, clamp, code, s
     return finite
 
 
-@njit(cache=True)
+@njit(cache=_CACHE)
 def _eval_fwd(x, y, rm, rv, w, b, eps, code, slope, rpg):
     """Evaluation forward: the apply constants of running statistics (count 1, mean ``rm``, m2 ``rv``), then apply."""
     C = rm.shape[0]
@@ -237,7 +238,7 @@ def _eval_fwd(x, y, rm, rv, w, b, eps, code, slope, rpg):
     _apply_layout(x, y, scale, shift, rpg, code, slope)
 
 
-@njit(cache=True)
+@njit(cache=_CACHE)
 def _bwd_sums_any(dy, t, p, q, kz, bz, seg, seg_group, G, rpg, code, slope, inv):
     """``(Σ dz, Σ dz · x̂)`` per group as a float64 ``(G, C, 2)`` array (either loop strategy)."""
     C = t.shape[1]
@@ -252,7 +253,7 @@ def _bwd_sums_any(dy, t, p, q, kz, bz, seg, seg_group, G, rpg, code, slope, inv)
     return sums
 
 
-@njit(cache=True)
+@njit(cache=_CACHE)
 def _dx_any(dy, t, dx, p, q, kz, bz, k, sums, count, m, has_mask, rpg, code, slope, inv):
     """``dx = k · (dz − m · (mean(dz) + x̂ · mean(dz · x̂)))`` with means over each group's ``count``."""
     G, C = p.shape
@@ -273,7 +274,7 @@ def _dx_any(dy, t, dx, p, q, kz, bz, k, sums, count, m, has_mask, rpg, code, slo
     _bwd_apply_layout(dy, t, dx, p, q, kz, bz, k, mdz, mdzx, u, v, m, has_mask, rpg, code, slope, inv)
 
 
-@njit(cache=True)
+@njit(cache=_CACHE)
 def _train_bwd(dy, t, m, has_mask, seg, seg_group, G, rpg, mean, invstd, w, b, eps, inv, code, slope, count,
                need_dx, dx, dw, db):
     """Backward of plain BN: ``dw = Σ dz · x̂`` and ``db = Σ dz`` (over groups), and ``dx`` if ``need_dx``."""

@@ -12,7 +12,8 @@ the parallel segments cut there. Two loop strategies:
 Each segment writes its own partial ``(count, mean, m2)`` or backward sums; the partials are merged
 serially at the end (Chan, Golub & LeVeque 1979). Activation codes are
 ``batchnorm.activations.TABLE[name].code`` (the branches of :func:`_act` / :func:`_dact`).
-Compiled code is cached on disk (``cache=True``; ``NUMBA_CACHE_DIR``).
+Compiled code is cached on disk (numba's ``cache=True``; ``NUMBA_CACHE_DIR``) wherever numba finds a writable
+place (:func:`batchnorm.kernels.warmup.cache_location`); with none, the kernels compile uncached.
 
 Shape: see each kernel. Reference: Chan, Golub & LeVeque (1979); Ioffe & Szegedy (2015).
 """
@@ -24,6 +25,11 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from ..warmup import cache_location
+
+# no writable cache location anywhere (read-only tree and home): compile uncached instead of failing at import
+_CACHE = cache_location()[0] is not None
+
 _SQRT1_2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
@@ -31,7 +37,7 @@ _INV_SQRT_2PI = 0.3989422804014327
 # --------------------------------------------------------------------------------------------
 # elementwise activation helpers (code is loop-invariant; kept scalar so LLVM can unswitch)
 # --------------------------------------------------------------------------------------------
-@njit(inline="always", cache=True)
+@njit(inline="always", cache=_CACHE)
 def _act(z, code, slope):
     if code == 0:
         return z
@@ -53,7 +59,7 @@ def _act(z, code, slope):
     return z if not z < 0 else z * 0
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", cache=_CACHE)
 def _dact(z, code, slope):
     """d act / dz at z."""
     if code == 0:
@@ -76,7 +82,7 @@ def _dact(z, code, slope):
     return 1.0 if 0 < z < 6 else 0.0  # 7: relu6 (hardtanh(0, 6): zero at both kinks, as torch)
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", cache=_CACHE)
 def _dz_xhat(dyv, tv, p, q, kz, bz, code, slope, inv):
     """(dz, x̂) at one position: dz = dy · act'(z), z = x̂ · kz + bz.
 
@@ -96,7 +102,7 @@ def _dz_xhat(dyv, tv, p, q, kz, bz, code, slope, inv):
 # --------------------------------------------------------------------------------------------
 # reduce
 # --------------------------------------------------------------------------------------------
-@njit(inline="always", cache=True)
+@njit(inline="always", cache=_CACHE)
 def _merge_into(acc, s, c, n, mu, m2):
     """Chan merge of (n, mu, m2) into acc[s, c, 0:3] = (count, mean, m2)."""
     if n == 0:
@@ -118,7 +124,7 @@ def _merge_into(acc, s, c, n, mu, m2):
 _REASSOC = {"reassoc"}
 
 
-@njit(parallel=True, cache=True, fastmath=_REASSOC)
+@njit(parallel=True, cache=_CACHE, fastmath=_REASSOC)
 def _reduce_rows(x, m, has_mask, seg, acc):
     """B > 1: per segment (rows a0..a1, features c0..c1) and feature, one pass of shifted float64 sums.
 
@@ -167,7 +173,7 @@ def _reduce_rows(x, m, has_mask, seg, acc):
             acc[s, c, 2] = s2 - s1 * s1 / n
 
 
-@njit(parallel=True, cache=True, fastmath=_REASSOC)
+@njit(parallel=True, cache=_CACHE, fastmath=_REASSOC)
 def _reduce_cols(x, m, has_mask, seg, acc):
     """B == 1 (x is (A, C)): one pass per segment of rows, with loops over contiguous features.
 
@@ -210,7 +216,7 @@ def _reduce_cols(x, m, has_mask, seg, acc):
             acc[s, 2, c] = s2[c] - s1[c] * s1[c] * inv_n
 
 
-@njit(cache=True)
+@njit(cache=_CACHE)
 def _merge_cols(acc, seg_group, G):
     """Chan merge of the ``(S, 3, C)`` segment partials of :func:`_reduce_cols` into ``(G, C, 3)``."""
     S, C = acc.shape[0], acc.shape[2]
@@ -239,7 +245,7 @@ def _merge_cols(acc, seg_group, G):
     return out
 
 
-@njit(cache=True)
+@njit(cache=_CACHE)
 def _merge_segments(acc, seg_group, G):
     S, C = acc.shape[0], acc.shape[1]
     out = np.zeros((G, C, 3))
@@ -253,7 +259,7 @@ def _merge_segments(acc, seg_group, G):
 # --------------------------------------------------------------------------------------------
 # apply
 # --------------------------------------------------------------------------------------------
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=_CACHE)
 def _apply_rows(x, y, scale, shift, rpg, code, slope):
     """B > 1: y[a, c, :] = act(x[a, c, :] · scale[g, c] + shift[g, c])."""
     A, C, B = x.shape
@@ -275,7 +281,7 @@ def _apply_rows(x, y, scale, shift, rpg, code, slope):
                 y[a, c, b] = _act(x[a, c, b] * sc + sh, code, slope)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=_CACHE)
 def _apply_cols(x, y, scale, shift, rpg, code, slope):
     """B == 1 (x, y are (A, C)): y[a, :] = act(x[a, :] · scale[g, :] + shift[g, :])."""
     A, C = x.shape[0], x.shape[1]
@@ -296,7 +302,7 @@ def _apply_cols(x, y, scale, shift, rpg, code, slope):
 # --------------------------------------------------------------------------------------------
 # backward
 # --------------------------------------------------------------------------------------------
-@njit(parallel=True, cache=True, fastmath=_REASSOC)
+@njit(parallel=True, cache=_CACHE, fastmath=_REASSOC)
 def _bwd_reduce(dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc):
     """acc[s, c] += (Σ dz, Σ dz · x̂) over segment s (all positions, masked ones included)."""
     B = t.shape[2]
@@ -327,7 +333,7 @@ def _bwd_reduce(dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc):
                 acc[s, c, 1] += s2
 
 
-@njit(parallel=True, cache=True, fastmath=_REASSOC)
+@njit(parallel=True, cache=_CACHE, fastmath=_REASSOC)
 def _bwd_reduce_cols(dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc):
     """B == 1 variant of :func:`_bwd_reduce` ((A, C) arrays, whole-row segments, loops over features)."""
     C = t.shape[1]
@@ -362,7 +368,7 @@ def _bwd_reduce_cols(dy, t, p, q, kz, bz, seg, rpg, code, slope, inv, acc):
             acc[s, c, 1] = s2[c]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=_CACHE)
 def _bwd_apply_cols(dy, t, dx, p, q, kz, bz, k, mdz, mdzx, u, v, m, has_mask, rpg, code, slope, inv):
     """B == 1 variant of :func:`_bwd_apply` on (A, C) arrays."""
     A, C = t.shape[0], t.shape[1]
@@ -378,7 +384,7 @@ def _bwd_apply_cols(dy, t, dx, p, q, kz, bz, k, mdz, mdzx, u, v, m, has_mask, rp
                 dx[a, c] = k[g, c] * (dz - on * (mdz[g, c] + xh * mdzx[g, c]))
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=_CACHE)
 def _bwd_apply(dy, t, dx, p, q, kz, bz, k, mdz, mdzx, u, v, m, has_mask, rpg, code, slope, inv):
     """B > 1: dx = k · (dz − m · (mean(dz) + x̂ · mean(dz · x̂))).
 

@@ -1,0 +1,168 @@
+"""The crossovers of :data:`batchnorm.kernels.dispatch.CROSSOVER_BYTES`, measured on the machine that runs them.
+
+Cost model: per call, numba's kernels cost a fixed overhead plus bandwidth, ATen's CPU kernel less per call
+but more per byte, so per ``(mode, layout)`` there is one size of ``x`` (bytes) from which numba is the
+cheaper. :func:`measure` finds it: forced ``backend="native"`` against ``backend="numba"`` layers, timed
+side by side (alternating short turns, medians: :func:`batchnorm.bench.side_by_side`) on the ladder
+:data:`LADDER` (inputs from :func:`calibration_shape`), for ``mode`` ``"train"`` (forward + backward) and
+``"eval"`` (forward without autograd), then :func:`crossover` of the medians.
+
+:mod:`batchnorm.kernels.warmup` runs it once per machine and thread count, in a low-priority background
+process after the kernels are compiled, and stores the result beside numba's cache (:func:`store`,
+``batchnorm-crossovers.json``, keyed by :func:`key`: CPU, torch/numba versions, kernel sources, torch
+and numba thread counts); every later process with the same key adopts it (:func:`load`). Deterministic
+once stored: no timing on the hot path. ``BATCHNORM_CALIBRATE=0`` keeps the built-in table.
+
+Shape: not applicable.
+
+Example::
+
+    >>> from batchnorm.kernels import calibrate
+    >>> calibrate.crossover([1, 2, 4, 8], [1.0, 1.0, 1.0, 1.0], [2.0, 1.5, 0.5, 0.7])
+    4
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import torch
+
+FILE = "batchnorm-crossovers.json"
+#: sizes of ``x`` (bytes) timed by :func:`measure`: 64 KB to 32 MB, factor 2
+LADDER = tuple(64 << 10 << i for i in range(10))
+NEVER = 1 << 62  # numba never won on the ladder: native at every size
+
+
+def crossover(sizes: list[int], native_ms: list[float], numba_ms: list[float]) -> int | None:
+    """Smallest ladder size from which numba is faster than native at that size and every larger one.
+
+    The ratios numba / native are first smoothed over each size and its two neighbours on the ladder
+    (median of three), so one noisy point does not move the crossover. None when native is at least
+    as fast at the largest size measured. Example::
+
+        >>> crossover([1, 2, 4, 8, 16], [1.0, 1.0, 1.0, 1.0, 1.0], [2.0, 1.5, 0.5, 0.8, 0.7])
+        4
+        >>> crossover([1, 2, 4], [1.0, 1.0, 1.0], [2.0, 1.5, 1.2]) is None
+        True
+    """
+    ratios = [b / a for a, b in zip(native_ms, numba_ms)]
+    smooth = [statistics.median(ratios[max(0, i - 1):i + 2]) for i in range(len(ratios))]
+    last_native = -1
+    for i, r in enumerate(smooth):
+        if r >= 1.0:
+            last_native = i
+    if last_native == len(sizes) - 1:
+        return None
+    return sizes[last_native + 1]
+
+
+def calibration_shape(layout: str, nbytes: int) -> tuple[tuple[int, ...], int]:
+    """``(shape, axis)`` of a float32 input of about ``nbytes`` bytes: ``(N, 256)`` for ``"inner"`` (features
+    innermost in memory), ``(N, 32, L)`` for ``"outer"``. Example: ``calibration_shape("inner", 1 << 20)``
+    is ``((1024, 256), 1)``."""
+    n = nbytes // 4
+    if layout == "inner":
+        return (max(4, n // 256), 256), 1
+    if layout == "outer":
+        rows = max(1, min(32, n // 256))
+        return (rows, 32, max(8, n // (32 * rows))), 1
+    raise ValueError(f"calibration_shape expected layout 'inner' or 'outer', got {layout!r}.")
+
+
+def calibration_fns(mode: str, shape: tuple[int, ...], axis: int) -> dict:
+    """``{"native": fn, "numba": fn}``: one training step (``mode="train"``) or eval forward of a layer forced
+    onto each backend, on one input of ``shape``."""
+    from ..layers import BatchNorm
+
+    x = torch.randn(shape, requires_grad=mode == "train")
+    g = torch.randn(shape)
+    fns = {}
+    for name in ("native", "numba"):
+        layer = BatchNorm(shape[axis], axis=axis, backend=name)
+        if mode == "train":
+            def step(layer=layer):
+                x.grad = None
+                layer(x).backward(g)
+        else:
+            layer.eval()
+
+            def step(layer=layer):
+                with torch.no_grad():
+                    layer(x)
+        fns[name] = step
+    return fns
+
+
+def measure(repeats: int = 7, sizes: tuple[int, ...] = LADDER, keys=None) -> dict:
+    """Time native against numba on the ladder for each ``(mode, layout)``; ``{"table": {key: bytes},
+    "ladder": [{mode, layout, bytes, native_ms, numba_ms}, ...]}`` (``NEVER`` where numba never won)."""
+    from ..bench import side_by_side
+    from . import dispatch
+
+    keys = list(keys or dispatch.CROSSOVER_BYTES)
+    out: dict = {"table": {}, "ladder": []}
+    for mode, lay in keys:
+        nat, nb = [], []
+        for nbytes in sizes:
+            shape, axis = calibration_shape(lay, nbytes)
+            s = side_by_side(calibration_fns(mode, shape, axis), repeats, budget=0.004, min_time=0)
+            a, b = statistics.median(s["native"]) * 1e3, statistics.median(s["numba"]) * 1e3
+            nat.append(a)
+            nb.append(b)
+            out["ladder"].append({"mode": mode, "layout": lay, "bytes": nbytes, "native_ms": round(a, 4),
+                                  "numba_ms": round(b, 4)})
+        cross = crossover(list(sizes), nat, nb)
+        out["table"][(mode, lay)] = NEVER if cross is None else cross
+    return out
+
+
+def key(threads: tuple[int, int]) -> str:
+    """The machine, versions, kernel sources and ``(torch threads, numba threads)`` a stored table is valid for."""
+    from . import warmup
+
+    e = warmup._expected()
+    return (f"{e['machine']} | {e['cpu']} | {os.cpu_count()} cpus | torch {torch.__version__} | numba {e['numba']} | "
+            f"kernels {e['source']} | threads {threads[0]}/{threads[1]}")
+
+
+def path(directory: str) -> str:
+    return os.path.join(directory, FILE)
+
+
+def _read(directory: str) -> dict:
+    try:
+        with open(path(directory)) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def load(directory: str | None, threads: tuple[int, int]) -> dict | None:
+    """The stored table for this machine and ``threads`` (``{(mode, layout): bytes}``), or None."""
+    if not directory:
+        return None
+    entry = _read(directory).get(key(threads))
+    if not isinstance(entry, dict) or not isinstance(entry.get("table"), dict):
+        return None
+    try:
+        return {tuple(k.split(",")): int(v) for k, v in entry["table"].items()}
+    except (ValueError, TypeError):
+        return None
+
+
+def store(directory: str, threads: tuple[int, int], result: dict) -> None:
+    """Add ``result`` (from :func:`measure`) to the stored tables, atomically (callers hold the cache lock)."""
+    data = _read(directory)
+    data[key(threads)] = {"table": {f"{m},{lay}": v for (m, lay), v in result["table"].items()},
+                          "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
+                          "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+                          "ladder": result.get("ladder", [])}
+    tmp = f"{path(directory)}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path(directory))
