@@ -7,6 +7,7 @@ rank writes its results with torch.save; the parent compares them with a single-
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 import traceback
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import batchnorm
 from batchnorm import BatchNorm, SyncBatchNorm
@@ -210,6 +212,93 @@ def _scenario_mismatch_none(rank: int, world: int) -> dict:
     return _scenario_mismatch(rank, world, "none")
 
 
+HOST_READS = ("aten._local_scalar_dense.default", "aten.nonzero.default", "aten.lift_fresh.default",
+              "aten.lift_fresh_copy.default")
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the ATen calls that make a GPU's host wait (a scalar read, nonzero) or copy host data to the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) in HOST_READS:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _out_of_step(rank: int, layer: SyncBatchNorm, steps: int, skew) -> list:
+    """Train ``layer`` for ``steps`` steps with ``skew(rank, step, layer)`` run before each; the errors raised."""
+    from batchnorm.layers.sync import ProcessGroupMismatchError
+
+    errors = []
+    for step in range(steps):
+        phase = "skew"
+        try:
+            skew(rank, step, layer)
+            phase = "forward"
+            y = layer(torch.randn(6, FEATURES, 3, dtype=torch.float64, requires_grad=True))
+            phase = "backward"
+            y.pow(2).sum().backward()
+        except ProcessGroupMismatchError as err:
+            errors.append((step, phase, str(err)))
+            break
+    dist.barrier()  # both ranks raised at the same collective: nothing is left to pair
+    return errors
+
+
+def _eval_step_on_rank1(rank, step, layer):
+    if rank == 1 and step == 1:  # a training step with the layer in eval mode: no collective, but a step
+        layer.eval()
+        layer(torch.randn(6, FEATURES, 3, dtype=torch.float64, requires_grad=True)).pow(2).sum().backward()
+        layer.train()
+
+
+def _extra_forward_on_rank0(rank, step, layer):
+    if rank == 0 and step == 1:
+        layer(torch.randn(6, FEATURES, 3, dtype=torch.float64))  # a training-mode forward without backward
+
+
+def _scenario_out_of_step(rank: int, world: int) -> dict:
+    """Ranks out of step raise on every rank: on the CPU at the collective, on the GPU route one call later."""
+    out: dict = {}
+    out["eval"] = _out_of_step(rank, SyncBatchNorm(FEATURES).double(), 4, _eval_step_on_rank1)
+    out["extra"] = _out_of_step(rank, SyncBatchNorm(FEATURES).double(), 4, _extra_forward_on_rank0)
+    # the GPU route with CPU tensors: the one device check says "cuda" (select, the layers, the combine)
+    from batchnorm.kernels import dispatch
+
+    dispatch.device_type = lambda x: "cuda"
+    sync = SyncBatchNorm(FEATURES, backend="composite").double()
+    single = BatchNorm(FEATURES, backend="composite").double()
+    out["reads"], out["diff"] = [], 0.0
+    for step, sizes in enumerate([(5, 3), (5, 0), (2, 7), (4, 4)]):  # uneven and empty ranks
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(sum(sizes), FEATURES, 3, generator=g, dtype=torch.float64) * 2 + 3
+        lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        xr, xa = x[lo:hi].clone().requires_grad_(True), x.clone().requires_grad_(True)
+        with _HostReads() as reads:
+            y = sync(xr)
+            y.pow(2).sum().backward()
+        if step:  # the first step checks the feature count once (a host read) and caches the header constants
+            out["reads"].append(reads.seen)
+        ya = single(xa)
+        ya.pow(2).sum().backward()  # the sum of every rank's loss: what the synchronized backward differentiates
+        ref_dx = xa.grad[lo:hi]
+        out["diff"] = max(out["diff"], float((y - ya[lo:hi]).detach().abs().max()) if hi > lo else 0.0,
+                          float((sync.running_var - single.running_var).abs().max()))
+        out["dx"] = (xr.grad, ref_dx)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the refused (NaN) batch warns
+        out["gpu"] = _out_of_step(rank, sync, 4, _eval_step_on_rank1)
+    out["tracked"] = int(sync.num_batches_tracked)
+    out["running_finite"] = bool(torch.isfinite(sync.running_mean).all() and torch.isfinite(sync.running_var).all())
+    return out
+
+
 def _launch(world: int, scenario: str, tmp_path, timeout: float = 120.0) -> dict[int, dict]:
     ctx = mp.get_context("spawn")
     port = _free_port()
@@ -397,3 +486,43 @@ def test_convert_to_sync_and_back_keeps_state():
         m.eval()
     torch.testing.assert_close(sync(x), model(x), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(back(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+@gloo
+@pytest.mark.slow
+def test_out_of_step_ranks_raise_on_every_rank(tmp_path):
+    """Rank 1 runs one step in eval mode, or rank 0 one extra forward: every rank raises, naming layer and steps."""
+    results = _launch(2, "_scenario_out_of_step", tmp_path, timeout=100.0)
+    for r in range(2):
+        assert "traceback" not in results[r], results[r]["traceback"]
+    # CPU: at the collective itself. Rank 0's 2nd forward met rank 1's 3rd (its eval step counted, no collective)
+    (s0, p0, m0), = results[0]["eval"]
+    (s1, p1, m1), = results[1]["eval"]
+    assert (s0, p0, s1, p1) == (1, "forward", 1, "forward")  # rank 1: the training forward after its eval step
+    for msg in (m0, m1):
+        assert "processes of the process group are out of step" in msg
+        assert re.search(r"rank 0: layer #(\d+), step 2 \(forward statistics\); rank 1: layer #\1, step 3 "
+                         r"\(forward statistics\)", msg), msg
+        assert "Nothing was merged" in msg and "torch.no_grad()" in msg
+    # an extra forward on rank 0: its next forward meets rank 1's backward (same size, different header)
+    (s0, p0, m0), = results[0]["extra"]
+    (s1, p1, m1), = results[1]["extra"]
+    assert (s0, p0, s1, p1) == (1, "forward", 1, "backward")
+    for msg in (m0, m1):
+        assert re.search(r"rank 0: layer #\d+, step 3 \(forward statistics\); rank 1: layer #\d+, step 2 "
+                         r"\(backward sums\)", msg), msg
+    for r in range(2):
+        res = results[r]
+        # the GPU route: same numbers as one process on the concatenated batch, with uneven and empty ranks
+        assert res["diff"] < 1e-10
+        torch.testing.assert_close(*res["dx"], rtol=1e-8, atol=1e-10)
+        # no scalar read, nonzero or host-data copy on a step, inside the layer and its combine
+        assert res["reads"] == [[], [], []], res["reads"]
+        # a mismatch found on the device: NaN statistics (refused by the guard), raised at the next call
+        (step, phase, msg), = res["gpu"]
+        assert (step, phase) == (1, "backward")
+        assert "set to NaN on the device" in msg
+        # four steps in step before: rank 0's 6th forward met rank 1's 7th
+        assert "rank 0: layer #" in msg and re.search(r"step 6 \(forward statistics\); rank 1: layer #\d+, step 7 "
+                                                     r"\(forward statistics\)", msg), msg
+        assert res["running_finite"] and res["tracked"] == 4 + 1  # 4 steps, then 1 before the refused one
