@@ -216,7 +216,7 @@ def test_environment_variable_forces_and_the_argument_wins(monkeypatch):
     assert dispatch.chosen(BatchNorm(4), x) == "native"
 
 
-@pytest.mark.parametrize("bad", ["cuda", "Numba", "triton"])
+@pytest.mark.parametrize("bad", ["cuda", "Numba", "Triton"])
 def test_unknown_backend_names_say_what_to_pass(monkeypatch, bad):
     x = torch.randn(8, 4, 3)
     monkeypatch.setenv("BATCHNORM_BACKEND", bad)

@@ -17,6 +17,7 @@ Reducing Internal Covariate Shift", ICML 2015 (Algorithms 1 and 2).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -134,7 +135,9 @@ def update_running(
 
     A batch whose statistics are not all finite changes nothing (running estimates and
     ``num_batches_tracked``); a batch with ≤ 1 value per feature (an empty one) only counts in
-    ``num_batches_tracked``, as in PyTorch. No host synchronisation happens here.
+    ``num_batches_tracked``, as in PyTorch. No host synchronisation and no host-to-device copy happens
+    here: the update is *selected* (``torch.where`` on the 0-d flag), never branched on, and a float
+    ``momentum`` enters ``torch.lerp`` as a Python scalar.
 
     Shape: running buffers ``(C,)``; ``mean, var, count`` are ``(G, C)``.
 
@@ -149,7 +152,9 @@ def update_running(
     Reference: Ioffe & Szegedy (2015), Algorithm 2 (unbiased population variance); the moving
     average and ``momentum=None`` are ``torch.nn.BatchNorm*d``'s.
     """
-    with torch.no_grad():
+    # torch.export records no_grad as a higher-order op that torch.export.save cannot serialize; the statistics
+    # reaching here under export are detached already (functional.normalize's traced route)
+    with contextlib.nullcontext() if torch.compiler.is_exporting() else torch.no_grad():
         unbiased = var * count / (count - 1).clamp_min(1)
         new_mean = mean.mean(0)
         new_var = unbiased.mean(0)
@@ -162,7 +167,7 @@ def update_running(
                 raise ValueError("momentum=None (cumulative average) needs num_batches_tracked; pass it, or a float momentum.")
             f = 1.0 / num_batches_tracked.clamp_min(1).to(new_mean.dtype)
         else:
-            f = torch.as_tensor(momentum, dtype=new_mean.dtype, device=new_mean.device)
+            f = float(momentum)  # a kernel argument: no tensor, no host-to-device copy
         ok = finite & enough
         rm = torch.lerp(running_mean.to(new_mean.dtype), new_mean, f)
         rv = torch.lerp(running_var.to(new_var.dtype), new_var, f)
@@ -268,9 +273,12 @@ class _TrainNorm(torch.autograd.Function):
         state = SavedState(s, ops, combine, plain, stats is not None)
         if s.save:
             # the count is the same for every feature (masks have no feature axis): one column is enough,
-            # kept as Python numbers when that costs no device sync (CPU, eager)
+            # kept as Python numbers when that costs no device sync (CPU, eager); otherwise a copy (under
+            # torch.compile a view of ``stats``, which leaves through ``stash``, may not be saved)
             counts = stats[0][:, :1]
-            if counts.device.type == "cpu" and not torch.compiler.is_compiling():
+            if torch.compiler.is_compiling() or dispatch.device_type(x) != "cpu":
+                counts = counts.clone()
+            else:
                 state.counts, counts = counts.tolist(), None
             ctx.save_for_backward(y, m, invstd, weight, bias, r, d, counts)
         else:
@@ -333,6 +341,20 @@ def _functorch_active() -> bool:
     return _current_level is not None and _current_level() is not None
 
 
+_is_batched = getattr(torch._C._functorch, "is_batchedtensor", lambda t: False)
+
+
+def _check_vmap_buffers(x, running_mean, running_var, name: str) -> None:
+    """Under vmap, a batched input cannot update unbatched running buffers in place: torch's explanation."""
+    if _is_batched(x) and not (_is_batched(running_mean) and _is_batched(running_var)):
+        raise RuntimeError(
+            f"{name} got a batched tensor as input while the running_mean or running_var, which will be updated in "
+            "place, were not batched (torch.func.vmap). If you do not need running statistics, build the layer with "
+            "track_running_stats=False; for an ensemble, vmap over torch.func.stack_module_state(models) so that "
+            "every member has its own buffers; or run the layer in eval mode."
+        )
+
+
 def _traced_train(x, weight, bias, m, s: Settings, combine):
     """The training forward through :func:`_composite` (autograd differentiates it), with its statistics."""
     count, mean, m2 = _t.reduce(x, s, m)
@@ -392,6 +414,7 @@ def normalize(
     memory: str = "default",
     settings: Settings | None = None,
     stacklevel: int = 4,
+    on_refused=None,
 ) -> torch.Tensor:
     """The one code path behind every layer: validated input → reduce → combine → apply.
 
@@ -403,6 +426,13 @@ def normalize(
     call. ``settings`` (a layer's cached :class:`~batchnorm.kernels.backend.Settings`) replaces
     ``axis, eps, group_size, activation, negative_slope, memory`` when given (already checked). ``stacklevel``:
     where the non-finite-batch warning points, counted from :func:`_warn_not_finite` (layers pass 6: their caller).
+
+    Refused batches (statistics not finite): on the CPU the warning is raised at once (reading the flag is free).
+    On the GPU route (:func:`batchnorm.kernels.dispatch.device_type` is not ``"cpu"``) the flag stays a 0-d device
+    tensor: ``on_refused(flag)`` receives it (a layer counts it on the device and reports later, see
+    :attr:`batchnorm.BatchNorm.refused_batches`); without ``on_refused`` (the functional form) nothing is read back,
+    and ``num_batches_tracked`` (not advanced by a refused batch) is the record. ``on_refused`` also receives
+    ``False`` after each CPU warning, so a layer's count covers both routes.
     """
     s = settings if settings is not None else settings_for(axis, eps, group_size, activation, negative_slope, memory,
                                                             name)
@@ -418,17 +448,26 @@ def normalize(
             with torch.no_grad():
                 num_batches_tracked.add_(1)
         c = x.shape[axis]
-        return COMPOSITE.eval_forward(x, s.replace(eps=-1.0), weight, bias, torch.zeros(c), torch.ones(c))
+        sd = _t.stat_dtype(x.dtype)
+        zeros, ones = x.new_zeros(c, dtype=sd), x.new_ones(c, dtype=sd)  # on x's device: no host data
+        return COMPOSITE.eval_forward(x, s.replace(eps=-1.0), weight, bias, zeros, ones)
+    on_cpu = dispatch.device_type(x) == "cpu"
     if local:
-        _check_enough(x, axis, m, s.group_size, name)
+        _check_enough(x, axis, m, s.group_size, name, on_cpu and not torch.compiler.is_compiling())
     updating = update and running_mean is not None and running_var is not None
     plain = combine is _PLAIN or _plain(combine)
     params = (weight, bias, running_mean, running_var) if updating else (weight, bias)
-    ops = dispatch.select(x, s, plain=plain, masked=m is not None, training=True, backend=backend, params=params)
+    # torch.func transforms (grad, jacrev, vmap, ...) cannot run an autograd.Function written with a ctx-taking
+    # forward, nor query layouts under vmap; torch.export must record one graph whatever the numba warm-up state:
+    # both trace the same formula with plain differentiable torch ops (the composite backend)
+    functorch = _functorch_active()
+    traced = (functorch or torch.compiler.is_exporting()) and local
+    if functorch and updating:
+        _check_vmap_buffers(x, running_mean, running_var, name)
+    ops = COMPOSITE if traced else dispatch.select(x, s, plain=plain, masked=m is not None, training=True,
+                                                   backend=backend, params=params)
     running = (running_mean, running_var, num_batches_tracked, momentum) if updating else None
-    if _functorch_active() and plain:
-        # torch.func transforms (grad, jacrev, vmap, ...) cannot run an autograd.Function written with a
-        # ctx-taking forward: there, trace the same formula with plain differentiable torch ops.
+    if traced or (functorch and plain):
         y, stats = _traced_train(x, weight, bias, m, s, combine)
         finite = None
     elif ops.differentiable:  # native: ATen's autograd graph, running update and guard included
@@ -441,9 +480,17 @@ def normalize(
         if finite is None:
             finite = ops.update_running(running_mean, running_var, stats[1], stats[2], stats[0], momentum,
                                         num_batches_tracked)
-        # is_compiling first: under torch.compile ``finite`` is a tensor and bool() would break the graph
-        if not torch.compiler.is_compiling() and not bool(finite) and x.device.type != "meta":
-            _warn_not_finite(name, x, m, stacklevel)
+        # is_compiling first: under torch.compile ``finite`` is a tensor and bool() would break the graph (and vmap
+        # or export cannot read it either)
+        if torch.compiler.is_compiling() or traced or functorch:
+            pass
+        elif on_cpu:
+            if not bool(finite):
+                _warn_not_finite(name, x, m, stacklevel)
+                if on_refused is not None:
+                    on_refused(False)
+        elif on_refused is not None and isinstance(finite, torch.Tensor) and not finite.is_meta:
+            on_refused(finite)  # the GPU route: no host read (see the docstring)
     return y
 
 
@@ -473,8 +520,15 @@ def _warn_not_finite(name: str, x: torch.Tensor, m: torch.Tensor | None, stackle
     )
 
 
-def _check_enough(x: torch.Tensor, axis: int, m: torch.Tensor | None, group_size: int | None, name: str) -> None:
-    """Refuse a training batch with ≤ 1 counted value per feature (in any ghost group)."""
+def _check_enough(x: torch.Tensor, axis: int, m: torch.Tensor | None, group_size: int | None, name: str,
+                  read_mask: bool = True) -> None:
+    """Refuse a training batch with ≤ 1 counted value per feature (in any ghost group).
+
+    Without a mask the count follows from the shape. With a mask it is data: it is read only where that is free
+    (``read_mask``: eager on the CPU). On the GPU route and under ``torch.compile`` a masked batch with ≤ 1 counted
+    value per feature is not an error: it is normalized (its output is finite) and leaves the running estimates
+    unchanged (:func:`update_running` requires more than one value), as an empty batch does in PyTorch.
+    """
     grouped = group_size is not None and axis != 0
     if m is None:
         n = x.numel() // x.shape[axis]
@@ -483,6 +537,8 @@ def _check_enough(x: torch.Tensor, axis: int, m: torch.Tensor | None, group_size
             last = rows - (_t.num_groups(rows, group_size) - 1) * group_size
             n = n // rows * min(group_size, last)
         masked = False
+    elif not read_mask:
+        return
     else:
         flat = m.expand(*[s if d != axis else 1 for d, s in enumerate(x.shape)]).squeeze(axis)
         if grouped:
@@ -521,8 +577,12 @@ def eval_scale_shift(weight, bias, running_mean, running_var, eps, dtype=None):
 
 
 def _eval(x, weight, bias, running_mean, running_var, s: Settings, backend):
-    """Eval-mode batch norm with the running statistics, on the backend :func:`dispatch.select` picks."""
-    ops = dispatch.select(x, s, training=False, backend=backend, params=(weight, bias, running_mean, running_var))
+    """Eval-mode batch norm with the running statistics, on the backend :func:`dispatch.select` picks
+    (the composite one inside torch.func transforms, where layouts cannot be queried)."""
+    if _functorch_active():
+        ops = COMPOSITE
+    else:
+        ops = dispatch.select(x, s, training=False, backend=backend, params=(weight, bias, running_mean, running_var))
     return ops.eval_forward(x, s, weight, bias, running_mean, running_var)
 
 

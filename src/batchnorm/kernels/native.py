@@ -15,9 +15,13 @@ How it keeps every promise of the README's Semantics section:
 * **a non-finite batch never updates the running estimates**: ATen updates the buffers in place, so a
   copy of the ``(C,)`` buffers is taken first; on the CPU the saved batch mean and ``1/σ`` of
   ``native_batch_norm`` are checked (a NaN/Inf mean, or ``1/σ`` that is NaN or 0 — the variance of
-  huge finite inputs overflowing — counts as non-finite), elsewhere the updated buffers are; a bad
-  batch restores the copy, leaves ``num_batches_tracked`` alone and reports ``finite=False`` so the
-  caller warns. ``num_batches_tracked`` counts only finite batches (ATen never touches it);
+  huge finite inputs overflowing — counts as non-finite); a bad batch restores the copy, leaves
+  ``num_batches_tracked`` alone and reports ``finite=False`` so the caller warns. Off the CPU (the
+  *GPU route*: :func:`batchnorm.kernels.dispatch.device_type` is not ``"cpu"``) nothing is read back by
+  the host: ATen updates copies of the buffers, the buffers take them by ``torch.where`` on a 0-d flag
+  (a finite updated running variance: a NaN/Inf batch mean or variance makes it NaN/Inf), and
+  ``num_batches_tracked`` advances by that flag, which is returned as a 0-d bool *device tensor*
+  (:func:`_device_update`). ``num_batches_tracked`` counts only finite batches (ATen never touches it);
 * float16/bfloat16 inputs: ATen's mixed-precision kernel reduces in float32, returns the input's dtype
   and keeps float32 parameters and buffers;
 * the fused activation is applied as a second (differentiable) op; outputs are ordinary autograd
@@ -68,6 +72,49 @@ def _stats_finite(mean: torch.Tensor, invstd: torch.Tensor) -> bool:
         mean, invstd = mean.float(), invstd.float()
     return bool(_all(_isfinite(mean.detach().numpy())) and _all(invstd.detach().numpy() > 0))
 
+
+
+def _device_type(x: torch.Tensor) -> str:
+    """:func:`batchnorm.kernels.dispatch.device_type`, looked up at call time (the one device check; tests patch it)."""
+    from . import dispatch  # (dispatch imports this module)
+
+    return dispatch.device_type(x)
+
+
+def finite_flag(t: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: every value of ``t`` is finite. ``t · 0 == 0`` holds exactly for finite values (NaN and ±Inf
+    give NaN): three kernels, where ``torch.isfinite(t).all()`` takes five (ATen composes isfinite from four)."""
+    return torch.mul(t, 0).eq(0).all()
+
+
+def _device_update(xv, weight, bias, rm, rv, nbt, momentum, eps):
+    """ATen's training call with the non-finite guard kept on the device: ``(y, finite)``, ``finite`` a 0-d bool tensor.
+
+    No value is read by the host (the GPU route: no sync, CUDA-graph capturable). ATen updates *copies* of the running
+    buffers (its backward may save the buffers it was given, so they must not change after the call); the buffers then
+    take the copies by ``torch.where`` on one flag, "the new running variance is finite" (:func:`finite_flag`), and
+    ``num_batches_tracked`` advances by it. ``momentum=None`` (cumulative average): ATen writes the batch's own mean and unbiased variance
+    (momentum 1 into zeroed scratch) and the weight ``1 / num_batches_tracked`` is applied on the device. Cost beyond
+    torch's call: six small ``(C,)`` kernels (one multi-tensor copy, three for the flag, two selects).
+
+    Shape: ``xv`` ``(N, C, *)``; ``rm, rv`` ``(C,)``; ``nbt`` 0-d or None. Reference: the README's Semantics section.
+    """
+    if momentum is not None:
+        new_m, new_v = torch._foreach_mul((rm, rv), 1.0)  # one multi-tensor launch on CUDA (exact copies)
+        y = torch.batch_norm(xv, weight, bias, new_m, new_v, True, momentum, eps, True)
+        finite = finite_flag(new_v)
+        if nbt is not None:
+            nbt.add_(finite)
+    else:
+        scratch = torch.zeros((2,) + tuple(rm.shape), dtype=rm.dtype, device=rm.device)
+        y = torch.batch_norm(xv, weight, bias, scratch[0], scratch[1], True, 1.0, eps, True)
+        finite = finite_flag(scratch)
+        nbt.add_(finite)  # momentum=None always has num_batches_tracked (checked by the layer / batch_norm)
+        f = nbt.clamp_min(1).reciprocal().to(rm.dtype)
+        new_m, new_v = torch.lerp(rm, scratch[0], f), torch.lerp(rv, scratch[1], f)
+    torch.where(finite, new_m, rm, out=rm)
+    torch.where(finite, new_v, rv, out=rv)
+    return y, finite
 
 
 def _factor(momentum: float | None, nbt: torch.Tensor) -> float:
@@ -185,14 +232,15 @@ class NativeBackend(CompositeBackend):
         shape, axis = x.shape, s.axis
         xv = x if axis == 1 else x.view(-1, shape[axis])
         finite = None
+        dt = _device_type(x)
         if running is None:
-            if x.device.type == "cpu":
+            if dt == "cpu":
                 y = torch.native_batch_norm(xv, weight, bias, None, None, True, 0.0, s.eps)[0]
             else:
                 y = torch.batch_norm(xv, weight, bias, None, None, True, 0.0, s.eps, True)
         else:
             rm, rv, nbt, momentum = running
-            if x.device.type == "cpu" and rm.device.type == "cpu" and not torch.compiler.is_compiling():
+            if dt == "cpu" and rm.device == x.device and not torch.compiler.is_compiling():
                 f = _factor(momentum, nbt)
                 if Guard.fits(rm, rv):  # the snapshot: memoryview copies cost less than torch's clone
                     y, finite = Guard(rm, rv).update(xv, weight, bias, rm, rv, nbt, f, s.eps)
@@ -200,19 +248,15 @@ class NativeBackend(CompositeBackend):
                     old_m, old_v = rm.clone(), rv.clone()
                     y, mean, invstd = _nbn(xv, weight, bias, rm, rv, True, f, s.eps)
                     finite = _keep_if_finite(_stats_finite(mean, invstd), rm, rv, nbt, old_m, old_v)
-            elif x.device.type == "meta" or rm.device != x.device or torch.compiler.is_compiling():
+            elif dt == "meta" or rm.device != x.device or torch.compiler.is_compiling():
                 # shapes only (meta), ATen's own device-mismatch error, or a traced graph: nothing to check
                 f = 0.0 if momentum is None else momentum
                 y = torch.batch_norm(xv, weight, bias, rm, rv, True, f, s.eps, True)
                 if nbt is not None and rm.device == x.device:
                     nbt.add_(1)
                 finite = True
-            else:  # CUDA, MPS, ...: torch.batch_norm picks cuDNN / MIOpen; the updated buffers are checked
-                f = _factor(momentum, nbt)
-                old_m, old_v = rm.clone(), rv.clone()
-                y = torch.batch_norm(xv, weight, bias, rm, rv, True, f, s.eps, True)
-                finite = bool(torch.isfinite(rm).all() & torch.isfinite(rv).all())  # one device sync
-                finite = _keep_if_finite(finite, rm, rv, nbt, old_m, old_v)
+            else:  # CUDA, MPS, ...: torch.batch_norm picks cuDNN / MIOpen; the guard stays on the device
+                y, finite = _device_update(xv, weight, bias, rm, rv, nbt, momentum, s.eps)
         if axis != 1:
             y = y.view(shape)
         return _act(y, s), None, None, finite
@@ -221,7 +265,7 @@ class NativeBackend(CompositeBackend):
         """``act(γ·(x − μ)/sqrt(σ² + eps) + β)`` with the running statistics, through ATen (differentiable)."""
         shape, axis = x.shape, s.axis
         xv = x if axis == 1 else x.view(-1, shape[axis])
-        if x.device.type == "cpu":
+        if _device_type(x) == "cpu":
             y = torch.native_batch_norm(xv, weight, bias, running_mean, running_var, False, 0.0, s.eps)[0]
         else:
             y = torch.batch_norm(xv, weight, bias, running_mean, running_var, False, 0.0, s.eps, True)

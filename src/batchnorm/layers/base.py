@@ -8,6 +8,7 @@ Every variant (renorm, ghost, sync, ...) subclasses :class:`BatchNorm` and overr
 from __future__ import annotations
 
 import operator
+import warnings
 from typing import Any
 
 import torch
@@ -40,7 +41,12 @@ class BatchNorm(_BatchNorm):
     on a built layer only stops the updates, and eval keeps using the stored estimates.)
 
     A training batch whose statistics are not finite leaves the running estimates and
-    ``num_batches_tracked`` unchanged (with a warning); its output is still computed.
+    ``num_batches_tracked`` unchanged (with a warning); its output is still computed. On the CPU the
+    ``RuntimeWarning`` comes at once. On a GPU (any device but the CPU) no step reads device data back
+    (no host sync: CUDA graphs and ``torch.cuda.set_sync_debug_mode("error")`` work), so the refusal is
+    *selected* on the device and the layer keeps the flags; one warning for all batches refused since the
+    last report comes at the next point that reads them: :attr:`refused_batches`, ``train()`` / ``eval()``,
+    ``state_dict()``, ``repr()``.
 
     Args:
         num_features: C, the size of the feature axis.
@@ -170,6 +176,8 @@ class BatchNorm(_BatchNorm):
                 nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
+        if "_refused_flags" in self.__dict__ or "_refused_device" in self.__dict__:
+            self._report_refused(stacklevel=4)
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}, axis={self.axis}"
@@ -193,8 +201,10 @@ class BatchNorm(_BatchNorm):
         for name in ("weight", "bias", "running_mean", "running_var"):
             k = prefix + name
             own = getattr(self, name)
-            if k in state_dict and own is not None and tuple(state_dict[k].shape) != tuple(own.shape):
-                # a RuntimeError (as torch's size-mismatch error) and a ValueError; raised before anything is copied
+            if prefix == "" and k in state_dict and own is not None and tuple(state_dict[k].shape) != tuple(own.shape):
+                # loading this layer itself: a RuntimeError (as torch's size-mismatch error) and a ValueError, raised
+                # before anything is copied. Inside a model (prefix set) torch's rule holds instead: every matching
+                # tensor of every layer is copied and one RuntimeError lists all mismatches (nn.Module.load_state_dict)
                 raise _checks.state_shape_error(
                     type(self).__name__, k, tuple(state_dict[k].shape), tuple(own.shape), self.num_features
                 )
@@ -205,6 +215,68 @@ class BatchNorm(_BatchNorm):
     def __prepare_scriptable__(self):
         """Called by ``torch.jit.script``: refuse with one error naming what works instead (see docs/ecosystem.md)."""
         raise _export.script_error(self)
+
+    # -- refused batches (non-finite statistics) ----------------------------------------------
+    @property
+    def refused_batches(self) -> int:
+        """Training batches refused so far (statistics not finite: running estimates left unchanged), on any device.
+
+        Reading it reports (one ``RuntimeWarning``) the GPU batches refused since the last report; this is a host
+        read of a device count, so do it between steps, not inside one. On the CPU each refusal warned at its step.
+
+        Example::
+
+            >>> bn = BatchNorm(2)
+            >>> bn.refused_batches
+            0
+        """
+        return self._report_refused(stacklevel=3)
+
+    def _record_refused(self, finite) -> None:
+        """Called by :func:`batchnorm.functional.normalize` with a refused CPU batch (``False``, already warned)
+        or with the 0-d device flag of a GPU step (True when accepted), which is kept, not read."""
+        d = self.__dict__
+        if finite is False:
+            d["_refused_total"] = d.get("_refused_total", 0) + 1
+            return
+        flags = d.get("_refused_flags")
+        if flags is None:
+            flags = d["_refused_flags"] = []
+        flags.append(finite)
+        if len(flags) >= _FOLD:  # bounded memory: fold into one device count (a few launches per _FOLD steps)
+            d["_refused_flags"] = []
+            pending = _count_refused(flags)
+            old = d.get("_refused_device")
+            d["_refused_device"] = pending if old is None else old.to(pending.device) + pending
+
+    def _report_refused(self, stacklevel: int = 2) -> int:
+        """Read the device flags (a host sync), warn once for the batches they refused; the total so far."""
+        d = self.__dict__
+        flags, device_count = d.pop("_refused_flags", None), d.pop("_refused_device", None)
+        if flags or device_count is not None:
+            n = (int(_count_refused(flags)) if flags else 0) + (int(device_count) if device_count is not None else 0)
+            if n:
+                d["_refused_total"] = d.get("_refused_total", 0) + n
+                warnings.warn(
+                    f"{type(self).__name__}: {n} training batch(es) since the last report had statistics that are not "
+                    "finite (NaN or Inf in the input, or values whose square overflows the statistics' dtype); the "
+                    "running estimates and num_batches_tracked were left unchanged for them. (Off the CPU this is "
+                    "reported when something reads it, not at the step: a per-step check would stall the device.)",
+                    RuntimeWarning,
+                    stacklevel=stacklevel + 1,
+                )
+        return d.get("_refused_total", 0)
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train``; first reports GPU batches refused since the last report (see :attr:`refused_batches`)."""
+        if "_refused_flags" in self.__dict__ or "_refused_device" in self.__dict__:
+            self._report_refused(stacklevel=3)
+        return super().train(mode)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if "_refused_flags" in self.__dict__ or "_refused_device" in self.__dict__:
+            self._report_refused(stacklevel=5)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     # -- hooks for variants (the *combine* step) ----------------------------------------------
     def _combine(self) -> bnf.Combine:
@@ -260,6 +332,7 @@ class BatchNorm(_BatchNorm):
                         y, finite = plan.run(x, w, b, rm, rv, nbt)
                         if not finite:
                             bnf._warn_not_finite(type(self).__name__, x, None, stacklevel=5)
+                            self._record_refused(False)
                         return y
         active = _export.active(x)
         if active and (traced := _export.forward(self, x, mask)) is not None:  # fx/jit/export: see _export
@@ -292,11 +365,13 @@ class BatchNorm(_BatchNorm):
             momentum=self.momentum,
             num_batches_tracked=bufs.get("num_batches_tracked") if update else None,
             mask=mask,
-            combine=self._combine(),
+            # the combine only where batch statistics normalize (BatchRenorm's limits are not computed in eval)
+            combine=self._combine() if use_batch else bnf._PLAIN,
             name=type(self).__name__,
             backend=d.get("backend"),
             settings=hit[1],
             stacklevel=6,
+            on_refused=self._record_refused,
         )
         if mask is None and not active and x.__class__ is _Tensor and _functorch_level() is None:
             self._prepare_fast(x, hit[1], use_batch, update and rv is not None)
@@ -342,6 +417,16 @@ class BatchNorm(_BatchNorm):
         return super()._apply(*args, **kwargs)
 
 
+#: GPU refusal flags kept per layer before they are folded into one device count.
+_FOLD = 256
+
+
+def _count_refused(flags: list) -> torch.Tensor:
+    """The number of False among 0-d bool device tensors, as a 0-d device tensor (no host read)."""
+    dev = flags[-1].device
+    return torch.logical_not(torch.stack([f.to(dev) for f in flags])).sum()
+
+
 class _Plans(dict):
     """A layer's fast-path plans by ``(input shape, training)``; copies and pickles of the layer start without them."""
 
@@ -364,13 +449,33 @@ def _fixed_rank(ranks: tuple[int, ...], label: str):
     def check(self: BatchNorm, x: torch.Tensor) -> None:
         if x.dim() not in ranks:
             got = f"{x.dim()}D input of shape {tuple(x.shape)}"
-            raise ValueError(f"{type(self).__name__} expected {label} input, got {got}. Use batchnorm.BatchNorm for any rank.")
+            raise ValueError(f"{self._get_name()} expected {label} input, got {got}. Use batchnorm.BatchNorm for any rank.")
 
     return check
 
 
-class BatchNorm1d(BatchNorm):
+def _torch_like(cls, fused: type, args: tuple, kwargs: dict):
+    """``cls`` when the layer computes what torch's class computes; else the same rank-checked layer as ``fused``.
+
+    Why: ``BatchNorm1d/2d/3d`` are instances of ``torch.nn.BatchNorm1d/2d/3d``, and code written for torch's
+    classes (timm's ``freeze_batch_norm_2d``, ``convert_sync_batchnorm``, ``torch.ao`` fusions) rebuilds them from
+    torch's attributes; a fused activation or a feature axis other than 1 would be dropped silently there. Those
+    layers are built as a class that is *not* torch's (docs/ecosystem.md, "Recognized as torch's classes").
+    """
+    act, axis = kwargs.get("activation"), kwargs.get("axis", 1)
+    if act in (None, "identity") and (axis == 1 or isinstance(axis, bool) or not isinstance(axis, int)):
+        return object.__new__(cls)
+    layer = object.__new__(fused)
+    layer.__init__(*args, **kwargs)
+    return layer
+
+
+class BatchNorm1d(BatchNorm, nn.BatchNorm1d):
     """:class:`BatchNorm` restricted to ``(N, C)`` or ``(N, C, L)`` input, like ``torch.nn.BatchNorm1d``.
+
+    An instance of ``torch.nn.BatchNorm1d`` too (``isinstance`` checks written for torch's layer find it). Built
+    with a fused ``activation`` or ``axis != 1`` it is the same layer without that base class (torch's class
+    cannot express those; see docs/ecosystem.md).
 
     Shape: ``(N, C)`` or ``(N, C, L)`` → same. Example: ``BatchNorm1d(16)(torch.randn(4, 16, 30))``.
     Reference: Ioffe & Szegedy (2015).
@@ -378,9 +483,16 @@ class BatchNorm1d(BatchNorm):
 
     _check_input_dim = _fixed_rank((2, 3), "2D or 3D")
 
+    def __new__(cls, *args, **kwargs):
+        return _torch_like(cls, _BatchNorm1dFused, args, kwargs)
 
-class BatchNorm2d(BatchNorm):
+
+class BatchNorm2d(BatchNorm, nn.BatchNorm2d):
     """:class:`BatchNorm` restricted to ``(N, C, H, W)`` input, like ``torch.nn.BatchNorm2d``.
+
+    An instance of ``torch.nn.BatchNorm2d`` too (``isinstance`` checks written for torch's layer find it). Built
+    with a fused ``activation`` or ``axis != 1`` it is the same layer without that base class (torch's class
+    cannot express those; see docs/ecosystem.md).
 
     Shape: ``(N, C, H, W)`` → same. Example: ``BatchNorm2d(16)(torch.randn(4, 16, 8, 8))``.
     Reference: Ioffe & Szegedy (2015).
@@ -388,12 +500,50 @@ class BatchNorm2d(BatchNorm):
 
     _check_input_dim = _fixed_rank((4,), "4D")
 
+    def __new__(cls, *args, **kwargs):
+        return _torch_like(cls, _BatchNorm2dFused, args, kwargs)
 
-class BatchNorm3d(BatchNorm):
+
+class BatchNorm3d(BatchNorm, nn.BatchNorm3d):
     """:class:`BatchNorm` restricted to ``(N, C, D, H, W)`` input, like ``torch.nn.BatchNorm3d``.
+
+    An instance of ``torch.nn.BatchNorm3d`` too (``isinstance`` checks written for torch's layer find it). Built
+    with a fused ``activation`` or ``axis != 1`` it is the same layer without that base class (torch's class
+    cannot express those; see docs/ecosystem.md).
 
     Shape: ``(N, C, D, H, W)`` → same. Example: ``BatchNorm3d(4)(torch.randn(2, 4, 3, 8, 8))``.
     Reference: Ioffe & Szegedy (2015).
     """
 
     _check_input_dim = _fixed_rank((5,), "5D")
+
+    def __new__(cls, *args, **kwargs):
+        return _torch_like(cls, _BatchNorm3dFused, args, kwargs)
+
+
+class _RankFused(BatchNorm):
+    """A rank-checked layer with a fused activation or a feature axis other than 1: not torch's class."""
+
+    _rank_name = "BatchNorm"
+
+    def _get_name(self) -> str:
+        return self._rank_name
+
+
+class _BatchNorm1dFused(_RankFused):
+    _rank_name = "BatchNorm1d"
+    _check_input_dim = _fixed_rank((2, 3), "2D or 3D")
+
+
+class _BatchNorm2dFused(_RankFused):
+    _rank_name = "BatchNorm2d"
+    _check_input_dim = _fixed_rank((4,), "4D")
+
+
+class _BatchNorm3dFused(_RankFused):
+    _rank_name = "BatchNorm3d"
+    _check_input_dim = _fixed_rank((5,), "5D")
+
+
+#: the rank classes of ours that are torch's classes too, and their twins that are not (fused activation, axis)
+RANK_FUSED = {BatchNorm1d: _BatchNorm1dFused, BatchNorm2d: _BatchNorm2dFused, BatchNorm3d: _BatchNorm3dFused}

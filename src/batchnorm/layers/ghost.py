@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from .. import _checks
+from ..kernels import dispatch
 from . import _export
 from .base import BatchNorm
 
@@ -28,6 +29,9 @@ class GhostBatchNorm(BatchNorm):
     inference too, TF issue #23050, which makes a sample's prediction depend on its batch neighbours).
     With ``track_running_stats=False`` evaluation normalizes with the statistics of the whole batch.
     ``virtual_batch_size ≥ N`` gives exactly :class:`BatchNorm`.
+    A virtual batch with ≤ 1 counted value per feature is an error that names it; with a mask that count is
+    data, so it is checked only eagerly on the CPU: on the GPU route and under ``torch.compile`` (no host read)
+    such a virtual batch is normalized without error and the step leaves the running estimates unchanged.
 
     Use it to keep the regularizing noise of small-batch statistics while training with large
     batches (large-batch training, data-parallel steps with big per-device batches).
@@ -95,7 +99,8 @@ class GhostBatchNorm(BatchNorm):
         if axis == 0:
             raise ValueError(_axis0_message(self.axis, tuple(x.shape)))
         if self.training and x.numel() > 0 and x.shape[axis] == self.num_features:
-            self._check_virtual_batches(x, axis, mask)
+            if mask is None or (dispatch.device_type(x) == "cpu" and not torch.compiler.is_compiling()):
+                self._check_virtual_batches(x, axis, mask)  # a mask's counts are data: read only where it is free
         return super().forward(x, mask)
 
     def _check_virtual_batches(self, x: torch.Tensor, axis: int, mask: torch.Tensor | None) -> None:
