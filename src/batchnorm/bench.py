@@ -523,13 +523,16 @@ def _bytes_literal(n: int) -> str:
     return str(n)
 
 
-def calibrate(repeats: int = 7, out: str | None = None, sizes: tuple[int, ...] = CALIBRATION_BYTES) -> dict:
+def calibrate(repeats: int = 7, out: str | None = None, sizes: tuple[int, ...] = CALIBRATION_BYTES,
+              store: bool = False) -> dict:
     """Re-measure the crossover points of ``dispatch.CROSSOVER_BYTES`` and print a replacement for that dict.
 
     Rule: for each ``(mode, layout)`` key of the table, time forced ``backend="native"`` against
     ``backend="numba"`` side by side on the ladder :data:`CALIBRATION_BYTES` (inputs from
     :func:`calibration_shape`; mode ``"train"`` = forward + backward, ``"eval"`` = forward without
     autograd), and take :func:`crossover` of the medians. Returns ``{"table": {key: bytes}, "ladder": [...]}``.
+    ``store=True`` (the command line) also keeps the table beside numba's cache for this machine and thread
+    counts, so later processes adopt it (:mod:`batchnorm.kernels.calibrate`).
 
     Shape: not applicable. Example: ``batchnorm bench --calibrate --out calibration.json``.
     Method: the alternating side-by-side medians of :func:`side_by_side`.
@@ -573,9 +576,30 @@ def calibrate(repeats: int = 7, out: str | None = None, sizes: tuple[int, ...] =
         value = _bytes_literal(v) if v is not None else "1 << 62"
         print(f'    ("{key[0]}", "{key[1]}"): {value},{note}')
     print("}")
+    if store:
+        _store_calibration(result)
     if out:
         _finish(result, out)
     return result
+
+
+def _store_calibration(result: dict) -> None:
+    """Keep the measured table beside numba's cache, where every later process at these thread counts adopts it."""
+    from .kernels import warmup
+
+    try:
+        import numba
+
+        directory = warmup.cache_location()[0]
+        if directory is None:
+            return
+        threads = (torch.get_num_threads(), numba.get_num_threads())
+        table = {tuple(k.split(",")): (_cal.NEVER if v is None else v) for k, v in result["table"].items()}
+        _cal.store(directory, threads, {"table": table, "ladder": []})
+        print(f"stored for {threads[0]} torch / {threads[1]} numba threads in {_cal.path(directory)}: later processes "
+              "use it")
+    except (ImportError, OSError) as e:
+        print(f"(not stored: {e})")
 
 
 def _machine() -> dict:
@@ -646,7 +670,8 @@ def _parser() -> argparse.ArgumentParser:
                                                         "(and the other sections named, if given)")
     p.add_argument("--calibrate", action="store_true",
                    help="re-measure the crossover points of the dispatch table on this machine, print them in the "
-                        "table's format and exit (with --out, also write them as JSON)")
+                        "table's format, keep them beside the numba cache (later processes at these thread counts "
+                        "use them) and exit (with --out, also write them as JSON)")
     p.add_argument("--markdown", default=None, metavar="RUN.json",
                    help="print the results saved by an earlier --out run as Markdown tables and exit")
     p.add_argument("--repeats", type=int, default=None,
@@ -725,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--markdown: {args.markdown!r} is not a complete batchnorm bench result (missing {e}).")
         return 0
     if args.calibrate:
-        calibrate(repeats=args.repeats or 7, out=args.out)
+        calibrate(repeats=args.repeats or 7, out=args.out, store=True)
         return 0
     from .kernels import dispatch
 

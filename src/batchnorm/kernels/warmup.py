@@ -143,7 +143,7 @@ def cache_location() -> tuple[str | None, str]:
 
 
 def kernel_set() -> str:
-    """Which kernels the warm-up builds: ``"all"`` (default) or ``"smoke"`` (float32 2-D training step only,
+    """Which kernels the warm-up builds: ``"all"`` (default) or ``"smoke"`` (float32 2-D training forward only,
     ``BATCHNORM_WARMUP_KERNELS=smoke``: the tests use it to pay for a small compile)."""
     value = os.environ.get("BATCHNORM_WARMUP_KERNELS", "all") or "all"
     if value not in ("all", "smoke"):
