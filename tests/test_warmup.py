@@ -1,7 +1,7 @@
 """The background warm-up across processes: one compile per cache directory, no orphans, a cache that heals,
 numba without a writable cache, crossovers measured here (issue 19).
 
-Cost: every test runs real processes with ``BATCHNORM_WARMUP_KERNELS=smoke`` (the float32 2-D training step
+Cost: every test runs real processes with ``BATCHNORM_WARMUP_KERNELS=smoke`` (the float32 2-D training forward
 only). The suite pays for one smoke compile (the module fixture, four processes sharing one empty cache), a
 partial recompile (the healing test) and one uncached compile (no writable cache); the other tests copy the
 fixture's cache. Every process is bounded by a timeout and killed if it overruns.
