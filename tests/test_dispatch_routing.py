@@ -1,7 +1,9 @@
 """Which backend a call runs on: ``dispatch.select`` / ``dispatch.chosen`` routing tables.
 
-Off the CPU (issue 11, item 6): plain batch norm goes to ``"native"`` (ATen: cuDNN / MIOpen), the
-variants (mask, ghost batches, batch renorm, cross-process sync, ``memory="save"``) to ``"composite"``.
+Off the CPU (issue 11, item 6; issue 17): plain batch norm goes to ``"native"`` (ATen: cuDNN / MIOpen), the
+variants (mask, ghost batches, batch renorm, cross-process sync, ``memory="save"``) to ``"triton"`` where it can
+serve them and otherwise to ``"composite"``: here triton is made unable to serve (``fake_gpu``), so the fallback
+is what these tables check; tests/test_gpu_route.py checks the triton side.
 There is no GPU here, so the device check (``dispatch.device_type``, the one function ``select`` asks)
 is mocked to answer ``"cuda"`` for CPU tensors (the calls then really run, on the CPU, through the
 backend chosen for a GPU), and ``meta`` tensors are used as genuinely non-CPU tensors.
@@ -24,8 +26,10 @@ needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed")
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """Make ``select`` see every tensor as a CUDA tensor."""
+    """Make ``select`` see every tensor as a CUDA tensor, with triton unable to serve (the fallback rule; the triton
+    route, which Triton's CPU interpreter would otherwise take for these CPU tensors, is in tests/test_gpu_route.py)."""
     monkeypatch.setattr(dispatch, "device_type", lambda x: "cuda")
+    monkeypatch.setattr(dispatch, "_triton_for", lambda x, s: None)
 
 
 @pytest.fixture(autouse=True)
@@ -117,6 +121,7 @@ def test_the_device_check_is_what_moves_a_call_off_numba(numba_ready, monkeypatc
     plain, ghost = BatchNorm(8), GhostBatchNorm(4, virtual_batch_size=2)
     assert (dispatch.chosen(plain, big), dispatch.chosen(ghost, small)) == ("numba", "numba")
     monkeypatch.setattr(dispatch, "device_type", lambda x: "cuda")
+    monkeypatch.setattr(dispatch, "_triton_for", lambda x, s: None)
     assert (dispatch.chosen(plain, big), dispatch.chosen(ghost, small)) == ("native", "composite")
 
 

@@ -273,12 +273,12 @@ class _TrainNorm(torch.autograd.Function):
         state = SavedState(s, ops, combine, plain, stats is not None)
         if s.save:
             # the count is the same for every feature (masks have no feature axis): one column is enough,
-            # kept as Python numbers when that costs no device sync (CPU, eager); otherwise a copy (under
-            # torch.compile a view of ``stats``, which leaves through ``stash``, may not be saved)
+            # kept as Python numbers when that costs no device sync (CPU, eager), else as a tensor (the GPU route);
+            # under torch.compile a copy (a view of ``stats``, which leaves through ``stash``, may not be saved)
             counts = stats[0][:, :1]
-            if torch.compiler.is_compiling() or dispatch.device_type(x) != "cpu":
+            if torch.compiler.is_compiling():
                 counts = counts.clone()
-            else:
+            elif dispatch.device_type(x) == "cpu":
                 state.counts, counts = counts.tolist(), None
             ctx.save_for_backward(y, m, invstd, weight, bias, r, d, counts)
         else:
