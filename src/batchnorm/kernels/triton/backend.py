@@ -177,9 +177,22 @@ class _Geometry:
         return (-(-self.O * self.I // self.bp), self.ncb)
 
 
-def _mask_view(m: torch.Tensor | None, axis: int):
+_dummies: dict = {}
+
+
+def _dummy(device, dtype):
+    """A one-element tensor standing in for an absent operand of a given pointer type (never read: its
+    flag masks every load), cached per device so that a step allocates nothing for it."""
+    key = (device, dtype)
+    t = _dummies.get(key)
+    if t is None:
+        t = _dummies[key] = torch.zeros(1, dtype=dtype, device=device)
+    return t
+
+
+def _mask_view(m: torch.Tensor | None, axis: int, device=None):
     if m is None:
-        return None, 0, 0
+        return _dummy(device, torch.bool), 0, 0
     m, v = _viewed(m, axis)
     return m, v[2], v[4]
 
@@ -209,10 +222,10 @@ class TritonBackend(Backend):
     # -- building blocks ----------------------------------------------------------------------
     def _partials(self, x, s: Settings, m):
         geo = _Geometry(x, s)
-        mm, smo, smi = _mask_view(m, s.axis)
-        part = torch.empty((3, geo.G, geo.S, geo.C), dtype=geo.sd, device=x.device)
+        mm, smo, smi = _mask_view(m, s.axis, x.device)
+        part = torch.empty((4, geo.G, geo.S, geo.C), dtype=geo.sd, device=x.device)
         _O, _I, so, sc, si = geo.v
-        _launch(_k().reduce_partial, (geo.S, geo.ncb, geo.G), geo.x, mm if mm is not None else part, part,
+        _launch(_k().reduce_partial, (geo.S, geo.ncb, geo.G), geo.x, mm, part,
                 geo.O, geo.C, geo.I, so, sc, si, smo, smi, geo.R, geo.G, geo.S, geo.tiles, int(m is not None),
                 F64=geo.f64, BLOCK_P=geo.bp, BLOCK_C=geo.bc)
         return part, geo
@@ -245,7 +258,8 @@ class TritonBackend(Backend):
         dummy = part
         _launch(_k().finalize, (1,), part, stats, aux, weight if weight is not None else dummy,
                 bias if bias is not None else dummy, rm if rm is not None else dummy, rv if rv is not None else dummy,
-                nbt if nbt is not None else dummy, finite if finite is not None else dummy, rmax_t, dmax_t,
+                nbt if nbt is not None else _dummy(dev, torch.long),
+                finite if finite is not None else _dummy(dev, torch.bool), rmax_t, dmax_t,
                 geo.C, geo.G, geo.S, float(s.eps), float(momentum if momentum is not None else 0.0),
                 float(r_max), float(d_max), int(weight is not None), int(bias is not None), int(s.save),
                 int(nbt is not None), TRAIN=train, UPDATE=running is not None,
@@ -267,13 +281,13 @@ class TritonBackend(Backend):
                 BLOCK_P=geo.bp, BLOCK_C=geo.bc)
         return y
 
-    def _pq(self, s: Settings, p, q, zscale, zshift, fused_save: bool):
+    def _pq(self, s: Settings, p, q, zscale, zshift, fused_save: bool, dummy=None):
         """The four per-feature operands of the backward kernels, with strides and flags."""
         p, spg, spc = _fs(p)
         q, sqg, sqc = _fs(q)
         zs, szsg, szsc = _fs(zscale)
         zb, szbg, szbc = _fs(zshift)
-        anyt = next(t for t in (p, q, zs, zb) if t is not None)
+        anyt = next((t for t in (p, q, zs, zb) if t is not None), dummy)  # unused operands point at a real tensor
         flags = (s.code, int(zs is not None), int(zb is not None), int(fused_save))
         ptrs = tuple(t if t is not None else anyt for t in (p, q, zs, zb))
         return ptrs, (spg, spc, sqg, sqc, szsg, szsc, szbg, szbc), flags, fused_save
@@ -313,11 +327,11 @@ class TritonBackend(Backend):
     def _backward_dx(self, geo, dy, dv, s: Settings, pq, k, mdz, mdzx, m):
         dx, xv = _out_like(geo.x, s.axis)
         ptrs, strides, flags, pq_wb = pq
-        mm, smo, smi = _mask_view(m, s.axis)
+        mm, smo, smi = _mask_view(m, s.axis, dy.device)
         k, skg, skc = _fs(k)
         mdz, smg, smc = _fs(mdz)
         mdzx, sng, snc = _fs(mdzx)
-        _launch(_k().backward_apply, geo.apply_grid(), dy, geo.x, mm if mm is not None else k, dx, *ptrs, k, mdz,
+        _launch(_k().backward_apply, geo.apply_grid(), dy, geo.x, mm, dx, *ptrs, k, mdz,
                 mdzx, geo.O, geo.C, geo.I, dv[2], dv[3], dv[4], geo.v[2], geo.v[3], geo.v[4], smo, smi,
                 xv[2], xv[3], xv[4], *strides, skg, skc, smg, smc, sng, snc, geo.R, float(s.eps),
                 float(s.negative_slope), *flags, int(m is not None), SAVE=bool(s.save), FUSED_ACT=s.code != 0,
@@ -365,7 +379,7 @@ class TritonBackend(Backend):
         w, b = _det(weight), _det(bias)
         if rd is None:
             # p, q: the saved mean and 1/σ, or (memory="save") β and 1/clamp(γ), formed in the kernels
-            pq = self._pq(s, None, None, w, b, True) if s.save else self._pq(s, stats[1], invstd, w, b, False)
+            pq = self._pq(s, None, None, w, b, True, invstd) if s.save else self._pq(s, stats[1], invstd, w, b, False)
         else:  # batch renorm: z = x̂·(γ'·r) + (β + γ'·d) per group (γ' clamped with memory="save")
             wc = (_clamp_weight(w, s.eps, rd) if s.save else w.to(rd.dtype)) if w is not None else None
             zs = wc * rd[0] if wc is not None else rd[0]
@@ -409,7 +423,7 @@ class TritonBackend(Backend):
         var, svg, svc = _fs(var)
         nbt = num_batches_tracked
         _launch(_k().update_running, (1,), mean, var, count, running_mean, running_var,
-                nbt if nbt is not None else finite, finite, c, g, smg, smc, svg, svc, scg, scc,
+                nbt if nbt is not None else _dummy(mean.device, torch.long), finite, c, g, smg, smc, svg, svc, scg, scc,
                 float(momentum if momentum is not None else 0.0), int(nbt is not None),
                 CUMULATIVE=momentum is None, F64=sd == torch.float64, BLOCK_C=TUNING["finalize"])
         return finite

@@ -22,37 +22,44 @@ Activation codes are those of :data:`batchnorm.activations.TABLE` (0 identity �
 forward/derivative formulas are the table's, written in Triton.
 """
 
-from __future__ import annotations
-
 import inspect
 
 import triton
 import triton.language as tl
 
-#: Integer arguments that are sizes or runtime flags: never specialized (a value of 1 or a multiple of 16 would
-#: otherwise compile a new kernel). Runtime flags (0/1) select optional operands through load masks, and ``act``
-#: the activation code, uniform over a launch: one compiled kernel serves every activation.
-_SIZES = ("NO", "C", "NI", "R", "G", "S", "TILES", "has_mask", "has_w", "has_b", "clamp", "has_nbt", "act", "has_zs",
-          "has_zb", "want_dw", "want_db")
+#: triton's name of a float64 scalar argument: the annotation of every float scalar (eps, momentum, ...), exact for
+#: float64 calls and cast to float32 once at the top of a float32 kernel.
+_FP64 = "fp64"
+#: The strides of the big operands (x, y, dy, dx, the saved tensor): specialized by triton on the value 1 (the
+#: layout: features or positions contiguous), which lets it vectorize. Every other integer argument (sizes, the
+#: strides of per-feature vectors and of the mask, runtime 0/1 flags, the activation code) is never specialized.
+_LAYOUT_STRIDES = ("sxo", "sxc", "sxi", "syo", "syc", "syi", "sdo", "sdc", "sdi", "sto", "stc", "sti")
+#: Pointers specialized on 16-byte alignment (the big operands and the partials); per-feature vectors are not.
+_BIG_POINTERS = ("x_ptr", "y_ptr", "dy_ptr", "t_ptr", "dx_ptr", "m_ptr", "part_ptr")
 
 
 def _kernel(fn):
-    """``triton.jit`` with the specialization policy of this backend: sizes and flags are never specialized; strides only
-    on the value 1 (the layout: features or positions contiguous), not on divisibility by 16; pointers on
-    their 16-byte alignment (triton's default). This keeps the set of compiled variants finite and known, so
-    ``python -m batchnorm.kernels.triton compile`` can build all of them ahead of time."""
-    names = list(inspect.signature(fn).parameters)
-    ints = [n for n in names if n in _SIZES or (n.startswith("s") and not n.endswith("_ptr") and n != "slope")]
-    return triton.jit(fn, do_not_specialize=[n for n in names if n in _SIZES], do_not_specialize_on_alignment=ints)
+    """``triton.jit`` with the specialization policy of this backend (:data:`_LAYOUT_STRIDES`): a value of 1 or a
+    multiple of 16 in a size or flag would otherwise compile a new kernel. Runtime flags select optional operands
+    through load masks, and ``act`` (the activation code, uniform over a launch) a branch, so one compiled kernel
+    serves every activation. The big operands' pointers keep triton's 16-byte-alignment specialization
+    (:data:`_BIG_POINTERS`). The set of compiled variants
+    stays finite and known: ``python -m batchnorm.kernels.triton compile`` builds all of them ahead of time."""
+    params = inspect.signature(fn).parameters
+    # float scalars are annotated "fp64" (exact for float64 calls; cast to float32 once in float32 kernels)
+    ints = [n for n, p in params.items() if p.annotation is inspect.Parameter.empty and not n.endswith("_ptr")]
+    small = [n for n in params if n.endswith("_ptr") and n not in _BIG_POINTERS]
+    return triton.jit(fn, do_not_specialize=[n for n in ints if n not in _LAYOUT_STRIDES],
+                      do_not_specialize_on_alignment=ints + small)
 
 
 @triton.jit
 def _ct(v, F64: tl.constexpr):
     """Cast to the compute dtype: float64 for float64 calls, else float32."""
     if F64:
-        return v.to(tl.float64)
+        return tl.cast(v, tl.float64)
     else:
-        return v.to(tl.float32)
+        return tl.cast(v, tl.float32)
 
 
 @triton.jit
@@ -144,13 +151,27 @@ def _clamped(w, eps, clamp):
     return tl.where((clamp != 0) & (tl.abs(w) < eps), tl.where(w < 0, -eps, eps), w)
 
 
+@triton.jit
+def _chan(n_a, k_a, r_a, m2_a, n_b, k_b, r_b, m2_b):
+    """Chan, Golub & LeVeque's merge of two shifted summaries ``(count, shift k, mean − k, m2)``.
+
+    ``δ = (k_b − k_a) + (r_b − r_a)`` (shifts of nearby data subtract exactly), ``r = r_a + δ·n_b/n``,
+    ``m2 = m2_a + m2_b + δ²·n_a·n_b/n``; the result keeps ``k_a`` (``k_b`` when side a is empty).
+    """
+    k_a = tl.where(n_a > 0, k_a, k_b)
+    n = n_a + n_b
+    frac = n_b / tl.maximum(n, 1.0)
+    delta = (k_b - k_a) + (r_b - r_a)
+    return n, k_a, r_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
+
+
 @_kernel
 def reduce_partial(
     x_ptr, m_ptr, part_ptr,
     NO, C, NI, sxo, sxc, sxi, smo, smi, R, G, S, TILES, has_mask,
     F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """``part[(count, mean, m2), g, split, c]`` over this program's ``TILES`` tiles of group ``g``'s positions."""
+    """``part[(count, shift, mean − shift, m2), g, split, c]`` over this program's ``TILES`` tiles of group ``g``."""
     pid_s = tl.program_id(0)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     g = tl.program_id(2)
@@ -158,7 +179,8 @@ def reduce_partial(
     o0 = g * R
     npos = tl.minimum(R, NO - o0) * NI
     acc_n = _ct(tl.zeros([BLOCK_C], dtype=tl.float32), F64)
-    acc_mean = acc_n
+    acc_k = acc_n
+    acc_r = acc_n
     acc_m2 = acc_n
     c_off = cs.to(tl.int64) * sxc
     for t in range(0, TILES):
@@ -170,27 +192,24 @@ def reduce_partial(
         v2 = (inside & keep)[:, None] & cmask[None, :]
         x = _ct(tl.load(x_ptr + (o * sxo + i * sxi)[:, None] + c_off[None, :], mask=v2, other=0.0), F64)
         n_t = tl.sum(_ct(v2, F64), axis=0)
-        mean_t = tl.sum(x, axis=0) / tl.maximum(n_t, 1.0)
-        d = tl.where(v2, x - mean_t[None, :], 0.0)
-        m2_t = tl.sum(d * d, axis=0)
-        # Chan, Golub & LeVeque: merge the tile (n_t, mean_t, m2_t) into the running (acc_n, acc_mean, acc_m2)
-        n_new = acc_n + n_t
-        frac = n_t / tl.maximum(n_new, 1.0)
-        delta = mean_t - acc_mean
-        acc_mean = acc_mean + delta * frac
-        acc_m2 = acc_m2 + m2_t + delta * delta * acc_n * frac
-        acc_n = n_new
+        # the tile's shift k: its largest counted value (0 for an empty tile); x − k is small, so its sum is exact
+        k_t = tl.where(n_t > 0, tl.max(tl.where(v2, x, -3.0e38), axis=0), 0.0)
+        xs = tl.where(v2, x - k_t[None, :], 0.0)
+        r_t = tl.sum(xs, axis=0) / tl.maximum(n_t, 1.0)
+        d = tl.where(v2, xs - r_t[None, :], 0.0)
+        acc_n, acc_k, acc_r, acc_m2 = _chan(acc_n, acc_k, acc_r, acc_m2, n_t, k_t, r_t, tl.sum(d * d, axis=0))
     base = (g * S + pid_s) * C + cs
     plane = G * S * C
     tl.store(part_ptr + base, acc_n, mask=cmask)
-    tl.store(part_ptr + plane + base, acc_mean, mask=cmask)
-    tl.store(part_ptr + 2 * plane + base, acc_m2, mask=cmask)
+    tl.store(part_ptr + plane + base, acc_k, mask=cmask)
+    tl.store(part_ptr + 2 * plane + base, acc_r, mask=cmask)
+    tl.store(part_ptr + 3 * plane + base, acc_m2, mask=cmask)
 
 
 @_kernel
 def finalize(
     part_ptr, stats_ptr, aux_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr, finite_ptr, rmax_ptr, dmax_ptr,
-    C, G, S, eps, momentum, r_max, d_max, has_w, has_b, clamp, has_nbt,
+    C, G, S, eps: _FP64, momentum: _FP64, r_max: _FP64, d_max: _FP64, has_w, has_b, clamp, has_nbt,
     TRAIN: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, RENORM: tl.constexpr,
     LIMITS_PTR: tl.constexpr, F64: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -200,6 +219,10 @@ def finalize(
     ``(7, G, C)`` (the last two use row 0 only); with ``UPDATE`` the running buffers move toward the batch only
     when every new value is finite and every count exceeds 1; ``num_batches_tracked += finite``; ``finite`` stored.
     """
+    eps = _ct(eps, F64)
+    momentum = _ct(momentum, F64)
+    r_max = _ct(r_max, F64)
+    d_max = _ct(d_max, F64)
     plane = G * C
     ok_finite = tl.full([BLOCK_C], 1, tl.int32)
     ok_enough = tl.full([BLOCK_C], 1, tl.int32)
@@ -222,19 +245,17 @@ def finalize(
         sum_var = sum_mean
         for g in range(0, G):
             n = _ct(tl.zeros([BLOCK_C], tl.float32), F64)
-            mean = n
+            k = n
+            r = n
             m2 = n
             for s in range(0, S):
                 idx = (g * S + s) * C + cs
-                n_b = _ct(tl.load(part_ptr + idx, mask=cmask, other=0.0), F64)
-                mean_b = _ct(tl.load(part_ptr + G * S * C + idx, mask=cmask, other=0.0), F64)
-                m2_b = _ct(tl.load(part_ptr + 2 * G * S * C + idx, mask=cmask, other=0.0), F64)
-                n_new = n + n_b
-                frac = n_b / tl.maximum(n_new, 1.0)
-                delta = mean_b - mean
-                mean = mean + delta * frac
-                m2 = m2 + m2_b + delta * delta * n * frac
-                n = n_new
+                pp = G * S * C
+                n, k, r, m2 = _chan(n, k, r, m2, _ct(tl.load(part_ptr + idx, mask=cmask, other=0.0), F64),
+                                    _ct(tl.load(part_ptr + pp + idx, mask=cmask, other=0.0), F64),
+                                    _ct(tl.load(part_ptr + 2 * pp + idx, mask=cmask, other=0.0), F64),
+                                    _ct(tl.load(part_ptr + 3 * pp + idx, mask=cmask, other=0.0), F64))
+            mean = k + r
             out = g * C + cs
             tl.store(stats_ptr + out, n, mask=cmask)
             tl.store(stats_ptr + plane + out, mean, mask=cmask)
@@ -245,14 +266,14 @@ def finalize(
                 kz = w
                 bz = b
                 if RENORM:
-                    r = tl.sqrt(var + eps) / sigma
-                    r = tl.minimum(tl.maximum(r, 1.0 / rmx), rmx)
-                    d = (mean - rm0) / sigma
-                    d = tl.minimum(tl.maximum(d, -dmx), dmx)
-                    kz = w * r
-                    bz = b + w * d
-                    tl.store(aux_ptr + 3 * plane + out, r, mask=cmask)
-                    tl.store(aux_ptr + 4 * plane + out, d, mask=cmask)
+                    rr = tl.sqrt(var + eps) / sigma
+                    rr = tl.minimum(tl.maximum(rr, 1.0 / rmx), rmx)
+                    dd = (mean - rm0) / sigma
+                    dd = tl.minimum(tl.maximum(dd, -dmx), dmx)
+                    kz = w * rr
+                    bz = b + w * dd
+                    tl.store(aux_ptr + 3 * plane + out, rr, mask=cmask)
+                    tl.store(aux_ptr + 4 * plane + out, dd, mask=cmask)
                 scale = kz * invstd
                 tl.store(aux_ptr + out, invstd, mask=cmask)
                 tl.store(aux_ptr + plane + out, scale, mask=cmask)
@@ -296,11 +317,13 @@ def finalize(
 @_kernel
 def apply(
     x_ptr, y_ptr, a_ptr, b_ptr, w_ptr, bias_ptr,
-    NO, C, NI, sxo, sxc, sxi, syo, syc, syi, sag, sac, sbg, sbc, R, eps, slope, act, has_w, has_b,
+    NO, C, NI, sxo, sxc, sxi, syo, syc, syi, sag, sac, sbg, sbc, R, eps: _FP64, slope: _FP64, act, has_w, has_b,
     FUSED_ACT: tl.constexpr, EVAL: tl.constexpr, GROUPED: tl.constexpr, F64: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """``y = act(x · a + b)``; ``EVAL``: ``a = γ / sqrt(rv + eps)``, ``b = β − rm · a`` with ``a_ptr, b_ptr`` = rv, rm."""
+    eps = _ct(eps, F64)
+    slope = _ct(slope, F64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     pmask = p < NO * NI
@@ -365,12 +388,15 @@ def _params(p_ptr, q_ptr, zs_ptr, zb_ptr, g, cs, spg, spc, sqg, sqc, szsg, szsc,
 @_kernel
 def backward_partial(
     dy_ptr, t_ptr, part_ptr, p_ptr, q_ptr, zs_ptr, zb_ptr,
-    NO, C, NI, sdo, sdc, sdi, sto, stc, sti, spg, spc, sqg, sqc, szsg, szsc, szbg, szbc, R, G, S, TILES, eps, slope,
+    NO, C, NI, sdo, sdc, sdi, sto, stc, sti, spg, spc, sqg, sqc, szsg, szsc, szbg, szbc, R, G, S, TILES,
+    eps: _FP64, slope: _FP64,
     act, has_zs, has_zb, clamp,
     SAVE: tl.constexpr, FUSED_ACT: tl.constexpr, PQ_WB: tl.constexpr, F64: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """``part[(Σ dz, Σ dz·x̂), g, split, c]`` over all positions of this program's tiles (masked ones too)."""
+    eps = _ct(eps, F64)
+    slope = _ct(slope, F64)
     pid_s = tl.program_id(0)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     g = tl.program_id(2)
@@ -401,12 +427,13 @@ def backward_partial(
 @_kernel
 def backward_finalize(
     part_ptr, sums_ptr, k_ptr, cnt_ptr, invstd_ptr, w_ptr, rd_ptr, dw_ptr, db_ptr,
-    C, G, S, scg, scc, eps, has_w, clamp, want_dw, want_db,
+    C, G, S, scg, scc, eps: _FP64, has_w, clamp, want_dw, want_db,
     FUSED: tl.constexpr, RENORM: tl.constexpr, F64: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """``sums = (Σ dz, Σ dz·x̂)`` ``(2, G, C)`` from the split partials; ``FUSED`` also writes
     ``k = γ'·r·(1/σ)``, ``mean(dz)``, ``mean(dz·x̂)`` into ``k_ptr`` ``(3, G, C)`` and ``dγ = Σ_g (Σdz·x̂·r + d·Σdz)``,
     ``dβ = Σ_g Σdz``."""
+    eps = _ct(eps, F64)
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cs < C
     plane = G * C
@@ -447,12 +474,14 @@ def backward_finalize(
 def backward_apply(
     dy_ptr, t_ptr, m_ptr, dx_ptr, p_ptr, q_ptr, zs_ptr, zb_ptr, k_ptr, mdz_ptr, mdzx_ptr,
     NO, C, NI, sdo, sdc, sdi, sto, stc, sti, smo, smi, sxo, sxc, sxi,
-    spg, spc, sqg, sqc, szsg, szsc, szbg, szbc, skg, skc, smg, smc, sng, snc, R, eps, slope,
+    spg, spc, sqg, sqc, szsg, szsc, szbg, szbc, skg, skc, smg, smc, sng, snc, R, eps: _FP64, slope: _FP64,
     act, has_zs, has_zb, clamp, has_mask,
     SAVE: tl.constexpr, FUSED_ACT: tl.constexpr, PQ_WB: tl.constexpr, GROUPED: tl.constexpr, F64: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """``dx = k · (dz − m · (mean(dz) + x̂ · mean(dz·x̂)))`` in the dtype of ``t``."""
+    eps = _ct(eps, F64)
+    slope = _ct(slope, F64)
     pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     pmask = pos < NO * NI
@@ -496,11 +525,12 @@ def backward_apply(
 @_kernel
 def update_running(
     mean_ptr, var_ptr, cnt_ptr, rm_ptr, rv_ptr, nbt_ptr, finite_ptr,
-    C, G, smg, smc, svg, svc, scg, scc, momentum, has_nbt,
+    C, G, smg, smc, svg, svc, scg, scc, momentum: _FP64, has_nbt,
     CUMULATIVE: tl.constexpr, F64: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """The running update of ``functional.update_running`` from ``(G, C)`` statistics, in one program:
     ``μ = mean_g(mean)``, ``σ² = mean_g(var·n/(n−1))``; applied only if all finite and every count > 1."""
+    momentum = _ct(momentum, F64)
     ok_finite = tl.full([BLOCK_C], 1, tl.int32)
     ok_enough = tl.full([BLOCK_C], 1, tl.int32)
     for c0 in range(0, C, BLOCK_C):
