@@ -135,3 +135,43 @@ def test_compile_kernels_env_keeps_our_ops(monkeypatch):
     model = batchnorm.convert(_model(), backend=None)  # automatic backend: would lower without the variable
     targets = _compiled_targets(model, torch.randn(4, 3, 6, 6), no_breaks=False)  # (breaks: see the test above)
     assert "batch_norm" not in targets
+
+
+# issue 17 item 5: memory="save" compiled (it failed on every backend: the saved counts aliased an output of the
+# traced autograd.Function) and masked layers without graph breaks (they broke on the mask's count check)
+_MASK = torch.tensor([[True] * 5 + [False], [True] * 6, [True, False] * 3, [True] * 4 + [False] * 2])
+
+
+@pytest.mark.parametrize("backend", [None, "composite"], ids=["auto", "composite"])
+def test_memory_save_compiles_in_one_graph_and_matches_eager(backend):
+    torch._dynamo.reset()
+    make = lambda: batchnorm.BatchNorm(4, activation="leaky_relu", memory="save", backend=backend)  # noqa: E731
+    eager, layer = make(), make()
+    x = torch.randn(4, 4, 6)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager(x), layer(x)  # eager first: kernels compiled outside the traced region
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y, y_ref = compiled(xa), eager(xb)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(layer.weight.grad, eager.weight.grad)
+    torch.testing.assert_close(layer.running_var, eager.running_var)
+
+
+@pytest.mark.parametrize("make", [lambda: batchnorm.BatchNorm(4),
+                                  lambda: batchnorm.GhostBatchNorm(4, virtual_batch_size=2)],
+                         ids=["masked BatchNorm", "masked GhostBatchNorm"])
+def test_masked_layers_compile_without_graph_breaks(make):
+    torch._dynamo.reset()
+    layer, eager = make(), make()
+    x = torch.randn(4, 4, 6, requires_grad=True)
+    layer(x, _MASK)
+    explained = torch._dynamo.explain(lambda t: layer(t, _MASK))(x)
+    assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]
+    eager(x, _MASK)
+    eager(x, _MASK)  # the same two steps as the compiled layer's (eager warm-up + explain's run)
+    torch.testing.assert_close(layer.running_mean, eager.running_mean)
+    torch.testing.assert_close(layer.running_var, eager.running_var)
