@@ -27,9 +27,6 @@ import inspect
 import triton
 import triton.language as tl
 
-#: triton's name of a float64 scalar argument: the annotation of every float scalar (eps, momentum, ...), exact for
-#: float64 calls and cast to float32 once at the top of a float32 kernel.
-_FP64 = "fp64"
 #: The strides of the big operands (x, y, dy, dx, the saved tensor): specialized by triton on the value 1 (the
 #: layout: features or positions contiguous), which lets it vectorize. Every other integer argument (sizes, the
 #: strides of per-feature vectors and of the mask, runtime 0/1 flags, the activation code) is never specialized.
@@ -46,7 +43,8 @@ def _kernel(fn):
     (:data:`_BIG_POINTERS`). The set of compiled variants
     stays finite and known: ``python -m batchnorm.kernels.triton compile`` builds all of them ahead of time."""
     params = inspect.signature(fn).parameters
-    # float scalars are annotated "fp64" (exact for float64 calls; cast to float32 once in float32 kernels)
+    # float scalars (eps, momentum, ...) are annotated tl.float64: exact for float64 calls, cast to float32 once at
+    # the top of a float32 kernel
     ints = [n for n, p in params.items() if p.annotation is inspect.Parameter.empty and not n.endswith("_ptr")]
     small = [n for n in params if n.endswith("_ptr") and n not in _BIG_POINTERS]
     return triton.jit(fn, do_not_specialize=[n for n in ints if n not in _LAYOUT_STRIDES],
@@ -209,7 +207,7 @@ def reduce_partial(
 @_kernel
 def finalize(
     part_ptr, stats_ptr, aux_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr, finite_ptr, rmax_ptr, dmax_ptr,
-    C, G, S, eps: _FP64, momentum: _FP64, r_max: _FP64, d_max: _FP64, has_w, has_b, clamp, has_nbt,
+    C, G, S, eps: tl.float64, momentum: tl.float64, r_max: tl.float64, d_max: tl.float64, has_w, has_b, clamp, has_nbt,
     TRAIN: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, RENORM: tl.constexpr,
     LIMITS_PTR: tl.constexpr, F64: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -317,7 +315,7 @@ def finalize(
 @_kernel
 def apply(
     x_ptr, y_ptr, a_ptr, b_ptr, w_ptr, bias_ptr,
-    NO, C, NI, sxo, sxc, sxi, syo, syc, syi, sag, sac, sbg, sbc, R, eps: _FP64, slope: _FP64, act, has_w, has_b,
+    NO, C, NI, sxo, sxc, sxi, syo, syc, syi, sag, sac, sbg, sbc, R, eps: tl.float64, slope: tl.float64, act, has_w, has_b,
     FUSED_ACT: tl.constexpr, EVAL: tl.constexpr, GROUPED: tl.constexpr, F64: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -389,7 +387,7 @@ def _params(p_ptr, q_ptr, zs_ptr, zb_ptr, g, cs, spg, spc, sqg, sqc, szsg, szsc,
 def backward_partial(
     dy_ptr, t_ptr, part_ptr, p_ptr, q_ptr, zs_ptr, zb_ptr,
     NO, C, NI, sdo, sdc, sdi, sto, stc, sti, spg, spc, sqg, sqc, szsg, szsc, szbg, szbc, R, G, S, TILES,
-    eps: _FP64, slope: _FP64,
+    eps: tl.float64, slope: tl.float64,
     act, has_zs, has_zb, clamp,
     SAVE: tl.constexpr, FUSED_ACT: tl.constexpr, PQ_WB: tl.constexpr, F64: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -427,7 +425,7 @@ def backward_partial(
 @_kernel
 def backward_finalize(
     part_ptr, sums_ptr, k_ptr, cnt_ptr, invstd_ptr, w_ptr, rd_ptr, dw_ptr, db_ptr,
-    C, G, S, scg, scc, eps: _FP64, has_w, clamp, want_dw, want_db,
+    C, G, S, scg, scc, eps: tl.float64, has_w, clamp, want_dw, want_db,
     FUSED: tl.constexpr, RENORM: tl.constexpr, F64: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """``sums = (Σ dz, Σ dz·x̂)`` ``(2, G, C)`` from the split partials; ``FUSED`` also writes
@@ -474,7 +472,7 @@ def backward_finalize(
 def backward_apply(
     dy_ptr, t_ptr, m_ptr, dx_ptr, p_ptr, q_ptr, zs_ptr, zb_ptr, k_ptr, mdz_ptr, mdzx_ptr,
     NO, C, NI, sdo, sdc, sdi, sto, stc, sti, smo, smi, sxo, sxc, sxi,
-    spg, spc, sqg, sqc, szsg, szsc, szbg, szbc, skg, skc, smg, smc, sng, snc, R, eps: _FP64, slope: _FP64,
+    spg, spc, sqg, sqc, szsg, szsc, szbg, szbc, skg, skc, smg, smc, sng, snc, R, eps: tl.float64, slope: tl.float64,
     act, has_zs, has_zb, clamp, has_mask,
     SAVE: tl.constexpr, FUSED_ACT: tl.constexpr, PQ_WB: tl.constexpr, GROUPED: tl.constexpr, F64: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -525,7 +523,7 @@ def backward_apply(
 @_kernel
 def update_running(
     mean_ptr, var_ptr, cnt_ptr, rm_ptr, rv_ptr, nbt_ptr, finite_ptr,
-    C, G, smg, smc, svg, svc, scg, scc, momentum: _FP64, has_nbt,
+    C, G, smg, smc, svg, svc, scg, scc, momentum: tl.float64, has_nbt,
     CUMULATIVE: tl.constexpr, F64: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """The running update of ``functional.update_running`` from ``(G, C)`` statistics, in one program:
