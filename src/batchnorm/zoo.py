@@ -35,6 +35,8 @@ __all__ = [
     "BasicBlock", "ConvNormActivation", "InvertedResidual", "SqueezeExcitation", "MBConv", "DenseLayer",
     "DenseBlock", "Transition", "ResNet", "MobileNetV2", "EfficientNet", "DenseNet", "resnet18_cifar",
     "mobilenet_v2_tiny", "efficientnet_tiny", "densenet_tiny", "MODELS", "BLOCKS", "example_input",
+    "BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNorm2d", "FrozenBatchNormAct2d", "freeze_batch_norm_2d",
+    "freeze", "convert_sync_batchnorm", "timm_block",
 ]
 
 NormLayer = Callable[[int], nn.Module]
@@ -564,3 +566,218 @@ def example_input(
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, channels, size, size, generator=g)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+# -- timm's and torchvision's own BN classes (faithful small stand-ins: timm and torchvision do not import here) --
+#
+# Written from the published behaviour of timm 1.0 (``timm.layers.norm_act``, ``timm.layers.FrozenBatchNorm2d``,
+# ``timm.utils.model.freeze``) and torchvision 0.2x / detectron2 (``FrozenBatchNorm2d``): the same class names,
+# attributes, buffers, children and forward semantics, which is what batchnorm's tools and tests look at.
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d``: a ``torch.nn.BatchNorm2d`` subclass that applies its own ``drop`` then ``act``.
+
+    ``y = act(drop(batch_norm(x)))`` with torch's training/eval rules (momentum, ``momentum=None`` cumulative
+    average, batch statistics in eval when there are no running buffers). ``act`` is ``act_layer(inplace=...)``
+    (``nn.Identity`` when ``apply_act=False``), ``drop`` is ``drop_layer()`` or ``nn.Identity``.
+    Used by timm's EfficientNet, MobileNetV3, RegNet and DenseNet.
+
+    Shape: ``(N, C, H, W)`` → same. Example: ``BatchNormAct2d(8, act_layer=nn.SiLU)(torch.randn(2, 8, 4, 4))``.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, apply_act: bool = True, act_layer: type = nn.ReLU,
+                 act_kwargs: dict | None = None, inplace: bool = True, drop_layer: type | None = None,
+                 device=None, dtype=None):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, device=device, dtype=dtype)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self.act = _make_act(act_layer, act_kwargs, inplace) if apply_act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        x = torch.nn.functional.batch_norm(
+            x, self.running_mean if keep else None, self.running_var if keep else None, self.weight, self.bias,
+            use_batch, factor, self.eps)
+        return self.act(self.drop(x))
+
+
+def _make_act(act_layer, act_kwargs, inplace: bool) -> nn.Module:
+    kwargs = dict(act_kwargs or {})
+    try:
+        return act_layer(inplace=inplace, **kwargs)
+    except TypeError:  # activations without inplace= (GELU, Sigmoid, Tanh, ...)
+        return act_layer(**kwargs)
+
+
+class SyncBatchNormAct(nn.SyncBatchNorm):
+    """timm's ``SyncBatchNormAct``: ``torch.nn.SyncBatchNorm`` followed by its own ``drop`` and ``act`` children.
+
+    Shape: ``(N, C, *)`` → same. Example: ``SyncBatchNormAct(8).eval()(torch.randn(2, 8, 4, 4))``.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, act_layer: type = nn.ReLU,
+                 inplace: bool = True, drop_layer: type | None = None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self.act = _make_act(act_layer, None, inplace)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision's (and timm's, and detectron2's) ``FrozenBatchNorm2d``: fixed statistics and affine, as buffers.
+
+    ``y = x · scale + shift`` with ``scale = weight · rsqrt(running_var + eps)``, ``shift = bias − running_mean ·
+    scale``; buffers ``weight, bias, running_mean, running_var`` (no parameters); ``num_batches_tracked`` in a
+    checkpoint is dropped on load. Not a ``_BatchNorm`` subclass.
+
+    Shape: ``(N, C, H, W)`` → same. Example: ``FrozenBatchNorm2d(8)(torch.randn(2, 8, 4, 4))``.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
+        shift = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
+        return x * scale + shift
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class FrozenBatchNormAct2d(nn.Module):
+    """timm's ``FrozenBatchNormAct2d``: :class:`FrozenBatchNorm2d`'s map, then its own ``drop`` and ``act``.
+
+    Shape: ``(N, C, H, W)`` → same. Example: ``FrozenBatchNormAct2d(8)(torch.randn(2, 8, 4, 4))``.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, apply_act: bool = True, act_layer: type = nn.ReLU,
+                 act_kwargs: dict | None = None, inplace: bool = True, drop_layer: type | None = None):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self.act = _make_act(act_layer, act_kwargs, inplace) if apply_act else nn.Identity()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False,
+                                           0.0, self.eps)
+        return self.act(self.drop(x))
+
+
+def freeze_batch_norm_2d(module: nn.Module) -> nn.Module:
+    """timm's ``freeze_batch_norm_2d``: BatchNorm2d / SyncBatchNorm → :class:`FrozenBatchNorm2d`, BatchNormAct2d /
+    SyncBatchNormAct → :class:`FrozenBatchNormAct2d` (act and drop kept), found by ``isinstance``, recursively.
+
+    As timm: the frozen layer is built from the BN's attributes (``num_features``, ``eps``, ``affine``, the
+    buffers and, when affine, the parameters' data); children of other modules are replaced in place
+    (``add_module``); the converted root is returned. Shape: unchanged.
+    Example: ``freeze_batch_norm_2d(nn.Sequential(nn.BatchNorm2d(4)))[0]`` is a FrozenBatchNorm2d.
+    """
+    res = module
+    if isinstance(module, (BatchNormAct2d, SyncBatchNormAct)):
+        res = FrozenBatchNormAct2d(module.num_features, eps=module.eps)
+        res.act, res.drop = module.act, module.drop
+    elif isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+        res = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+    if res is not module:
+        res.num_features = module.num_features
+        res.affine = module.affine
+        if module.affine:
+            res.weight.data = module.weight.data.clone().detach()
+            res.bias.data = module.bias.data.clone().detach()
+        res.running_mean.data = module.running_mean.data
+        res.running_var.data = module.running_var.data
+        res.eps = module.eps
+        return res
+    for name, child in module.named_children():
+        new = freeze_batch_norm_2d(child)
+        if new is not child:
+            res.add_module(name, new)
+    return res
+
+
+def freeze(root: nn.Module) -> nn.Module:
+    """``timm.utils.model.freeze`` on the whole model: no parameter learns, every BN becomes frozen (in place).
+
+    Parameters get ``requires_grad=False``; then :func:`freeze_batch_norm_2d`. Returns the root (a new module only
+    when the root itself is a BN). Shape: unchanged. Example: ``freeze(model)``.
+    """
+    for p in root.parameters():
+        p.requires_grad_(False)
+    return freeze_batch_norm_2d(root)
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """timm's ``convert_sync_batchnorm``: every ``_BatchNorm`` → ``torch.nn.SyncBatchNorm`` built from torch's
+    attributes (``BatchNormAct2d`` → :class:`SyncBatchNormAct`, act and drop kept), parameters and buffers shared.
+
+    Shape: unchanged. Example: ``convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(4)))[0]`` is a SyncBatchNorm.
+    """
+    out = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, BatchNormAct2d):
+            out = SyncBatchNormAct(module.num_features, module.eps, module.momentum, module.affine,
+                                   module.track_running_stats, process_group=process_group)
+            out.act, out.drop = module.act, module.drop
+        else:
+            out = nn.SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                   module.track_running_stats, process_group)
+        if module.affine:
+            with torch.no_grad():
+                out.weight = module.weight
+                out.bias = module.bias
+        out.running_mean = module.running_mean
+        out.running_var = module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.train(module.training)
+    for name, child in module.named_children():
+        if isinstance(out, nn.modules.batchnorm._BatchNorm) and out is not module and name in ("act", "drop"):
+            continue  # already carried above
+        out.add_module(name, convert_sync_batchnorm(child, process_group))
+    return out
+
+
+def timm_block(act_layer: type = nn.SiLU, frozen: bool = False) -> nn.Module:
+    """A timm-style conv → BatchNormAct2d → conv → BatchNormAct2d block (EfficientNet/MobileNetV3 idiom).
+
+    Shape: ``(N, 3, H, W)`` → ``(N, 8, H, W)``. Example: ``timm_block(nn.Hardswish)(example_input(3, size=8))``.
+    """
+    norm = BatchNormAct2d
+    block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), norm(8, act_layer=act_layer),
+                          nn.Conv2d(8, 8, 1, bias=False), norm(8, apply_act=False))
+    _init(block)
+    return freeze_batch_norm_2d(block) if frozen else block

@@ -24,15 +24,17 @@ wrappers only act on our layers and hand every other module to torch's original 
 from __future__ import annotations
 
 import functools
+import inspect
 
-from torch import nn
+from torch import fx, nn
 
+from . import _export
 from .base import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .ghost import GhostBatchNorm
 from .renorm import BatchRenorm
 from .sync import SyncBatchNorm
 
-__all__ = ["install", "uninstall", "check_foldable", "convert_to_sync", "fuser_method"]
+__all__ = ["install", "uninstall", "check_foldable", "convert_to_sync", "fuser_method", "with_modules"]
 
 _OURS = (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, GhostBatchNorm, BatchRenorm)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -208,3 +210,64 @@ def uninstall() -> None:
             del fmm._DEFAULT_OP_LIST_TO_FUSER_METHOD[key]
     _saved.clear()
 
+
+
+# -- BN layers that apply child modules after the normalization (timm's BatchNormAct2d layout) --------------------
+
+_WITH_MODULES: dict[type, type] = {}
+
+
+class _ModulesAfter:
+    """Mixin: the layer's own normalization, then its ``drop`` and ``act`` child modules: ``act(drop(bn(x)))``.
+
+    The layout (child names, state-dict keys ``act.*``/``drop.*``) is timm's ``BatchNormAct2d``, so a converted
+    timm model keeps its checkpoint keys. Under ``torch.fx`` the whole layer is one leaf call.
+    """
+
+    _base: type
+
+    def forward(self, x, mask=None):
+        if isinstance(x, fx.Proxy):
+            return _export.fx_leaf(self, x, mask)
+        y = super().forward(x) if mask is None else super().forward(x, mask)
+        return self.act(self.drop(y))
+
+    def __reduce_ex__(self, protocol):
+        return (_rebuild, (self._base,), self.__dict__.copy())
+
+
+def _rebuild(base: type):
+    return object.__new__(with_modules(base))
+
+
+def with_modules(base: type) -> type:
+    """The class ``base`` (one of our layers) followed by its ``drop`` and ``act`` child modules.
+
+    ``with_modules(BatchNorm)`` computes ``act(drop(BatchNorm(x)))``; build it as ``base`` is built, then assign
+    ``layer.act`` and ``layer.drop`` (``nn.Identity`` by default). :func:`batchnorm.convert` uses it for timm's
+    ``BatchNormAct2d`` when the activation has no fused form (e.g. ``nn.Hardswish``) or a drop layer is set.
+    One class per ``base`` (cached); copies and pickles rebuild it from ``base``.
+
+    Shape: as ``base``. Example::
+
+        >>> from batchnorm import BatchNorm
+        >>> layer = with_modules(BatchNorm)(8)
+        >>> layer.act = nn.Hardswish()
+        >>> type(layer).__name__, tuple(layer(torch.randn(4, 8)).shape)
+        ('BatchNormAct', (4, 8))
+    """
+    cls = _WITH_MODULES.get(base)
+    if cls is None:
+        cls = type(f"{base.__name__}Act", (_ModulesAfter, base), {
+            "__module__": __name__, "_base": base,
+            "__doc__": f"{base.__name__} followed by its own ``drop`` and ``act`` modules (see with_modules)."})
+        _WITH_MODULES[base] = cls
+
+        def __init__(self, *args, **kwargs):
+            base.__init__(self, *args, **kwargs)
+            self.drop = nn.Identity()
+            self.act = nn.Identity()
+
+        __init__.__signature__ = inspect.signature(base.__init__)  # what convert and users read: base's arguments
+        cls.__init__ = __init__
+    return cls

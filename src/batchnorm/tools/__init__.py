@@ -4,7 +4,7 @@ unfreeze. Each returns a new model, except :func:`recalibrate` and :func:`adapt`
 statistics in place."""
 
 from .adapt import AdaptRecord, AdaptReport, adapt, prediction_time_bn
-from .convert import bn_axis, convert, freeze, is_bn_like, unfreeze
+from .convert import bn_axis, bn_kind, convert, freeze, is_bn_like, unfreeze
 from .fold import FoldRecord, fold
 from .fuse import FuseRecord
 from .recalibrate import RecalibrationReport, recalibrate
@@ -17,6 +17,7 @@ __all__ = [
     "RecalibrationReport",
     "adapt",
     "bn_axis",
+    "bn_kind",
     "convert",
     "fold",
     "freeze",

@@ -10,16 +10,66 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers.base import BatchNorm
+from .. import activations as _activations
+from ..layers.base import RANK_FUSED, BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from ..layers.frozen import FrozenBatchNorm
+from ..layers.interop import _ModulesAfter, with_modules
 
-__all__ = ["convert", "freeze", "unfreeze", "is_bn_like", "bn_axis"]
+__all__ = ["convert", "freeze", "unfreeze", "is_bn_like", "bn_axis", "bn_kind"]
+
+_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+_TORCH_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+#: classes known to be batch norm followed by their own ``drop`` and ``act`` children (timm 1.0)
+_ACT_CLASSES = ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d")
+_RANKS = ((nn.BatchNorm1d, BatchNorm1d), (nn.BatchNorm2d, BatchNorm2d), (nn.BatchNorm3d, BatchNorm3d))
+
+
+def _foreign_frozen(m: nn.Module) -> bool:
+    """torchvision's / detectron2's / timm's ``FrozenBatchNorm2d`` (and timm's ``FrozenBatchNormAct2d``): not a
+    ``_BatchNorm``; recognized by class name and the four buffers, with no parameters."""
+    return ("FrozenBatchNorm" in type(m).__name__ and not isinstance(m, (_BatchNorm, FrozenBatchNorm))
+            and all(isinstance(m._buffers.get(k), torch.Tensor) for k in _BUFFERS) and not m._parameters)
+
+
+def bn_kind(module: nn.Module) -> str | None:
+    """How the tools see ``module``: None (not batch norm), ``"bn"``, ``"act"`` or ``"unknown"``.
+
+    ``"bn"``: batch norm and nothing else: torch's ``BatchNorm1d/2d/3d``/``SyncBatchNorm`` and ``_BatchNorm``
+    subclasses that keep torch's ``forward`` and have no child modules; every layer of ours; ``FrozenBatchNorm``;
+    torchvision's/detectron2's/timm's ``FrozenBatchNorm2d`` (four buffers, no parameters). ``"act"``: batch norm
+    followed by its own ``drop`` and ``act`` children (timm's ``BatchNormAct2d``, ``SyncBatchNormAct``,
+    ``FrozenBatchNormAct2d``; ours from :func:`batchnorm.layers.interop.with_modules`). ``"unknown"``: a
+    ``_BatchNorm`` subclass (or a frozen-BN-like module) with its own ``forward`` or other children, which no
+    tool can carry: each refuses it with an error naming it (fold and recalibrate leave it as it is, recorded).
+
+    Shape: not applicable. Example: ``bn_kind(torch.nn.BatchNorm2d(4))`` is ``"bn"``.
+    """
+    children = set(module._modules)
+    if isinstance(module, _ModulesAfter):
+        return "act"
+    if isinstance(module, (BatchNorm, FrozenBatchNorm)):
+        return "bn"
+    frozen = _foreign_frozen(module)
+    if not (isinstance(module, _BatchNorm) or frozen):
+        return None
+    if any(c.__name__ in _ACT_CLASSES for c in type(module).__mro__) and children <= {"act", "drop"}:
+        return "act"
+    if children:
+        return "unknown"
+    if frozen:
+        return "bn" if "Act" not in type(module).__name__ else "unknown"
+    return "bn" if type(module).forward in _TORCH_FORWARDS else "unknown"
 
 
 def is_bn_like(module: nn.Module) -> bool:
-    """True for ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` (any ``_BatchNorm``),
-    :class:`batchnorm.BatchNorm` and its subclasses (every variant), and :class:`batchnorm.FrozenBatchNorm`."""
-    return isinstance(module, (_BatchNorm, BatchNorm, FrozenBatchNorm))
+    """True for a module that is batch norm and nothing else (:func:`bn_kind` ``"bn"``): torch's
+    ``BatchNorm1d/2d/3d``/``SyncBatchNorm``, every layer of ours, :class:`batchnorm.FrozenBatchNorm` and
+    torchvision's/detectron2's ``FrozenBatchNorm2d``. Layers that apply more (timm's ``BatchNormAct2d``) are not."""
+    return bn_kind(module) == "bn"
+
+
+def _is_frozen(m: nn.Module) -> bool:
+    return isinstance(m, FrozenBatchNorm) or _foreign_frozen(m)
 
 
 def bn_axis(module: nn.Module) -> int:
@@ -27,13 +77,24 @@ def bn_axis(module: nn.Module) -> int:
     return int(getattr(module, "axis", 1))
 
 
+def _unknown_error(m: nn.Module, label: str, tool: str) -> ValueError:
+    own = "its own forward" if type(m).forward not in _TORCH_FORWARDS else ""
+    kids = ", ".join(m._modules) if m._modules else ""
+    what = " and ".join(x for x in (own, f"child modules ({kids})" if kids else "") if x)
+    return ValueError(
+        f"{tool}: {label} ({type(m).__module__}.{type(m).__name__}) is a batch norm that does more than batch norm "
+        f"({what}), so {tool} cannot carry what it computes and would change the model's outputs. Replace it by hand "
+        "(e.g. with batchnorm.BatchNorm plus the extra modules after it), or apply the tool to the submodules without it."
+    )
+
+
 _NOT_CARRIED = {"device", "dtype", "num_features"}
 
 
 def _source_config(m: nn.Module) -> dict:
-    if isinstance(m, FrozenBatchNorm):
-        return {"num_features": m.num_features, "eps": m.eps, "affine": True, "track_running_stats": True,
-                "axis": m.axis}
+    if _is_frozen(m):
+        return {"num_features": int(m.running_mean.shape[0]), "eps": float(m.eps), "affine": True,
+                "track_running_stats": True, "axis": bn_axis(m)}
     cfg = {
         "num_features": m.num_features,
         "eps": m.eps,
@@ -56,7 +117,68 @@ def _tensor_of(m: nn.Module) -> torch.Tensor | None:
     return None
 
 
+def _extras(m: nn.Module) -> tuple[nn.Module | None, nn.Module | None, tuple[str, float] | None]:
+    """``(act, drop, fusable)`` of a source layer: its activation (a module; our fused one as a fresh module), its
+    drop module (None: none or Identity), and ``(name, slope)`` when the two amount to one fused activation."""
+    if bn_kind(m) == "act":
+        act, drop = m._modules.get("act"), m._modules.get("drop")
+        act = None if act is None or type(act) is nn.Identity else act
+        drop = None if drop is None or type(drop) is nn.Identity else drop
+    else:
+        name = getattr(m, "activation", None)
+        act = None if name in (None, "identity") else _activations.to_module(name, getattr(m, "negative_slope", 0.01))
+        drop = None
+    fusable = _activations.from_module(act) if act is not None and drop is None else None
+    return act, drop, fusable
+
+
+def _target(m: nn.Module, to: type) -> type:
+    """``to``, except that a torch ``BatchNorm1d/2d/3d`` converted to BatchNorm becomes our class of that rank
+    (an instance of torch's class too: docs/ecosystem.md)."""
+    if to is BatchNorm and bn_axis(m) == 1:
+        for theirs, ours in _RANKS:
+            if isinstance(m, theirs):
+                return ours
+    return to
+
+
 def _build(m: nn.Module, name: str, to: type, kwargs: dict) -> nn.Module:
+    label = f"layer '{name}'" if name else "the model"
+    kind = bn_kind(m)
+    if kind == "unknown":
+        raise _unknown_error(m, label, "convert")
+    act, drop, fusable = _extras(m)
+    to = _target(m, to)
+    ours = isinstance(to, type) and issubclass(to, (BatchNorm, FrozenBatchNorm))
+    if act is not None or drop is not None:
+        fuses = issubclass(to, BatchNorm) and "activation" in _accepted(to) and "activation" not in kwargs
+        if fusable is not None and fuses:  # (BatchNorm1d/2d/3d then build their non-torch twin: layers.base)
+            kwargs = {**kwargs, "activation": fusable[0], "negative_slope": fusable[1]}
+        elif ours:
+            to = with_modules(RANK_FUSED.get(to, to))
+            kwargs = {**kwargs, "activation": None} if "activation" in _accepted(to) else kwargs
+    new = _build_layer(m, name, label, to, kwargs)
+    holds = isinstance(new._modules.get("act"), nn.Module) or isinstance(new, _ModulesAfter)
+    if holds:  # a class that applies its own act/drop children (ours from with_modules, timm's BatchNormAct2d)
+        fused_here = getattr(new, "activation", None) not in (None, "identity")
+        new.act = nn.Identity() if act is None or fused_here else act
+        new.drop = nn.Identity() if drop is None else drop
+    elif (act is not None and getattr(new, "activation", None) in (None, "identity")) or (
+            drop is not None and not holds):
+        what = f"activation {type(act).__name__}" if act is not None else ""
+        what += (" and " if what and drop is not None else "") + (f"drop layer {type(drop).__name__}" if drop else "")
+        fused = getattr(m, "activation", None)
+        what = f"has a fused activation={fused!r}" if fused not in (None, "identity") else f"applies {what} after normalizing"
+        raise ValueError(
+            f"convert: {label} ({type(m).__name__}) {what}, but {to.__name__} takes no activation argument and has no "
+            "act/drop modules, so the converted model would compute something else. Convert it to a batchnorm layer "
+            "(which fuses the activation or keeps it as a module after the layer), or to a class with its own act "
+            "and drop modules (timm's BatchNormAct2d)."
+        )
+    return new
+
+
+def _build_layer(m: nn.Module, name: str, label: str, to: type, kwargs: dict) -> nn.Module:
     cfg = _source_config(m)
     try:
         params = inspect.signature(to).parameters
@@ -66,7 +188,6 @@ def _build(m: nn.Module, name: str, to: type, kwargs: dict) -> nn.Module:
     if takes_var_kw and issubclass(to, BatchNorm):  # a variant passing **options on to BatchNorm
         params = {**inspect.signature(BatchNorm).parameters, **params}
     accepts = lambda key: not params or takes_var_kw or key in params  # noqa: E731
-    label = f"layer '{name}'" if name else "the model"
     if cfg["axis"] != 1 and not accepts("axis"):
         raise ValueError(
             f"convert: {label} ({type(m).__name__}) normalizes feature axis {cfg['axis']}, but {to.__name__} has no "
@@ -94,13 +215,6 @@ def _build(m: nn.Module, name: str, to: type, kwargs: dict) -> nn.Module:
             continue
         if hasattr(m, key) and not callable(getattr(m, key)) and not isinstance(getattr(m, key), torch.Tensor):
             args[key] = getattr(m, key)
-    activation = getattr(m, "activation", None)
-    if activation not in (None, "identity") and "activation" not in args and "activation" not in kwargs:
-        raise ValueError(
-            f"convert: {label} ({type(m).__name__}) has a fused activation={activation!r}, but {to.__name__} takes no "
-            "activation argument, so the converted model would compute something else. Convert it to a batchnorm "
-            "layer (which keeps activation=), or build the model with a separate activation module."
-        )
     args.update({k: v for k, v in factory.items() if accepts(k)})
     args.update(kwargs)
     num_features = args.pop("num_features")
@@ -118,7 +232,7 @@ def _build(m: nn.Module, name: str, to: type, kwargs: dict) -> nn.Module:
 
 def _carry_state(src: nn.Module, dst: nn.Module) -> None:
     """Copy weight, bias, running statistics and num_batches_tracked (values, and requires_grad of parameters)."""
-    src_frozen = isinstance(src, FrozenBatchNorm)
+    src_frozen = _is_frozen(src)
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             s = getattr(src, name, None)
@@ -163,8 +277,18 @@ def convert(model: nn.Module, to: type = BatchNorm, *, fuse_activations: bool = 
     """Return a copy of ``model`` with every BN-like layer replaced by ``to`` (the original is untouched).
 
     Replaced: ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` (every ``_BatchNorm``), every
-    layer of ours (:class:`~batchnorm.BatchNorm`, its variants, :class:`~batchnorm.FrozenBatchNorm`).
-    ``to`` is one of our classes or torch's (``torch.nn.BatchNorm2d``, ``torch.nn.SyncBatchNorm``, ...).
+    layer of ours (:class:`~batchnorm.BatchNorm`, its variants, :class:`~batchnorm.FrozenBatchNorm`),
+    torchvision's/detectron2's ``FrozenBatchNorm2d``, and batch norms that apply more (:func:`bn_kind`):
+    timm's ``BatchNormAct2d``/``SyncBatchNormAct``/``FrozenBatchNormAct2d`` are converted with everything they
+    do — the activation becomes the fused ``activation=`` when :data:`batchnorm.activations.TABLE` has it and no
+    drop layer is set, otherwise the layer is built as :func:`~batchnorm.layers.interop.with_modules` of ``to``
+    (our layer, then the same ``drop`` and ``act`` modules); a ``to`` that can express neither raises ValueError
+    naming the layer. A ``_BatchNorm`` subclass with its own ``forward`` or other children is refused
+    (ValueError naming it), never simplified. ``to`` is one of our classes, torch's (``torch.nn.BatchNorm2d``,
+    ``torch.nn.SyncBatchNorm``, ...) or one with its own ``act``/``drop`` children (timm's ``BatchNormAct2d``:
+    they are set from the source, ``nn.Identity`` where it has none). With ``to=BatchNorm`` a torch
+    ``BatchNorm1d/2d/3d`` becomes :class:`~batchnorm.BatchNorm1d`/``2d``/``3d``, which are instances of torch's
+    classes too (docs/ecosystem.md).
 
     Carried over: ``num_features, eps, momentum, affine, track_running_stats, axis, bias`` (as far as ``to``
     accepts them; ``kwargs`` override them, e.g. ``process_group=`` or a variant's own settings),
@@ -207,8 +331,10 @@ def convert(model: nn.Module, to: type = BatchNorm, *, fuse_activations: bool = 
 
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
         >>> ours = convert(model, to=BatchNorm)
-        >>> type(ours[1]).__name__, type(model[1]).__name__       # the original is untouched
-        ('BatchNorm', 'BatchNorm2d')
+        >>> type(ours[1]).__module__, type(model[1]).__module__   # the original is untouched
+        ('batchnorm.layers.base', 'torch.nn.modules.batchnorm')
+        >>> isinstance(ours[1], torch.nn.BatchNorm2d)              # our BatchNorm2d is torch's class too
+        True
         >>> back = convert(ours, to=torch.nn.BatchNorm2d)
         >>> x = torch.randn(2, 3, 8, 8)
         >>> torch.allclose(back(x), model(x), atol=1e-6)
@@ -233,7 +359,7 @@ def convert(model: nn.Module, to: type = BatchNorm, *, fuse_activations: bool = 
             f"convert: fuse_activations=True needs a target layer with a fused activation (activation=), but "
             f"{to.__name__} has none. Use to=batchnorm.BatchNorm (or one of its variants), or fuse_activations=False."
         )
-    out = _convert(model, to, kwargs, is_bn_like)
+    out = _convert(model, to, kwargs, bn_kind)
     records: list = []
     if fuse_activations:
         from .fuse import fuse_activations as _fuse
@@ -268,7 +394,7 @@ def freeze(model: nn.Module) -> nn.Module:
 
     Reference: torchvision/detectron2 ``FrozenBatchNorm2d``; timm ``freeze_batch_norm_2d``.
     """
-    return _convert(model, FrozenBatchNorm, {}, is_bn_like)
+    return _convert(model, FrozenBatchNorm, {}, bn_kind)
 
 
 def unfreeze(model: nn.Module, to: type = BatchNorm, **kwargs) -> nn.Module:
@@ -289,4 +415,12 @@ def unfreeze(model: nn.Module, to: type = BatchNorm, **kwargs) -> nn.Module:
 
     Reference: timm ``unfreeze_batch_norm_2d``.
     """
-    return _convert(model, to, kwargs, lambda m: isinstance(m, FrozenBatchNorm))
+    return _convert(model, to, kwargs, _frozen_kind)
+
+
+def _frozen_kind(m: nn.Module) -> bool:
+    """A frozen layer of any library, with or without act/drop modules (refused when it does something unknown)."""
+    base = m._base if isinstance(m, _ModulesAfter) else type(m)
+    if issubclass(base, FrozenBatchNorm) or _foreign_frozen(m):
+        return True
+    return False

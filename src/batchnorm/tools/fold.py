@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import activations as _activations
 from ..layers.frozen import FrozenBatchNorm
-from .convert import is_bn_like
+from .convert import bn_kind, is_bn_like
 
 __all__ = ["fold", "FoldRecord"]
 
@@ -246,7 +246,7 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         ours = type(m).__module__.startswith("batchnorm.layers.")
-        return is_bn_like(m) or ours or super().is_leaf_module(m, qualname)
+        return bn_kind(m) is not None or ours or super().is_leaf_module(m, qualname)
 
 
 def _shared_tensors(root: nn.Module) -> set[int]:
@@ -627,6 +627,13 @@ def fold(model: nn.Module, report: bool = False, *, example_input=None):
         root = copy.deepcopy(model)
         msg = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         result = _fold_sequential(root, records, msg, ranks)
+    for qual, m in model.named_modules():  # batch norms that do more than batch norm: left as they are
+        kind = bn_kind(m)
+        if kind in ("act", "unknown") and not any(r.bn == qual for r in records):
+            why = ("it applies its own drop/act modules after normalizing (convert it first with batchnorm.convert, "
+                   "which fuses a table activation so that fold can fold it)") if kind == "act" else (
+                  "it is a batch norm with its own forward or child modules, which fold cannot express")
+            records.append(FoldRecord(qual or "<root>", "skipped", None, f"{type(m).__name__}: {why}"))
     skipped = [r for r in records if r.action == "skipped"]
     if skipped:
         lines = "; ".join(f"'{r.bn}': {r.reason}" for r in skipped)

@@ -14,6 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as bnf
 from ..layers.base import BatchNorm
+from .convert import bn_kind
 
 __all__ = ["recalibrate", "RecalibrationReport"]
 
@@ -196,12 +197,19 @@ def recalibrate(
     report = RecalibrationReport()
     layers: dict[str, nn.Module] = {}
     for name, m in model.named_modules():
-        if _recalibratable(m):
+        kind = bn_kind(m)
+        if kind == "unknown":  # its own forward may normalize something other than its input: cannot be measured
+            report.skipped[name] = (f"{type(m).__name__}: a batch norm with its own forward or child modules; "
+                                    "what it normalizes is not known, so its statistics were left unchanged")
+        elif _recalibratable(m):
             layers[name] = m
         elif isinstance(m, (_BatchNorm, BatchNorm)):
             report.skipped[name] = "no running statistics to recalibrate (built with track_running_stats=False)"
-        elif type(m).__name__ == "FrozenBatchNorm":
-            report.skipped[name] = "FrozenBatchNorm: its statistics are fixed on purpose (unfreeze it first)"
+        elif "FrozenBatchNorm" in type(m).__name__:
+            report.skipped[name] = f"{type(m).__name__}: its statistics are fixed on purpose (unfreeze it first)"
+    if any("own forward" in v for v in report.skipped.values()):
+        warnings.warn("recalibrate: left unchanged: " + "; ".join(
+            f"'{k}': {v}" for k, v in report.skipped.items() if "own forward" in v), stacklevel=2)
     if not layers:
         warnings.warn("recalibrate: the model has no BN layer with running statistics; nothing to do.", stacklevel=2)
         return report
