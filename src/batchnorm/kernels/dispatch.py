@@ -23,11 +23,11 @@ Rule of ``"auto"`` (the default), per call:
    and sync combines, ``memory="save"``, other feature axes) go to numba, or to composite where numba
    cannot take the tensor (half precision, odd strides);
 3. **no cold start**: until the numba kernels are compiled (or loaded from numba's disk cache) the
-   numba backend is not a candidate; the first call starts the warm-up (:data:`WARMUP_MODES`: by
-   default a child process compiles the kernels into numba's disk cache, then a background thread
-   of this process loads them; :func:`warm_up_status`, :func:`wait_ready`). Meanwhile plain calls run
-   native and the others composite; numba takes over once ready. A process forked while the
-   warm-up runs stays on native/composite (its copy of the warm-up never finishes);
+   numba backend is not a candidate; the first call starts the warm-up (:mod:`batchnorm.kernels.warmup`:
+   by default one low-priority child process per cache directory compiles the kernels into numba's
+   disk cache, then a background thread of this process loads them; :func:`warm_up_status`,
+   :func:`wait_ready`). Meanwhile plain calls run native and the others composite; numba takes over
+   once ready;
 4. a process forked where numba's parallel kernels are unsafe (:func:`batchnorm.kernels.safety.numba_usable`)
    never selects numba; under ``torch.compile`` native is not a candidate for training calls
    (its non-finite guard reads values), so compiled graphs see the numba custom ops or torch ops.
@@ -42,10 +42,11 @@ The cost table (:data:`CROSSOVER_BYTES`) has one row per ``(mode, layout)``: ``m
 (training step: forward + backward) or ``"eval"`` (forward without autograd); ``layout`` is
 ``"inner"`` when the feature axis is innermost in memory (``(N, C)``, channels-last, ``axis=-1``:
 ``x.stride(axis) == 1``) and ``"outer"`` otherwise (NCHW). The value is the size of ``x`` in bytes at
-which numba becomes cheaper than native on this machine. It was measured with
-``batchnorm bench --calibrate`` (helper B's command: times native vs numba training steps and eval
-forwards over a geometric ladder of sizes for both layouts, and prints a replacement for this dict);
-re-run it on another machine and paste the printed dict here.
+which numba becomes cheaper than native. The values below are the fallback, measured on the development
+machine; in the default warm-up mode the crossovers are measured on the machine that runs them, at its
+thread counts, once, in a low-priority background process, stored beside numba's cache and adopted in
+place (:mod:`batchnorm.kernels.calibrate`; :func:`batchnorm.kernels.warmup.table_version` then changes,
+and with it :func:`decision_state`). ``batchnorm bench --calibrate`` re-measures them on demand.
 
 Shape: not applicable (decides per tensor).
 
@@ -79,10 +80,12 @@ from .triton import available as _triton_available
 BACKENDS = ("auto", "numba", "composite", "native", "torch", "triton")
 _ALIASES = {"torch": "composite"}
 
-#: Measured with ``batchnorm bench --calibrate`` on the 2-core development VM, 2026-12-02 (torch 2.13.0+cpu,
+#: The fallback table (until crossovers measured on this machine are adopted: kernels/calibrate.py). It holds the
+#: table in use: kernels/warmup.py updates it in place. Measured with ``batchnorm bench --calibrate`` on the 2-core
+#: development VM, 2026-12-02 (torch 2.13.0+cpu,
 #: 2 threads, OMP_WAIT_POLICY=PASSIVE; benchmarks/calibration-2026-12-02.json): forced native vs forced numba,
 #: training steps and eval forwards on a 4 KB-64 MB ladder, medians smoothed over neighbouring sizes. The machine
-#: was busy (load 7-13), so treat each value as within a factor of 2; re-run the command and paste its output here.
+#: was busy (load 7-13), so treat each value as within a factor of 2.
 #: (Eval, outer: ATen's eval is one fused pass, and numba's eval forward only won from 32 MB up in that run.)
 #: Train, outer moved from 512 KB to 768 KB after a side-by-side check on 2026-12-02 05:18 (load ~1, 2 threads,
 #: 15 alternating rounds): (32, 64, 8, 8) = 512 KB native 1.00x torch, numba 1.28x; (64, 64, 8, 8) = 1 MB native
@@ -93,6 +96,7 @@ CROSSOVER_BYTES: dict[tuple[str, str], int] = {
     ("eval", "inner"): 2 << 20,
     ("eval", "outer"): 32 << 20,
 }
+FALLBACK_CROSSOVER_BYTES = dict(CROSSOVER_BYTES)  # the built-in values, unchanged when measured ones are adopted
 
 _HAS_NUMBA = _warmup.HAS_NUMBA
 WARMUP_MODES = _warmup.WARMUP_MODES
