@@ -37,7 +37,7 @@ import torch
 
 from .core import Context, Section
 
-#: (command-line name, module) in the order of issue #7
+#: (command-line name, module) in the order of issue #7 (§9, test-data-shift, from issue #20)
 EXPERIMENTS: list[tuple[str, str]] = [
     ("input-bn-vs-standardization", "batchnorm.lab.input_standardization"),
     ("why-normalize-before-affine", "batchnorm.lab.normalize_before_affine"),
@@ -47,6 +47,7 @@ EXPERIMENTS: list[tuple[str, str]] = [
     ("batch-size", "batchnorm.lab.batch_size"),
     ("test-time-statistics", "batchnorm.lab.test_time"),
     ("overhead", "batchnorm.lab.overhead"),
+    ("test-data-shift", "batchnorm.lab.shift"),
 ]
 
 #: intra-op threads for every experiment: the lab's models are tiny, so one thread is fastest and
@@ -210,7 +211,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 #: the timing experiment runs alone (before any worker process starts) so the others cannot disturb it
 ALONE = ("overhead",)
 #: longest first, so two workers finish at about the same time
-COST_ORDER = ("internal-covariate-shift", "batch-size", "why-normalize-before-affine", "test-time-statistics",
+COST_ORDER = ("internal-covariate-shift", "batch-size", "why-normalize-before-affine", "test-data-shift",
+              "test-time-statistics",
               "input-bn-vs-standardization", "is-it-gaussian", "hidden-layer-statistics")
 
 

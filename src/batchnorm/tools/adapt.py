@@ -140,11 +140,11 @@ def _layer_call(module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Ten
 
 def _mixed(source: tuple[torch.Tensor, torch.Tensor], mean_t: torch.Tensor, var_t: torch.Tensor,
            w: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(1 − w)·(μ_s, σ²_s) + w·(μ_t, σ²_t)`` in float64, cast to the source buffers' dtype and device."""
+    """``(1 − w)·(μ_s, σ²_s) + w·(μ_t, σ²_t)`` (``torch.lerp``), in the source buffers' dtype and device."""
     rm, rv = source
-    mean = (1 - w) * rm.double() + w * mean_t.to(rm.device, torch.float64)
-    var = (1 - w) * rv.double() + w * var_t.to(rv.device, torch.float64)
-    return mean.to(rm.dtype), var.to(rv.dtype)
+    if w == 1.0:
+        return mean_t.to(rm.device, rm.dtype), var_t.to(rv.device, rv.dtype)
+    return (torch.lerp(rm, mean_t.to(rm.device, rm.dtype), w), torch.lerp(rv, var_t.to(rv.device, rv.dtype), w))
 
 
 class _Swap:
