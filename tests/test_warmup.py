@@ -149,7 +149,7 @@ def test_four_processes_share_one_compile_and_leave_no_process(smoke_cache):
 def test_a_complete_cache_loads_without_a_process_and_adopts_measured_crossovers(smoke_cache, tmp_path):
     root = str(tmp_path / "cache")
     shutil.copytree(smoke_cache["root"], root)
-    (out, _), = [_finish(_start(_env(root, BATCHNORM_CALIBRATE="1"), "300", "300"))]
+    (out, _), = [_finish(_start(_env(root, BATCHNORM_CALIBRATE="1", BATCHNORM_WARMUP_PRIORITY="normal"), "300", "300"))]
     d = out["detail"]
     assert out["ready"] and "compile" not in d and d["reason"].startswith("loaded from the cache")
     assert out["calibrated"] and d["calibrate"]["result"] == "measured"
@@ -175,7 +175,7 @@ def test_truncated_cache_files_are_removed_recompiled_and_warned_about_once(smok
         path = os.path.join(cache, name)
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
-    out, err = _finish(_start(_env(root), "500"))
+    out, err = _finish(_start(_env(root, BATCHNORM_WARMUP_PRIORITY="normal"), "500"))  # the priority: test above
     d = out["detail"]
     assert out["ready"] and d["state"] == "ready" and out["ghost"] == "numba"
     assert sorted(d["healed"]) == sorted([nbi, nbc]) and d["compile"]["result"].startswith("compiled")
