@@ -377,14 +377,14 @@ def test_offset_1e6_statistics_stay_accurate(monkeypatch, tiles, request):
     if tiles == "tiny":
         request.getfixturevalue("tiny_tiles")
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(128, 2, 32, generator=g, dtype=F64) + 1e6).float()
+    x = (torch.randn(128 if tiles == "default" else 32, 2, 32, generator=g, dtype=F64) + 1e6).float()
     var_t, mean_t = torch.var_mean(x.double(), dim=(0, 2), correction=0)
     monkeypatch.setenv("BATCHNORM_BACKEND", "triton")
     assert dispatch.select(x) is TRITON
     mean, var, count = bn.batch_stats(x)
     assert ((var.double() - var_t).abs() / var_t).max() < 1e-5
     assert ((mean.double() - mean_t).abs() / mean_t).max() < 1e-7
-    assert torch.equal(count, torch.full((2,), 128.0 * 32))
+    assert torch.equal(count, torch.full((2,), float(x.shape[0] * 32)))
 
 
 def test_layer_output_under_an_offset_of_1e6():
