@@ -1,6 +1,6 @@
 """Train a small 1-D CNN on MNIST-1D with DistributedDataParallel and synchronized batch norm.
 
-    torchrun --nproc_per_node=2 examples/ddp_train.py [--epochs 5] [--batch-size 64]
+    torchrun --nproc_per_node=2 examples/ddp_train.py [--epochs 5] [--batch-size 64] [--samples 5000]
 
 Each process takes its own shard of the training set (``DistributedSampler``), the model's
 BatchNorm layers become :class:`batchnorm.SyncBatchNorm` (``batchnorm.convert``), and DDP averages
@@ -39,6 +39,17 @@ def make_model() -> nn.Module:
         nn.Conv1d(32, 32, 3, padding=1), nn.BatchNorm1d(32), nn.ReLU(), nn.AdaptiveAvgPool1d(1),
         nn.Flatten(), nn.Linear(32, 10),
     )
+
+
+def small_mnist1d(n: int):
+    """MNIST-1D with ``n`` samples (generation takes seconds per 1000), as ``batchnorm.lab.data.mnist1d``."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = n
+    d = make_dataset(args)  # procedural, never downloads
+    f = lambda a: torch.as_tensor(a, dtype=torch.float32).unsqueeze(1)  # noqa: E731
+    return f(d["x"]), torch.as_tensor(d["y"]).long(), f(d["x_test"]), torch.as_tensor(d["y_test"]).long()
 
 
 def say(rank: int, msg: str) -> None:
@@ -101,6 +112,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="per process")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--backend", default="gloo")
+    ap.add_argument("--samples", type=int, default=5000, help="MNIST-1D samples to generate (80 %% train)")
     args = ap.parse_args()
 
     dist.init_process_group(args.backend)
@@ -118,7 +130,7 @@ def main() -> None:
     seen: dict[str, torch.Tensor] = {}
     first_bn.register_forward_pre_hook(lambda mod, inp: seen.__setitem__("x", inp[0].detach()))
 
-    x, y, xt, yt = mnist1d()
+    x, y, xt, yt = mnist1d() if args.samples == 5000 else small_mnist1d(args.samples)
     train = TensorDataset(x, y)
     sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=0)
     loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler)
