@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from batchnorm.lab import core, models, run, train
-from batchnorm.lab.report import render, write_report
+from batchnorm.lab.report import SEED_QUESTIONS, VERDICTS, glance_answer, render, split_verdict, write_report
 
 NAMES = [name for name, _ in run.EXPERIMENTS]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -115,6 +115,23 @@ def test_quick_report_opens_with_the_findings_and_a_smoke_test_banner(quick):
 
 
 @pytest.mark.slow
+def test_every_finding_opens_with_a_verdict_then_one_sentence(quick):
+    out, _ = quick
+    results = _strict_json(out / "results.json")
+    page = (out / "report.html").read_text(encoding="utf-8")
+    md = (out / "report.md").read_text(encoding="utf-8")
+    glance_html = page[page.index("Findings at a glance"): page.index("<nav>")]
+    for name, sec in results["sections"].items():
+        verdict, rest = split_verdict(sec["finding"])
+        assert verdict in VERDICTS, (name, sec["finding"][:80])
+        assert not re.search(r"[.!?] [A-Z]", rest), (name, rest)  # one sentence: no second one starts inside
+        assert rest.endswith(".") and len(rest) > 30, name
+        # verdict in bold, then the sentence, then the link to the section
+        assert f"<dd><b>{verdict}.</b> {html_escape(rest)} <a href='#{name}'>" in glance_html, name
+        assert f"- **{verdict}.** {rest} [→ {sec['title']}](#{name})" in md, name
+
+
+@pytest.mark.slow
 def test_every_figure_is_embedded_and_written(quick):
     out, _ = quick
     results = _strict_json(out / "results.json")
@@ -157,6 +174,76 @@ def test_same_seed_same_numbers(quick, tmp_path):
     first = _strict_json(out / "results.json")["sections"]["hidden-layer-statistics"]["results"]
     again = _strict_json(tmp_path / "results.json")["sections"]["hidden-layer-statistics"]["results"]
     assert again == first
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the findings at a glance: verdict first (fast)
+
+
+@pytest.mark.parametrize(
+    "verdict, sentence, expected",
+    [("No", "noisy BN ended level with BN (89.0 % vs 89.0 %)", "No. Noisy BN ended level with BN (89.0 % vs 89.0 %)."),
+     ("Yes", "At batch 2 BN's error is 62 %.", "Yes. At batch 2 BN's error is 62 %."),
+     ("Partly", "γx + β alone   trains at 0 of 5 rates", "Partly. γx + β alone trains at 0 of 5 rates."),  # γ stays γ
+     ("Not at this budget", "one seed resolves nothing", "Not at this budget. One seed resolves nothing.")],
+)
+def test_glance_answer_puts_the_verdict_first(verdict, sentence, expected):
+    got = glance_answer(verdict, sentence)
+    assert got == expected
+    assert split_verdict(got) == (verdict, expected[len(verdict) + 2:])
+
+
+@pytest.mark.parametrize(
+    "verdict, sentence, match",
+    [("Maybe", "x", r"glance_answer expected a verdict from \('Yes', 'No', 'Partly', 'Not at this budget'\), got 'Maybe'"),
+     ("no", "x", r"got 'no'\. Put the nuance in the sentence"),
+     ("Yes", "   ", r"expected a sentence with the deciding number after the verdict, got an empty one")],
+)
+def test_glance_answer_rejects_what_a_learner_could_not_read(verdict, sentence, match):
+    with pytest.raises(ValueError, match=match):
+        glance_answer(verdict, sentence)
+
+
+def test_split_verdict_without_a_verdict_returns_the_text():
+    assert split_verdict("It works.") == (None, "It works.")
+    assert split_verdict("Notably faster.") == (None, "Notably faster.")
+
+
+def test_every_listed_experiment_answers_one_yes_no_question():
+    listed = [name for _, _, names in SEED_QUESTIONS for name in names]
+    assert set(listed) <= set(NAMES) and len(set(listed)) == len(listed)
+    assert {n for n in NAMES[:8]} <= set(listed)  # the eight original experiments answer the five seed questions
+    for seed, question, _ in SEED_QUESTIONS:
+        assert re.fullmatch(r"00[0-4]", seed) and question.endswith("?")
+        assert question.split()[0] in {"Is", "Are", "Does", "Do", "Could", "Can"}, question  # answerable by a verdict
+
+
+def test_glance_renders_verdict_sentence_link_in_that_order(tmp_path):
+    sec = core.Section(name="batch-size", title="6. Batch size", question="Q?", setup="s", answer="a",
+                       finding=glance_answer("Partly", "slower to train (1.40 ± 0.05×), not after fold"))
+    done = {"batch-size": render(sec, seconds=1.0, settings={})}
+    write_report(done, tmp_path, ctx=core.Context(seeds=3), order=["batch-size"])
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert ("<dd><b>Partly.</b> Slower to train (1.40 ± 0.05×), not after fold. <a href='#batch-size'>→ 6. Batch "
+            "size</a></dd>") in page
+    assert "- **Partly.** Slower to train (1.40 ± 0.05×), not after fold. [→ 6. Batch size](#batch-size)" in md
+    assert "<dt>Do small batches hurt BN? <span class='meta'>(seeds/003)</span></dt>" in page
+
+
+def test_glance_shows_an_experiment_no_seed_question_lists(tmp_path):
+    sec = core.Section(name="new-one", title="10. New", question="Does the new one run?", setup="s", answer="a",
+                       finding=glance_answer("Yes", "it ran in 1.0 s"))
+    write_report({"new-one": render(sec, seconds=1.0, settings={})}, tmp_path, ctx=core.Context(seeds=3),
+                 order=["new-one"])
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "<dt>Does the new one run?</dt>\n<dd><b>Yes.</b> It ran in 1.0 s. <a href='#new-one'>" in page
 
 
 # ---------------------------------------------------------------------------------------------------

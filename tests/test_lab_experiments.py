@@ -344,3 +344,218 @@ def test_crossing_interpolates(steps, values, target, expected):
 @pytest.mark.parametrize("p, n, expected", [(0.9, 1000, math.sqrt(0.09 / 1000)), (1.0, 10, 0.0), (math.nan, 10, 0.0)])
 def test_binomial_noise(p, n, expected):
     assert stats.binomial_noise(p, n) == pytest.approx(expected)
+
+
+# --- experiment 4 in Santurkar et al.'s regime: normalized landscape measures, VGG, matched loss -------------
+
+class _Quadratic(nn.Module):
+    """L(θ) = ½ θᵀHθ through ``loss_fn(model(x), y)``: the model returns θ, the loss applies H."""
+
+    def __init__(self, theta):
+        super().__init__()
+        self.theta = nn.Parameter(torch.tensor(theta, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.theta
+
+
+@pytest.mark.parametrize("h, theta", [([1.0, 4.0], [1.0, 1.0]), ([2.0, 0.5, 3.0], [0.3, -1.0, 2.0])])
+def test_loss_landscape_normalized_measures_closed_form(h, theta):
+    from batchnorm.diagnostics import loss_landscape
+
+    hd = torch.tensor(h, dtype=torch.float64)
+    loss_fn = lambda out, _y: 0.5 * (hd * out * out).sum()  # noqa: E731
+    t = np.array(theta)
+    g = np.array(h) * t
+    loss0 = 0.5 * np.sum(np.array(h) * t * t)
+    beta = np.linalg.norm(np.array(h) * g) / np.linalg.norm(g)  # ‖Hg‖ / ‖g‖ at every step of a quadratic
+    got = loss_landscape(_Quadratic(theta), loss_fn, (torch.zeros(1), torch.zeros(1)), lr=0.01)
+    assert got["beta_smoothness"] == pytest.approx(beta, rel=1e-9)
+    assert got["normalized_beta"] == pytest.approx(beta * loss0 / (g @ g), rel=1e-9)
+    assert got["relative_loss_range"] == pytest.approx(got["loss_range"] / loss0, rel=1e-12)
+    assert got["relative_gradient_change"] == pytest.approx(4 * 0.01 * np.linalg.norm(np.array(h) * g)
+                                                            / np.linalg.norm(g), rel=1e-9)
+
+
+def test_normalized_beta_is_one_half_on_a_one_dimensional_bowl_and_scale_free():
+    from batchnorm.diagnostics import loss_landscape
+
+    for scale in (1.0, 10.0):
+        loss_fn = lambda out, _y, c=scale: c * 0.5 * 3.0 * (out * out).sum()  # noqa: E731
+        got = loss_landscape(_Quadratic([2.0]), loss_fn, (torch.zeros(1), torch.zeros(1)), lr=0.01)
+        assert got["normalized_beta"] == pytest.approx(0.5, rel=1e-9)
+        assert got["beta_smoothness"] == pytest.approx(3.0 * scale, rel=1e-9)  # the raw β scales with the loss
+
+
+@pytest.mark.parametrize(
+    "a, b, fractions, expected",
+    [([1.0, 0.5, 0.1], [1.0, 0.2, 0.01], (0.0, 1.0), [1.0, 0.1]),       # floor: the worse net's best (0.1)
+     ([4.0, 1.0], [2.0, 0.5, 0.25], (0.5,), [2.0 * (1.0 / 2.0) ** 0.5]),  # start: the lower first value
+     ([1.0, 0.9], [0.5, 0.4], (0.5,), []),                              # a never gets below where b starts
+     ([1.0, 0.5], [1.0, float("nan")], (0.5,), [])],                   # a non-finite curve matches nothing
+)
+def test_matched_levels(a, b, fractions, expected):
+    assert ics.matched_levels(a, b, fractions) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("curve, level, expected", [([3, 2, 1], 2.5, 1), ([3, 2, 1], 2, 1), ([3, 2], 1, None)])
+def test_first_below(curve, level, expected):
+    assert ics.first_below(curve, level) == expected
+
+
+def test_deep_linear_nets_are_probed_at_the_same_training_loss():
+    from batchnorm.lab.core import Context
+
+    ctx = Context(seeds=1, quick=True, progress=False)
+    plain = ics._dln_run(ctx, 2, False, 0.03, 0, 40, measure=True)
+    bn = ics._dln_run(ctx, 2, True, 0.03, 0, 40, measure=True)
+    assert plain["checkpoints"] and all(step % ics.CKPT_EVERY == 0 for step, _, _ in plain["checkpoints"])
+    pair = ics._matched_pair(2, 0, plain, bn)
+    assert len(pair["levels"]) == len(ics.MATCH_FRACTIONS)
+    assert pair["levels"] == sorted(pair["levels"], reverse=True)
+    for side, run_ in (("plain", plain), ("bn", bn)):
+        curve = [c[1] for c in run_["checkpoints"]]
+        # each net is probed where its smoothed loss first reaches each level: never before, never later
+        for level in pair["levels"]:
+            j = ics.first_below(curve, level)
+            assert curve[j] <= level and all(v > level for v in curve[:j])
+        for key in ("ics_l2", "loss_range", "grad_pred", "beta", "rel_loss_range", "rel_grad_pred", "norm_beta"):
+            assert math.isfinite(pair[side][key]), (side, key)
+
+
+@pytest.mark.parametrize("norm, has_bias", [("bn", False), ("none", True)])
+def test_vgg_shapes_and_paired_initialization(norm, has_bias):
+    net = models.VGG(1, 10, norm=norm, init_seed=3)
+    twin = models.VGG(1, 10, norm="none" if norm == "bn" else "bn", init_seed=3)
+    assert net(torch.randn(4, 1, 16, 16)).shape == (4, 10)
+    assert len(net.convs) == 6 and all((c.bias is not None) == has_bias for c in net.convs)
+    for a, b in zip(net.convs + [net.head], twin.convs + [twin.head]):
+        torch.testing.assert_close(a.weight, b.weight)  # same seed, same weights, whatever the norm
+    fan_in = net.convs[1].weight[0].numel()
+    assert net.convs[1].weight.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.15)  # He-normal
+    assert sum(isinstance(m, ics.BatchNorm) for m in net.modules()) == (6 if norm == "bn" else 0)
+
+
+def test_vgg_rejects_empty_stages_and_unknown_variants():
+    with pytest.raises(ValueError, match=r"VGG expected a non-empty list of non-empty stages"):
+        models.VGG(1, 10, stages=((8,), ()))
+    with pytest.raises(ValueError, match=r"vgg expected variant 'BN' or 'no BN', got 'GN'"):
+        ics.vgg("GN", 0)
+
+
+def test_vgg_run_probes_at_multiples_of_its_own_rate(monkeypatch):
+    from batchnorm.lab.core import Context
+
+    calls = []
+    real = ics.loss_landscape
+
+    def spy(net, loss_fn, batch, *, lr, steps):
+        calls.append((lr, tuple(steps), len(batch[0])))
+        return real(net, loss_fn, batch, lr=lr, steps=steps)
+
+    monkeypatch.setattr(ics, "loss_landscape", spy)
+    x, y, xt, yt = ics.vgg_digits()
+    assert x.shape[1:] == (1, ics.VGG_SIDE, ics.VGG_SIDE) and abs(float(x.mean())) < 1e-4
+    small = (x[:256], y[:256], xt[:64], yt[:64])
+    out = ics._vgg_run(Context(seeds=1, quick=True, progress=False), "BN", 0.3, 0, 6, 3, small)
+    assert calls == [(0.3, ics.PROBE_STEPS, ics.VGG_BATCH)] * 2
+    assert out["record"]["probe_steps"] == [3, 6]
+    for key in ("loss", "grad_norm", "loss_range", "grad_pred", "beta", "rel_loss_range", "rel_grad_pred", "norm_beta"):
+        assert math.isfinite(out[key]), key
+    # the landscape measures are summarized over probes by their geometric mean
+    assert out["rel_loss_range"] == pytest.approx(ics.geomean([a / b for a, b in zip(out["record"]["loss_range"],
+                                                                                     out["record"]["loss"])]))
+
+
+@pytest.mark.parametrize(
+    "signs, rule",
+    [((-1, -1, 0), "smoother"), ((-1, -1, 1), "neither"), ((1, 1, 0), "rougher"), ((-1, 0, 0), "neither"),
+     ((0, 0, 0), "neither")],
+)
+def test_landscape_rule(signs, rule):
+    class C:
+        def __init__(self, sign):
+            self.sign = sign
+
+    assert ics.landscape_rule({i: C(s) for i, s in enumerate(signs)}) == rule
+
+
+def _vsweep(bn_factor, noise=0.0):
+    """A synthetic part-2 sweep: every BN measure = bn_factor × the no-BN one (per seed, BN with optional noise)."""
+    base = [1.0, 1.2, 0.8]
+    runs = {}
+    for variant, lr in (("no BN", ics.VGG_LR["no BN"]), ("BN", ics.VGG_LR["BN"]), ("BN", ics.VGG_COMMON_LR)):
+        f = 1.0 if variant == "no BN" else bn_factor
+        runs[f"{variant}@{lr:g}"] = [
+            {"variant": variant, "lr": lr, "trains": True,
+             **{k: b * f * (1 + (noise if variant == "BN" else 0.0) * (-1) ** i) for k in ("loss", "grad_norm", "loss_range", "grad_pred", "beta",
+                                                               "rel_loss_range", "rel_grad_pred", "norm_beta")}}
+            for i, b in enumerate(base)]
+    return {"runs": runs}
+
+
+@pytest.mark.parametrize(
+    "bn_factor, noise, rule",
+    [(0.5, 0.0, "smoother"),    # BN consistently half: resolved lower on every measure
+     (2.0, 0.0, "rougher"),
+     (0.9, 0.5, "neither"),     # a 10 % effect inside ±50 % seed noise of BN: the noise rule resolves nothing
+     (1.0, 0.0, "neither")],
+)
+def test_regime_comparisons_follow_the_paired_noise_rule(bn_factor, noise, rule):
+    got = ics.regime_comparisons(_vsweep(bn_factor, noise))
+    assert set(got) == {"own", "common"}
+    assert (got["own"]["lr_bn"], got["own"]["lr_plain"]) == (ics.VGG_LR["BN"], ics.VGG_LR["no BN"])
+    assert got["common"]["lr_bn"] == got["common"]["lr_plain"] == ics.VGG_COMMON_LR
+    for regime in got.values():
+        assert regime["raw_rule"] == regime["norm_rule"] == rule
+        c = regime["raw"]["beta"]  # compared on a log scale: exp(diff) is the BN / no-BN ratio
+        assert c.paired and c.n == 3
+        if noise == 0:
+            assert math.exp(c.diff) == pytest.approx(bn_factor) and c.half == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "a, b, ratio, sign",
+    [([1.0, 2.0, 4.0], [2.0, 4.0, 8.0], 0.5, -1),                  # exactly half in every seed: resolved lower
+     ([1.0, 110.0, 0.9], [2.0, 200.0, 2.0], (0.5 * 0.55 * 0.45) ** (1 / 3), -1),  # a large seed weighs no more
+     ([1.0, 3.0, 0.5], [2.0, 1.0, 1.0], (0.5 * 3 * 0.5) ** (1 / 3), 0),
+     ([1.0, 0.0, 2.0], [2.0, 1.0, 4.0], 0.5, 0)],                 # a zero drops its seed; two left, equal ratios
+)
+def test_log_compare_is_the_paired_rule_on_ratios(a, b, ratio, sign):
+    c = ics.log_compare(a, b)
+    assert math.exp(c.diff) == pytest.approx(ratio)
+    assert c.sign == sign or (sign == 0 and not c.resolved) or (a[1] == 0.0 and c.n == 2)
+    assert c.paired and c.names == ("BN", "no BN")
+    text = ics.ratio_text(c)
+    assert f"ratio {ratio:.2g}×" in text and ("n = " in text)
+
+
+def test_geomean():
+    assert ics.geomean([1.0, 4.0]) == pytest.approx(2.0)
+    assert ics.geomean([2.0, float("nan"), 0.0, 8.0]) == pytest.approx(4.0)
+    assert math.isnan(ics.geomean([]))
+
+
+def test_smooths_at_adds_the_normalized_rule_when_measured():
+    runs = {}
+    for key, level in (("4-bn", 1.0), ("4-plain", 2.0)):
+        runs[key] = {k: [level, level * 1.05, level * 0.95]
+                     for k in ("ics_l2", "loss_range", "grad_pred", "beta", "rel_loss_range", "rel_grad_pred", "norm_beta")}
+    got = ics.smooths_at({"depths": [4], "runs": runs})[4]
+    assert got["smoother"] and got["norm_rule"] == "smoother"
+    assert set(got["norm_cmp"]) == {k for k, _ in ics.NORM_MEASURES}
+
+
+@pytest.mark.parametrize(
+    "noisy_bn, bn, own, common, verdict",
+    [([88.0, 89.0, 90.0], [88.2, 88.8, 90.1], "smoother", "smoother", "Yes"),
+     ([88.0, 89.0, 90.0], [88.2, 88.8, 90.1], "smoother", "neither", "Partly"),
+     ([88.0, 89.0, 90.0], [88.2, 88.8, 90.1], "neither", "neither", "Partly"),
+     ([80.0, 81.0, 80.5], [88.0, 89.0, 88.5], "smoother", "smoother", "No"),     # noisy BN resolved worse
+     ([88.0], [89.0], "smoother", "smoother", "Not at this budget")],             # one seed resolves nothing
+)
+def test_section_4_glance_verdict(noisy_bn, bn, own, common, verdict):
+    from batchnorm.lab.stats import compare
+
+    noisy = compare(noisy_bn, bn, paired=True, names=("noisy BN", "BN"))
+    assert ics.glance_verdict(noisy, own, common) == verdict

@@ -56,6 +56,16 @@ def loss_landscape(
         gradient_predictiveness = max_s grad_change_s                 (small = predictive gradient)
         beta_smoothness         = max_s grad_change_s / distance_s    ("effective" β-smoothness)
 
+    and the same three divided by the scale the current point sets, so that a network probed at a
+    higher loss (with a larger gradient) is not called rougher for that alone::
+
+        relative_loss_range       = loss_range / |L(θ)|
+        relative_gradient_change  = gradient_predictiveness / ‖g‖
+        normalized_beta           = beta_smoothness · |L(θ)| / ‖g‖²
+
+    ``normalized_beta`` is dimensionless and unchanged when the loss is multiplied by a constant or the
+    parameters are rescaled; along a one-dimensional quadratic bowl ``L = ½ h x²`` (minimum 0) it is ½.
+
     For a quadratic ``L(θ) = ½ θᵀHθ − bᵀθ`` the ratio is ``‖Hg‖ / ‖g‖`` at every step: at most the
     largest eigenvalue of ``H``, and equal to it when ``g`` is a top eigenvector.
 
@@ -63,7 +73,8 @@ def loss_landscape(
     forward its buffers are restored and the global RNG is replayed, so every point sees the same
     running statistics and dropout masks. Afterwards the model is exactly as found (parameters,
     buffers, ``.grad``, training flags, plain attributes) and the global RNG is unchanged.
-    ``beta_smoothness`` is NaN when ``g = 0`` (no direction to move in).
+    ``beta_smoothness``, ``relative_gradient_change`` and ``normalized_beta`` are NaN when ``g = 0`` (no
+    direction to move in); ``relative_loss_range`` is NaN when ``L(θ) = 0``.
 
     Args:
         model, loss_fn, batch: ``loss_fn(model(x), y)`` is the scalar loss; ``batch = (x, y)``.
@@ -72,7 +83,8 @@ def loss_landscape(
 
     Returns:
         ``{"loss": L(θ), "grad_norm": ‖g‖, "steps": [η_s], "losses": [...], "grad_changes": [...],
-        "distances": [...], "loss_range", "gradient_predictiveness", "beta_smoothness"}`` (floats).
+        "distances": [...], "loss_range", "gradient_predictiveness", "beta_smoothness",
+        "relative_loss_range", "relative_gradient_change", "normalized_beta"}`` (floats).
 
     Shape: whatever ``model`` and ``loss_fn`` accept.
 
@@ -127,6 +139,9 @@ def loss_landscape(
             distances.append(eta * gnorm)
     all_losses = [loss0, *losses]
     ratios = [c / d if d > 0 else float("nan") for c, d in zip(changes, distances)]
+    loss_range = max(all_losses) - min(all_losses)
+    beta = max(ratios) if gnorm > 0 else float("nan")
+    nan = float("nan")
     return {
         "loss": loss0,
         "grad_norm": gnorm,
@@ -134,7 +149,10 @@ def loss_landscape(
         "losses": losses,
         "grad_changes": changes,
         "distances": distances,
-        "loss_range": max(all_losses) - min(all_losses),
+        "loss_range": loss_range,
         "gradient_predictiveness": max(changes),
-        "beta_smoothness": max(ratios) if gnorm > 0 else float("nan"),
+        "beta_smoothness": beta,
+        "relative_loss_range": loss_range / abs(loss0) if loss0 != 0 else nan,
+        "relative_gradient_change": max(changes) / gnorm if gnorm > 0 else nan,
+        "normalized_beta": beta * abs(loss0) / gnorm**2 if gnorm > 0 else nan,
     }

@@ -156,12 +156,16 @@ def run(ctx: Context) -> Section:
         "eval mode, larger batches or GroupNorm/LayerNorm — while eval-mode BN, GroupNorm and LayerNorm run on one "
         "sample, and BN on a (1, C, L) tensor still has L values per channel."
     )
-    finding = (
-        f"At batch {small} BN's test error is {pm(err['BatchNorm'][small], '.1f', '%')} against GroupNorm's "
+    from .report import glance_answer
+
+    # the deciding comparison: BN against GroupNorm (no batch dependence) at the smallest batch size
+    finding = glance_answer(
+        {1: "Yes", -1: "No"}.get(gn_cmp[small].sign, "Not at this budget"),
+        f"at batch {small} BN's test error is {pm(err['BatchNorm'][small], '.1f', '%')} against GroupNorm's "
         f"{pm(err['GroupNorm (8 groups)'][small], '.1f', '%')} ({gn_cmp[small].verdict('worse', 'better')}), at batch "
         f"{large} {pm(err['BatchNorm'][large], '.1f', '%')} vs {pm(err['GroupNorm (8 groups)'][large], '.1f', '%')} "
         f"({gn_cmp[large].verdict('worse', 'better')}), with equal steps at every batch size; batch size 1 raises an "
-        "error in training."
+        "error in training",
     )
     return Section(
         name=NAME, title=TITLE, question=QUESTION,

@@ -190,11 +190,16 @@ def run(ctx: Context) -> Section:
     last = checkpoints[-1]
     post_g = [float(np.nanmean([d["gauss_frac"] for d in summ[last][i][KINDS[1]]])) for i in range(depth)]
     relu_sk = [float(np.nanmean([d["abs_skew"] for d in summ[last][i][KINDS[2]]])) for i in range(depth)]
-    finding = (
-        f"No: BN sets each feature's mean and variance and leaves its shape (skewness and kurtosis change by at most "
-        f"{shape_change:.0e} on synthetic features). In a trained MLP only {min(post_g):.0%}–{max(post_g):.0%} of the BN "
-        f"outputs pass a normality test (p > {ALPHA}, {PROBE} samples), and the ReLU output the next layer receives "
-        f"has median |skewness| {min(relu_sk):.1f}–{max(relu_sk):.1f}."
+    from .report import glance_answer
+
+    # Yes only if (nearly) every BN output passes the normality test, No if most fail, Partly in between
+    verdict = "Yes" if min(post_g) >= 0.95 else "No" if max(post_g) < 0.5 else "Partly"
+    finding = glance_answer(
+        verdict,
+        f"in a trained MLP only {min(post_g):.0%}–{max(post_g):.0%} of the BN outputs pass a normality test (p > "
+        f"{ALPHA}, {PROBE} samples), because BN sets each feature's mean and variance and leaves its shape (skewness "
+        f"and kurtosis change by at most {shape_change:.0e} on synthetic features), and the ReLU output the next layer "
+        f"receives has median |skewness| {min(relu_sk):.1f}–{max(relu_sk):.1f}",
     )
     return Section(NAME, TITLE, QUESTION, setup, _answer(results, summ, checkpoints, depth, shape_change), finding=finding,
                    tables=tables, figures=figs, results=results)

@@ -203,12 +203,16 @@ def run(ctx: Context) -> Section:
     ex: dict = {}
     for (label, _name), r in rows_by_layer.items():
         ex.setdefault(label, r)
-    finding = (
-        "Per feature of the tensor the layer receives, over every other axis: "
-        + ", ".join(f"{label} {_formula(r['shape'], r['axis'], r['masked'])} = {int(np.mean(r['count']))} values"
-                    for label, r in ex.items())
-        + f"; the change of dimensions between layers plays no role (matches the NumPy reference to "
-        f"{results['max_rel_err']:.0e}, counts {'all equal' if results['counts_match'] else 'NOT all equal'})."
+    from .report import glance_answer
+
+    agrees = bool(results["counts_match"]) and results["max_rel_err"] < 1e-5
+    finding = glance_answer(
+        "Yes" if agrees else "No",
+        ", ".join(f"{label} {_formula(r['shape'], r['axis'], r['masked'])} = {int(np.mean(r['count']))} values"
+                  for label, r in ex.items())
+        + f" per statistic, matching the NumPy reference to {results['max_rel_err']:.0e} (value counts "
+        f"{'all equal' if results['counts_match'] else 'NOT all equal'}); the change of dimensions between layers plays "
+        "no role",
     )
     return Section(NAME, TITLE, QUESTION, setup, _answer(rows_by_layer, results), finding=finding, tables=tables, figures=figs,
                    results=results)

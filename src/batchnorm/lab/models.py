@@ -16,6 +16,7 @@ Example::
     >>> mlp = MLP(40, [64, 64], 10, norm="bn")
     >>> cnn = CNN1d(1, 10, width=16, depth=3, norm="groupnorm")
     >>> seq = SeqNet(1, 10, hidden=32, norm="bn")      # (N, L, C) input, BN with axis=-1
+    >>> vgg = VGG(1, 10, norm="bn", init_seed=0)         # 6 conv layers, (N, 1, H, W) input
     >>> make_norm("ghost", 32, virtual_batch_size=8)
 """
 
@@ -213,6 +214,74 @@ class CNN1d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(x).mean(dim=-1))
+
+
+class VGG(nn.Module):
+    """VGG-style 2-D ReLU conv net: stages of ``[Conv2d 3×3 → norm → act] × k`` with a 2×2 max-pool between
+    stages, then a global mean pool and a Linear head (Simonyan & Zisserman 2015, at CPU scale).
+
+    Args:
+        in_channels: input channels (1 for MNIST digits).
+        out_features: number of classes.
+        stages: channels of every conv layer, one tuple per stage (default 6 conv layers: 8, 8 | 16, 16 | 16, 16).
+        norm, act, norm_options: as :class:`MLP` (convs keep a bias only when the norm has no shift).
+        init_seed: if given, every weight is drawn from a ``torch.Generator`` seeded with it: conv weights
+            He-normal (std √(2/fan_in), for ReLU), head weights N(0, 1/fan_in), all biases zero. Two nets
+            with the same ``init_seed`` then start from identical conv and head weights whatever their
+            norm, so a with-BN / without-BN comparison is paired by initialization.
+
+    ``self.convs`` lists the conv layers in forward order.
+
+    Shape: ``(N, in_channels, H, W)`` with H, W divisible by ``2^(len(stages) − 1)`` → ``(N, out_features)``.
+    Example: ``VGG(1, 10, norm="bn", init_seed=0)(torch.randn(8, 1, 16, 16)).shape == (8, 10)``.
+
+    Reference: K. Simonyan and A. Zisserman, "Very Deep Convolutional Networks for Large-Scale Image
+    Recognition", ICLR 2015; the VGG nets of Santurkar et al. (2018) are of this form.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_features: int,
+        *,
+        stages: Sequence[Sequence[int]] = ((8, 8), (16, 16), (16, 16)),
+        norm: str | NormFactory = "bn",
+        act: str = "relu",
+        norm_options: dict[str, Any] | None = None,
+        init_seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not stages or any(not stage for stage in stages):
+            raise ValueError(f"VGG expected a non-empty list of non-empty stages of conv widths, got {stages!r}; "
+                             "e.g. stages=((8, 8), (16, 16)).")
+        opts = dict(norm_options or {})
+        layers: list[nn.Module] = []
+        c = in_channels
+        for i, stage in enumerate(stages):
+            if i:
+                layers.append(nn.MaxPool2d(2))
+            for width in stage:
+                conv = nn.Conv2d(c, int(width), 3, padding=1, bias=_needs_bias(norm))
+                layers += [conv, make_norm(norm, int(width), 1, **opts), _act(act)]
+                c = int(width)
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c, out_features)
+        if init_seed is not None:
+            gen = torch.Generator().manual_seed(int(init_seed))
+            with torch.no_grad():
+                for mod in [*self.convs, self.head]:
+                    fan_in = mod.weight[0].numel()
+                    gain = 2.0 if isinstance(mod, nn.Conv2d) else 1.0
+                    mod.weight.normal_(0.0, (gain / fan_in) ** 0.5, generator=gen)
+                    if mod.bias is not None:
+                        mod.bias.zero_()
+
+    @property
+    def convs(self) -> list[nn.Conv2d]:
+        return [m for m in self.features if isinstance(m, nn.Conv2d)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(-2, -1)))
 
 
 class SeqNet(nn.Module):

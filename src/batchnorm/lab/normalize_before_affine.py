@@ -337,17 +337,33 @@ def run(ctx: Context) -> Section:
 
 
 def _finding(results: dict, labels: dict[str, str], n_lrs: int) -> str:
-    """Usable rates of BN vs AffineOnly (He init), and BN vs AffineOnly (He) at each one's best rate, per architecture."""
-    bits = []
+    """First-page answer to "could γx + β alone do BN's job?" (:func:`batchnorm.lab.report.glance_answer`).
+
+    Verdict: ``Partly`` if γx + β with He init is resolved more accurate than BN on some architecture; else ``No`` if
+    BN trains well at more learning rates on every architecture or is resolved more accurate on one; else
+    ``Not at this budget``.
+    """
+    from .report import glance_answer
+
+    bits, signs, more_rates = [], [], []
     for arch, best in results["best"].items():
         sweep = results["sweep"][arch]
         c = compare(best["bn"]["test_acc"], best["affine-he"]["test_acc"], paired=True,
-                    names=("BatchNorm", labels["affine-he"]))
-        bits.append(f"{arch}: BN trains well at {len(sweep['bn']['good_rates'])} of {n_lrs} rates, γx + β with He init "
-                    f"at {len(sweep['affine-he']['good_rates'])} (default init: {len(sweep['affine']['good_rates'])}); at "
-                    f"each one's best rate test accuracy {pm(best['bn']['test_acc'], '.2f')} vs "
-                    f"{pm(best['affine-he']['test_acc'], '.2f')} ({c.verdict()})")
-    return "; ".join(bits) + "."
+                    names=("BN", "γx + β (He init)"))
+        signs.append(c.sign)
+        n_bn, n_he = len(sweep["bn"]["good_rates"]), len(sweep["affine-he"]["good_rates"])
+        more_rates.append(n_bn > n_he)
+        bits.append(f"{arch}: BN trains well at {n_bn} of {n_lrs} rates, γx + β alone at "
+                    f"{len(sweep['affine']['good_rates'])} ({n_he} with He init), and at each one's best rate reaches "
+                    f"test accuracy {pm(best['bn']['test_acc'], '.2f')} vs {pm(best['affine-he']['test_acc'], '.2f')} "
+                    f"({c.verdict()})")
+    if any(sg < 0 for sg in signs):
+        verdict = "Partly"
+    elif (more_rates and all(more_rates)) or any(sg > 0 for sg in signs):
+        verdict = "No"
+    else:
+        verdict = "Not at this budget"
+    return glance_answer(verdict, "; ".join(bits))
 
 
 def _figures(acc, lrs, stds, dyn, cont, cont_lrs, labels, dyn_lr, steps) -> list[Figure]:

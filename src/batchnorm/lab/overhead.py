@@ -209,12 +209,18 @@ def run(ctx: Context) -> Section:
         f"weights: {slow(c_twin)}. Differences called indistinguishable are inside the "
         "round-to-round spread of this (shared) machine."
     )
-    finding = (
-        f"A training step with BN takes {pm(ratio_t['torch.nn.BatchNorm2d'], '.2f')}× (torch) and "
-        f"{pm(ratio_t['ours (BatchNorm2d)'], '.2f')}× (ours) the no-BN step (ours vs torch: "
+    from .report import glance_answer
+
+    # training (ours vs no BN) and deployment (folded vs no BN) decide: slower in both Yes, in one Partly
+    slower = [c_ours.sign > 0, c_fold.sign > 0]
+    verdict = ("Yes" if all(slower) else "Partly" if any(slower)
+               else "No" if c_ours.sign < 0 and c_fold.sign <= 0 else "Not at this budget")
+    finding = glance_answer(verdict, (
+        f"a training step with BN takes {pm(ratio_t['torch.nn.BatchNorm2d'], '.2f')}× (torch) and "
+        f"{pm(ratio_t['ours (BatchNorm2d)'], '.2f')}× (ours, {slow(c_ours)}) the no-BN step (ours vs torch: "
         f"{slow(c_vs)}); at inference BN costs {pm(ratio_i['ours (BatchNorm2d)'], '.2f')}× and the "
-        f"folded net {pm(ratio_i['ours, folded'], '.2f')}× (against no BN: {slow(c_fold)})."
-    )
+        f"folded net {pm(ratio_i['ours, folded'], '.2f')}× (against no BN: {slow(c_fold)})"
+    ))
     return Section(
         name=NAME, title=TITLE, question=QUESTION,
         setup=(

@@ -11,10 +11,33 @@ so it opens anywhere (and renders in headless Chromium without console errors). 
 references ``fig-<section>-<i>.png`` files written next to it. ``results.json`` holds each
 section's ``results`` dict (plain numbers), its texts and tables, the run settings and the wall times.
 
-The report opens with "findings at a glance": the five seed questions (:data:`SEED_QUESTIONS`),
-each answered by the ``finding`` sentences of the sections that answer it, linked to them.
+The report opens with "findings at a glance": the five seed questions (:data:`SEED_QUESTIONS`), put as
+yes/no questions (seed 003 split into its parts), each answered by the ``finding`` of the section that
+answers it, linked to it.
+
+Format of a finding (what a learner reads first). Every ``Section.finding`` is built with
+:func:`glance_answer` and reads ``"<Verdict>. <one sentence with the deciding number>"``:
+
+* the verdict is one of :data:`VERDICTS` — ``Yes``, ``No``, ``Partly``, ``Not at this budget`` — and answers the
+  question listed for the section in :data:`SEED_QUESTIONS`; it is decided from the run's numbers
+  (comparisons through :func:`batchnorm.lab.stats.compare`; "Not at this budget" when the deciding
+  comparison is not resolved, e.g. in a one-seed ``--quick`` run);
+* one sentence follows (semicolons allowed) that gives the deciding number with its 95 % interval;
+* the report adds the link to the section; the finding itself carries no link and no lead-in.
+
+A new experiment that answers a seed question adds ``(seed id, yes/no question, [its section name])`` to
+:data:`SEED_QUESTIONS` (several entries may share a seed id) and returns
+``Section(..., finding=glance_answer(verdict, sentence))``. :func:`split_verdict` reads a finding back
+(the HTML and Markdown writers set the verdict in bold; tests pin the format with it).
 
 Example::
+
+    >>> glance_answer("No", "noisy BN ended level with BN (89.0 % vs 89.0 %)")
+    'No. Noisy BN ended level with BN (89.0 % vs 89.0 %).'
+    >>> split_verdict("Not at this budget. One seed resolves nothing.")
+    ('Not at this budget', 'One seed resolves nothing.')
+
+Writing a report::
 
     >>> from batchnorm.lab.report import render, write_report
     >>> done = {s.name: render(s, seconds=1.0, settings={}) for s in sections}
@@ -40,22 +63,63 @@ import torch
 
 from .core import Context, Section, Table
 
-#: (seed file, the question in one line, the sections whose findings answer it)
+#: (seed file, the question as a yes/no question, the sections whose findings answer it); seed 003 asks four
+#: things at once (is ICS why BN works; are small batches, test-time estimates, overhead real drawbacks), so it
+#: is listed once per part
 SEED_QUESTIONS: list[tuple[str, str, list[str]]] = [
     ("000", "Is a BatchNorm layer at the input equivalent to standardizing the inputs?",
      ["input-bn-vs-standardization"]),
-    ("001", "Why does BN standardize before γx + β, when γ and β could learn any scale and shift?",
+    ("001", "Could γx + β alone do BN's job, since γ and β can learn any scale and shift?",
      ["why-normalize-before-affine"]),
     ("002", "Does BN make each layer's inputs Gaussian?", ["is-it-gaussian"]),
-    ("003", "Does BN work by removing internal covariate shift, and are its listed drawbacks (small batches, "
-            "test-time estimates, overhead) real?",
-     ["internal-covariate-shift", "batch-size", "test-time-statistics", "overhead"]),
-    ("004", "Over which values are a hidden layer's BN statistics computed?", ["hidden-layer-statistics"]),
+    ("003", "Does BN help by smoothing the loss landscape rather than by removing internal covariate shift "
+            "(Santurkar et al.)?", ["internal-covariate-shift"]),
+    ("003", "Do small batches hurt BN?", ["batch-size"]),
+    ("003", "Are BN's test-time estimates (running averages) worse than the population statistics?",
+     ["test-time-statistics"]),
+    ("003", "Does BN cost noticeable time?", ["overhead"]),
+    ("003", "Does re-estimating BN's statistics on unlabeled data help when the test data shift from the training "
+            "data?",
+     ["test-data-shift"]),
+    ("004", "Are a hidden layer's BN statistics computed per feature, over every other axis of the tensor it "
+            "receives?", ["hidden-layer-statistics"]),
 ]
 
-#: a short lead-in for a finding when one seed question is answered by several sections
-LEAD = {"internal-covariate-shift": "Internal covariate shift", "batch-size": "Small batches",
-        "test-time-statistics": "Test-time estimates", "overhead": "Overhead"}
+#: the verdict words a finding opens with, in the order a reader weighs them
+VERDICTS = ("Yes", "No", "Partly", "Not at this budget")
+
+
+def glance_answer(verdict: str, sentence: str) -> str:
+    """A finding for the report's first page: ``"<verdict>. <sentence>"`` (see the module docstring).
+
+    ``verdict`` must be one of :data:`VERDICTS`; ``sentence`` is one sentence with the deciding number (a
+    lowercase ASCII first letter is capitalized, a final period added if missing, runs of spaces collapsed).
+    Example: ``glance_answer("Yes", "at batch 2 BN's error is 62 %") == "Yes. At batch 2 BN's error is 62 %."``
+    """
+    if verdict not in VERDICTS:
+        raise ValueError(f"glance_answer expected a verdict from {VERDICTS}, got {verdict!r}. Put the nuance in the "
+                         "sentence and choose 'Partly' or 'Not at this budget' if neither Yes nor No holds.")
+    text = " ".join(str(sentence).split())
+    if not text:
+        raise ValueError("glance_answer expected a sentence with the deciding number after the verdict, got an empty "
+                         "one.")
+    if text[-1] not in ".!?":
+        text += "."
+    if text[0].isascii() and text[0].islower():  # "noisy BN ..." → "Noisy BN ..."; "γx + β ..." stays as it is
+        text = text[0].upper() + text[1:]
+    return f"{verdict}. {text}"
+
+
+def split_verdict(finding: str) -> tuple[str | None, str]:
+    """``(verdict, rest)`` of a finding written by :func:`glance_answer`; ``(None, finding)`` if it has no verdict.
+
+    Example: ``split_verdict("Partly. Slower to train, not after fold.") == ("Partly", "Slower to train, not after fold.")``.
+    """
+    for verdict in sorted(VERDICTS, key=len, reverse=True):
+        if finding.startswith(verdict + ". "):
+            return verdict, finding[len(verdict) + 2:]
+    return None, finding
+
 
 _CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; max-width: 1100px; margin: 2em auto;
@@ -190,10 +254,13 @@ def _write(path: Path, data: bytes | str) -> None:
 def glance(done: dict[str, dict[str, Any]], order: Sequence[str]) -> list[tuple[str, str, list[tuple[str, str, str]]]]:
     """``[(seed id, question, [(section name, section title, finding text)])]`` for the sections in ``order``.
 
-    A section that has not finished yet (or failed) contributes a sentence saying so.
+    A section that has not finished yet (or failed) contributes a sentence saying so. A section that no entry of
+    :data:`SEED_QUESTIONS` lists is still shown, after them, under its own question (seed id ``""``).
     """
+    listed = {n for _, _, names in SEED_QUESTIONS for n in names}
+    extra = [(("", done[n]["question"] if n in done else n, [n])) for n in order if n not in listed]
     out = []
-    for seed, question, names in SEED_QUESTIONS:
+    for seed, question, names in SEED_QUESTIONS + extra:
         items = []
         for name in names:
             if name not in order:
@@ -204,8 +271,7 @@ def glance(done: dict[str, dict[str, Any]], order: Sequence[str]) -> list[tuple[
             elif sec["failed"]:
                 items.append((name, sec["title"], "The experiment failed; see its section."))
             else:
-                text = sec["finding"] or "(see the section's answer)"
-                items.append((name, sec["title"], f"{LEAD[name]}: {text}" if len(names) > 1 and name in LEAD else text))
+                items.append((name, sec["title"], sec["finding"] or "(see the section's answer)"))
         if items:
             out.append((seed, question, items))
     return out
@@ -269,12 +335,17 @@ def write_report(
     html_parts.append("<h2 id='glance'>Findings at a glance</h2><dl class='glance'>")
     md_parts += ["## Findings at a glance", ""]
     for seed, question, items in glance(done, order):
-        html_parts.append(f"<dt>{html.escape(question)} <span class='meta'>(seeds/{seed})</span></dt>")
-        md_parts.append(f"**{question}** *(seeds/{seed})*")
+        html_parts.append(f"<dt>{html.escape(question)}"
+                          + (f" <span class='meta'>(seeds/{seed})</span>" if seed else "") + "</dt>")
+        md_parts.append(f"**{question}**" + (f" *(seeds/{seed})*" if seed else ""))
         md_parts.append("")
         for name, title, text in items:
-            html_parts.append(f"<dd>{html.escape(text)} <a href='#{html.escape(name)}'>→ {html.escape(title)}</a></dd>")
-            md_parts.append(f"- {text} [→ {title}](#{name})")
+            verdict, rest = split_verdict(text)
+            lead_html = f"<b>{html.escape(verdict)}.</b> " if verdict else ""
+            lead_md = f"**{verdict}.** " if verdict else ""
+            html_parts.append(f"<dd>{lead_html}{html.escape(rest)} <a href='#{html.escape(name)}'>→ "
+                              f"{html.escape(title)}</a></dd>")
+            md_parts.append(f"- {lead_md}{rest} [→ {title}](#{name})")
         md_parts.append("")
     html_parts.append("</dl>")
 

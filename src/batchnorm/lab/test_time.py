@@ -210,14 +210,20 @@ def run(ctx: Context) -> Section:
         f"while n samples of precise BN are off by roughly 1/√n ({mean_std(res[SCENARIOS[0][0]]['stat_err'][sample_sizes[0]])[0]:.3f} "
         f"at n = {sample_sizes[0]}). Wu & Johnson report precise BN saturating near 10³ samples on ImageNet."
     )
-    finding = (
-        f"After {steps} steps ({left:.0e} of the slow EMA's weight left on its initial values), EMA minus precise-BN "
+    from .report import glance_answer
+
+    # worse in every scenario: Yes; in some: Partly; resolved better in all: No; otherwise not resolved
+    signs = [cmps[lb].sign for lb, _, _ in SCENARIOS]
+    verdict = ("Yes" if all(sg > 0 for sg in signs) else "Partly" if any(sg > 0 for sg in signs)
+               else "No" if all(sg < 0 for sg in signs) else "Not at this budget")
+    finding = glance_answer(verdict, (
+        f"after {steps} steps ({left:.0e} of the slow EMA's weight left on its initial values), EMA minus precise-BN "
         "test error is "
         + "; ".join(f"{pm(pct(np.subtract(res[lb]['ema'], res[lb]['precise'][n_all])), '.2f', ' points')} "
                     f"({short[i]}: {cmps[lb].verdict('worse', 'better')})" for i, (lb, _, _) in enumerate(SCENARIOS))
         + f"; precise BN needs about {max(results['scenarios'][lb]['saturation_samples'] for lb, _, _ in SCENARIOS)} "
-        "samples here."
-    )
+        "samples here"
+    ))
     return Section(
         name=NAME, title=TITLE, question=QUESTION,
         setup=(
