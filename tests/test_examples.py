@@ -112,3 +112,20 @@ def test_ddp_sync_batchnorm_matches_one_process(outputs):
         assert _number(out, rf"max \|{what} diff\|\s+([\d.e+-]+)") < 1e-10, what
     assert _number(out, r"running stats spread across ranks ([\d.e+-]+)") == 0.0
     assert _number(out, r"test acc ([\d.]+)") > 0.15  # one short epoch; chance is 0.1
+
+
+def test_readme_ten_line_example_runs():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"## Ten lines\n\n```python\n(.*?)```", text, re.S)
+    assert block, "the README's 'Ten lines' section with a python block"
+    assert len(block.group(1).strip().splitlines()) <= 14
+    scope: dict = {}
+    exec(compile(block.group(1), "README.md", "exec"), scope)  # noqa: S102 - the README's own example
+    assert type(scope["deployable"]).__name__.endswith("Folded") and scope["y"].shape == (4, 10, 16)
+
+
+def test_readme_test_command_is_the_one_ci_runs():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    command = next(line for line in ci.splitlines() if line.startswith("pip install torch=="))
+    assert command in readme

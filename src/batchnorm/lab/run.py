@@ -179,7 +179,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "the run (Ctrl-C) keeps what is done; --resume then runs only what is missing."
         ),
         epilog=(
-            "Examples: 'batchnorm lab' (everything; the README's 'Set up and run' gives measured times); "
+            "Examples: 'batchnorm lab' (everything; docs/benchmarks.md gives measured times); "
             "'batchnorm lab --quick' (smoke test); 'batchnorm lab batch-size --seeds 5 --out /tmp/r'. "
             "Exit status: 0 all experiments ran, 1 one failed (its section says why), 2 bad arguments, 130 interrupted."
         ),
