@@ -687,6 +687,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-first-call", action="store_true",
                    help="skip the cold/warm first-call measurement in fresh processes (it waits until the numba "
                         "kernels have compiled in the background: minutes on a busy machine)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the GPU bench instead (sweep, variants against torch's plain BN, fused ReLU, ResNet-18/50 "
+                        "training steps, the triton-vs-cuDNN crossover; CUDA events; see batchnorm.bench_gpu); takes "
+                        "--quick, --repeats and --out")
     p.add_argument("--shape", action="append", default=[], metavar="N,C,...",
                    help="add a training-step row for this input shape (repeatable); with --shape only those rows run "
                         "unless --rows is given too. Suffix :cl for channels-last (4-D or 5-D), :last for features "
@@ -752,6 +756,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.calibrate:
         calibrate(repeats=args.repeats or 7, out=args.out, store=True)
         return 0
+    if args.device == "cuda":
+        from . import bench_gpu
+
+        return bench_gpu.bench_main(args.repeats, args.quick, args.out)
     from .kernels import dispatch
 
     if hasattr(dispatch, "wait_ready"):  # time the steady state: numba compiled (or loaded from its cache)
