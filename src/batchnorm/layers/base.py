@@ -547,3 +547,5 @@ class _BatchNorm3dFused(_RankFused):
 
 #: the rank classes of ours that are torch's classes too, and their twins that are not (fused activation, axis)
 RANK_FUSED = {BatchNorm1d: _BatchNorm1dFused, BatchNorm2d: _BatchNorm2dFused, BatchNorm3d: _BatchNorm3dFused}
+for _twin in RANK_FUSED.values():  # errors and reprs say "BatchNorm2d"; pickle finds the class by __qualname__
+    _twin.__name__ = _twin._rank_name

@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import _checks
 from .. import activations as _activations
-from ..layers.base import BatchNorm
+from ..layers.base import RANK_FUSED, BatchNorm
 from .convert import is_bn_like
 
 __all__ = ["FuseRecord"]  # the entry point is convert(..., fuse_activations=True)
@@ -213,6 +213,9 @@ def _find_pairs(graph: fx.Graph, root: nn.Module, records: list[FuseRecord]) -> 
 def _set_activation(bn: nn.Module, name: str, slope: float) -> None:
     bn.activation = name
     bn.negative_slope = float(slope)
+    twin = RANK_FUSED.get(type(bn))
+    if twin is not None:  # BatchNorm1d/2d/3d are torch's classes too, which have no activation: the non-torch twin
+        bn.__class__ = twin
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
