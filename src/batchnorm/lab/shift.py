@@ -442,7 +442,7 @@ def _figures(R, sets, kinds, levels, priors, samples, pt_batches, grid_mean, src
         axes[1].errorbar(samples, cl[:, 0], yerr=cl[:, 1], marker="o", color=c, label=f"adapt, prior {p}")
     axes[0].axhline(mean_std(src_mid)[0], color="black", ls="--", label="source statistics")
     axes[1].axhline(mean_std(R["source"]["clean"])[0], color="black", ls="--", label="source statistics")
-    for ax, t in zip(axes[:2], ("corrupted (mean of 4, middle severity)", "clean test data")):
+    for ax, t in zip(axes[:2], (f"corrupted (mean of {len(mids)}, middle severity)", "clean test data")):
         ax.set_xscale("log")
         ax.set_xlabel("unlabeled target samples n")
         ax.set_ylabel("test error (%)")
