@@ -364,7 +364,7 @@ def _section(ctx, R, sets, grid_sets, kinds, levels, priors, samples, pt_batches
         "helps_from_samples": {str(p): nd[p] for p in priors},
         "gain_by_corruption": gain, "resolved_severities": n_res, "does_not_help_on": not_helped,
     }
-    at = lambda n: f"from n = {n}" if n else "at no n tried"  # noqa: E731
+    at = lambda n: f"from n = {n}" if n else "at no n tried (up to n = " + str(samples[-1]) + ")"  # noqa: E731
     needs = "; ".join(f"prior {p}: {at(nd[p])}" for p in priors)
     pct = lambda v: pm(v, ".1f", " %")  # noqa: E731
     vs = lambda c: c.verdict("worse", "better")  # noqa: E731
@@ -409,7 +409,7 @@ def _section(ctx, R, sets, grid_sets, kinds, levels, priors, samples, pt_batches
     hurts = [text for c, text in harm if c.sign > 0]
     finding = glance_answer(verdict, (
         f"adapting BN statistics to {R['n_pool']} unlabeled shifted images (batchnorm.adapt) takes the mean corrupted "
-        f"error from {pct(src_all)} to {pct(ada_all)} ({vs(c_head)}), helping {at(nd[0])} samples with prior 0 "
+        f"error from {pct(src_all)} to {pct(ada_all)} ({vs(c_head)}), helping {at(nd[0])} target samples with prior 0 "
         f"(Schneider et al.: about 32) and least on {small} ({gain[small]:+.1f} points); "
         + (f"it hurts (resolved) with {', with '.join(hurts)}" if hurts else "no case of harm is resolved at this budget")))
     setup = (

@@ -450,7 +450,7 @@ def prediction_time_bn(model: nn.Module, *, prior: float = 0) -> Iterator[nn.Mod
 
     The statistics are treated as constants (as in eval mode); gradients flow to the input and the
     parameters only. Works on the same layers as :func:`adapt`, and raises the same errors for layers
-    without running statistics.
+    without running statistics. Synchronized layers use each process's own test batch (no collective).
 
     Shape: inputs as the model takes them; each layer's batch statistics are ``(C,)``.
 
