@@ -407,8 +407,8 @@ def test_deep_linear_nets_are_probed_at_the_same_training_loss():
     from batchnorm.lab.core import Context
 
     ctx = Context(seeds=1, quick=True, progress=False)
-    plain = ics._dln_run(ctx, 2, False, 0.03, 0, 40, measure=True)
-    bn = ics._dln_run(ctx, 2, True, 0.03, 0, 40, measure=True)
+    plain = ics._dln_run(ctx, 2, False, 0.03, 0, 30, measure=True)
+    bn = ics._dln_run(ctx, 2, True, 0.03, 0, 30, measure=True)
     assert plain["checkpoints"] and all(step % ics.CKPT_EVERY == 0 for step, _, _ in plain["checkpoints"])
     pair = ics._matched_pair(2, 0, plain, bn)
     assert len(pair["levels"]) == len(ics.MATCH_FRACTIONS)
