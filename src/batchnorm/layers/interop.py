@@ -29,14 +29,15 @@ import inspect
 from torch import fx, nn
 
 from . import _export
-from .base import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .base import RANK_FUSED, BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .ghost import GhostBatchNorm
 from .renorm import BatchRenorm
 from .sync import SyncBatchNorm
 
 __all__ = ["install", "uninstall", "check_foldable", "convert_to_sync", "fuser_method", "with_modules"]
 
-_OURS = (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, GhostBatchNorm, BatchRenorm)
+_OURS = (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, *RANK_FUSED.values(), SyncBatchNorm, GhostBatchNorm,
+         BatchRenorm)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _saved: dict[str, object] = {}
 
