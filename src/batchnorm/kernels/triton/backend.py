@@ -186,7 +186,7 @@ def _dummy(device, dtype):
     key = (device, dtype)
     t = _dummies.get(key)
     if t is None:
-        t = _dummies[key] = torch.zeros(1, dtype=dtype, device=device)
+        t = _dummies[key] = torch.empty(1, dtype=dtype, device=device)  # no fill: never read
     return t
 
 
