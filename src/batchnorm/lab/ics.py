@@ -767,15 +767,15 @@ def run(ctx: Context) -> Section:
 
     verdict = glance_verdict(noisy, own["raw_rule"], common["raw_rule"])
     b_own, b_common = own["raw"]["beta"], common["raw"]["beta"]
+    where = {(True, True): "in both regimes", (True, False): "only at the own rates",
+             (False, True): "only at the common rate", (False, False): "in neither regime"}[
+        (own["raw_rule"] == "smoother", common["raw_rule"] == "smoother")]
     finding = glance_answer(verdict, (
         f"noisy BN, whose layer inputs move {m('noisy BN', 'jitter') / max(m('BN', 'jitter'), 1e-12):.1f}× more than "
         f"BN's, ends at {pm(metrics['noisy BN']['final_acc'], '.1f', '%')} vs BN {pm(metrics['BN']['final_acc'], '.1f', '%')} "
-        f"({noisy.verdict()}); on a VGG-style ReLU CNN BN's effective β-smoothness is {math.exp(b_own.mean_a):.3g} vs "
-        f"{math.exp(b_own.mean_b):.3g} at each net's own rate ({b_own.verdict()}; landscape "
-        f"{RULE_WORDS[own['raw_rule']]}) and {math.exp(b_common.mean_a):.3g} vs {math.exp(b_common.mean_b):.3g} at one "
-        f"common rate ({b_common.verdict()}; "
-        f"{RULE_WORDS[common['raw_rule']]}), and on deep linear nets at matched training loss BN smooths at "
-        + (f"depth(s) {_join(smoother_depths)}" if smoother_depths else "no depth")
+        f"({noisy.verdict()}), and on a VGG-style ReLU CNN BN's effective β-smoothness is {math.exp(b_own.diff):.2g}× "
+        f"the no-BN net's at each net's own rate ({b_own.verdict()}) and {math.exp(b_common.diff):.2g}× at one common "
+        f"rate ({b_common.verdict()}), the landscape being smoother with BN by the rule {where}"
     ))
     results = {
         "steps": steps,
