@@ -166,8 +166,9 @@ class _SyncState:
                call: int, positions: int, prefix: int = 0) -> torch.Tensor:
         """``[0]*prefix + (kind, number, call, features, dtype_code, positions)`` on ``device`` without a host copy.
 
-        The constant part is copied to the device once per key; the step and the positions enter as the
-        scalar arguments of two ``add`` kernels (no host-to-device copy of host data on a step).
+        The constant part is copied to the device once per key; the step and the positions (the batch size
+        may change from step to step) enter as scalar arguments of ``add`` kernels, so no step copies host
+        data to the device.
         """
         key = (device, dtype, kind, features, dtype_code, prefix)
         hit = self.consts.get(key)
@@ -178,11 +179,12 @@ class _SyncState:
             unit[0, prefix + 2] = unit[1, prefix + 5] = 1
             hit = self.consts[key] = (base.to(device), unit.to(device))
         base, unit = hit
-        return torch.add(base, unit[0], alpha=call).add_(unit[1], alpha=positions)
+        out = torch.add(base, unit[0], alpha=call)
+        return out.add_(unit[1], alpha=positions) if positions else out
 
     def record(self, code: torch.Tensor, n: torch.Tensor, table: torch.Tensor) -> None:
         """Keep the first fault not yet reported (on the device) and start its copy to the host, non-blocking."""
-        rec = torch.cat([code.reshape(1), n.reshape(1).to(table.dtype), table.reshape(-1)])
+        rec = torch.cat([code.reshape(1), n.reshape(1), table.reshape(-1)])  # cat promotes to table's dtype
         if self.pending is not None and self.pending.shape == rec.shape:
             rec = torch.where(self.pending[0] != 0, self.pending, rec)  # sticky: the first fault is the one reported
         self.pending = rec
@@ -322,18 +324,25 @@ class SyncCombine(bnf.Combine):
         st.context = (self.world, self.num_features, self.shape, self.masked, self.name)
         return dispatch.device_type(like) == "cpu", _wire_dtype(like.device)
 
-    def _fault(self, host: bool, table: torch.Tensor, n: torch.Tensor | None, few: torch.Tensor | None):
-        """Check a gathered header table: raise at once (host), or fold it into a NaN term and a record (device)."""
+    def _fault(self, host: bool, table: torch.Tensor, n_min: torch.Tensor | None, few: torch.Tensor | None):
+        """Check a gathered header table: raise at once (host), or fold it into a NaN term and a record (device).
+
+        ``few`` (with ``n_min``, the smallest global count): the "more than 1 value" check, or None where it
+        cannot fail. Returns None (host) or the 0-d term to add to the statistics: NaN where faulty, else 0.
+        """
         bad = (table[:, :_COMPARED] != table[:1, :_COMPARED]).any()
         if host:
             if bool(bad):
                 raise _rank_error(self.world, self.num_features, table.tolist(), self.name, late=False)
             if few is not None and bool(few):
-                raise _too_few(int(n.min()), self.world, self.shape, self.masked, self.name)
+                raise _too_few(int(n_min), self.world, self.shape, self.masked, self.name)
             return None
-        code = bad.to(table.dtype) if few is None else torch.where(bad, 1.0, few.to(table.dtype) * 2)
-        self.state.record(code, n.min() if n is not None else code.new_zeros(()), table)
-        return torch.where(code != 0, float("nan"), 0.0)  # added to the merged statistics: NaN where faulty
+        if few is None:
+            self.state.record(bad.to(table.dtype), bad, table)
+            return torch.where(bad, float("nan"), 0.0)
+        code = torch.where(bad, 1.0, few.to(table.dtype) * 2)
+        self.state.record(code, n_min, table)
+        return torch.where(bad | few, float("nan"), 0.0)
 
     def stats(self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor):
         dtype = mean.dtype
@@ -343,7 +352,8 @@ class SyncCombine(bnf.Combine):
         gc = groups * features
         header = self.state.header(mean.device, wire, _FORWARD, gc, self.dtype_code, self.call, self.positions)
         counts = count.reshape(groups, -1)[:, :1]
-        flat = torch.cat([mean.reshape(-1).to(wire), m2.reshape(-1).to(wire), counts.reshape(-1).to(wire), header])
+        # one kernel: cat promotes every part to the wire dtype of the header
+        flat = torch.cat([mean.reshape(-1), m2.reshape(-1), counts.reshape(-1), header])
         try:
             table = _gather(flat, self.world, self.process_group)
         except Exception as err:  # gloo raises RuntimeError/DistBackendError; say what it means here
@@ -353,15 +363,14 @@ class SyncCombine(bnf.Combine):
         ns = table[:, 2 * gc:2 * gc + groups].view(self.world, groups, 1)
         head = table[:, 2 * gc + groups:]
         n = ns.sum(0)
-        mu = (ns * means).sum(0) / n.clamp_min(1)
-        total_m2 = torch.addcmul(m2s, ns, (means - mu).square()).sum(0)
-        few = None
+        few = n_min = None
         if self.masked or self.positions <= 1:  # else this rank alone counts ≥ 2 values: the global count is ≥ 2
             n_min = n.min()
             few = (n_min <= 1) & ~((n_min == 0) & (head[:, 5].max() == 0))  # an all-empty group is allowed
-        poison = self._fault(host, head, n, few)
-        if poison is not None:
-            mu, total_m2 = mu + poison, total_m2 + poison
+        poison = self._fault(host, head, n_min, few)
+        den = n.clamp_min(1) if poison is None else n.clamp_min(1) + poison  # NaN reaches μ, and M2 through μ
+        mu = (ns * means).sum(0) / den
+        total_m2 = torch.addcmul(m2s, ns, (means - mu).square()).sum(0)
         return n.expand(groups, features).to(count.dtype), mu.to(dtype), total_m2.to(dtype)
 
     def grads(self, sum_dy: torch.Tensor, sum_dy_xhat: torch.Tensor):
@@ -370,7 +379,7 @@ class SyncCombine(bnf.Combine):
         gc = sum_dy.numel()
         groups = sum_dy.shape[0] if sum_dy.dim() >= 2 else 1
         tail = self.state.header(sum_dy.device, wire, _BACKWARD, gc, self.dtype_code, self.call, 0, prefix=groups)
-        flat = torch.cat([sum_dy.reshape(-1).to(wire), sum_dy_xhat.reshape(-1).to(wire), tail])
+        flat = torch.cat([sum_dy.reshape(-1), sum_dy_xhat.reshape(-1), tail])
         try:
             table = _gather(flat, self.world, self.process_group)
         except Exception as err:
