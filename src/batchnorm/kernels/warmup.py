@@ -327,7 +327,14 @@ def _load_here() -> None:
     warm_up(kernel_set())
 
 
+_caller_numba_threads: int | None = None  # numba's thread count in the thread that started the warm-up
+
+
 def _numba_threads() -> int:
+    """numba's thread count where the calls run: numba keeps it per thread, so read in the thread that started
+    the warm-up (when it had imported numba; else numba's default, which this thread reports too)."""
+    if _caller_numba_threads is not None:
+        return _caller_numba_threads
     try:
         import numba
 
@@ -445,10 +452,19 @@ def _warmup_mode() -> str:
 
 
 def _start_warm_up() -> None:
+    global _caller_numba_threads
     mode = _warmup_mode()
     with _lock:
         if _status != "cold":
             return
+        # numba's count without launching its pool (that would start OpenMP threads here: safety.py's fork rule);
+        # numba.set_num_threads launches it, so an unlaunched pool means numba's default
+        parallel = sys.modules.get("numba.np.ufunc.parallel")
+        if parallel is not None and getattr(parallel, "_is_initialized", False):
+            try:
+                _caller_numba_threads = int(parallel._get_num_threads())
+            except Exception:  # noqa: BLE001 - not readable: numba's default holds
+                _caller_numba_threads = None
         if mode == "off":
             _load_numba()
             _info.update(mode="off", crossovers="built-in table (not measured here)")
