@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import batchnorm.functional
+import batchnorm.kernels.compose
 import batchnorm.layers.base
 import batchnorm.reference
 from batchnorm import reference
@@ -111,7 +112,7 @@ def test_backward_removes_mean_and_projection() -> None:
 
 
 DOC_MODULES = [batchnorm.functional, batchnorm.layers.base, batchnorm.reference, batchnorm.activations,
-               batchnorm.kernels.dispatch]
+               batchnorm.kernels.dispatch, batchnorm.kernels.compose]
 _FINDER = doctest.DocTestFinder(exclude_empty=True)
 DOCTESTS = [(m, t) for m in DOC_MODULES for t in _FINDER.find(m, globs={}) if t.examples]
 

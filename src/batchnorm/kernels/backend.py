@@ -20,8 +20,10 @@ Protocol (:class:`Backend`): four primitives every backend implements —
 * ``backward_apply(dy, t, s, p, q, k, mean_dz, mean_dzx, m, zscale, zshift) -> dx``;
 
 and three *fused sequences* for plain batch norm, whose shared defaults here compose the primitives
-(reduce → plain combine → apply): ``train_forward``, ``train_backward``, ``eval_forward``, plus the
-running update ``update_running`` (default: the torch rule :func:`batchnorm.functional.update_running`).
+(reduce → plain combine → apply, :mod:`batchnorm.kernels.compose`): ``train_forward``, ``train_backward``,
+``eval_forward``, plus the running update ``update_running`` (default: the torch rule
+:func:`batchnorm.kernels.compose.update_running`), and ``plan`` (a prepared per-signature call for a layer's
+fast path; default none).
 A backend overrides a sequence only to make it faster; the semantics stay those of the default.
 Where a numba twin of a torch rule exists (the running update, the ``|γ| < eps`` clamp of
 ``memory="save"``, the eval constants), the tests compare the two (``tests/test_fused.py``).
@@ -145,6 +147,18 @@ class Backend:
         from ..functional import update_running
 
         return update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
+
+    def plan(self, key, x, s: Settings, mode: str, momentum, rm, rv):
+        """A prepared call for one input signature (the layer's per-signature fast path), or None (no fast path).
+
+        ``mode`` is ``"update"`` (batch statistics and the running update), ``"batch"`` (batch statistics only) or
+        ``"eval"`` (the running statistics); ``key`` is what the layer compares before each reuse. A plan has
+        ``run(x, weight, bias, rm, rv, nbt) -> (y, finite)`` doing exactly what the slow path does for that call
+        minus the checks and decisions already taken, plus ``key``, ``shape`` and ``tensors``. The layer asks
+        the backend :func:`batchnorm.kernels.dispatch.select` chose, once per signature, so a plan is one route
+        whatever the backend; this default builds none (the slow path serves every call).
+        """
+        return None
 
     def __repr__(self) -> str:
         return f"<batchnorm backend {self.name!r}>"

@@ -273,6 +273,12 @@ class NativeBackend(CompositeBackend):
             y = y.view(shape)
         return _act(y, s)
 
+    def plan(self, key, x, s: Settings, mode: str, momentum, rm, rv):
+        """A :class:`Plan` of this CPU call when one can serve it (NumPy-viewable buffers), else None."""
+        if _device_type(x) != "cpu" or not Plan.servable(x, mode, rm, rv):
+            return None
+        return Plan(key, tuple(x.shape), mode, s, momentum, rm, rv)
+
     def train_backward(self, dy, t, s, stats, invstd, weight, bias, count, m, needs):  # pragma: no cover
         raise RuntimeError("the native backend's outputs carry ATen's autograd graph; _TrainNorm never drives it")
 

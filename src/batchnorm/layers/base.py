@@ -18,7 +18,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import _checks
 from .. import functional as bnf
 from ..kernels import dispatch
-from ..kernels import native as _native
 from . import _export
 
 
@@ -378,9 +377,11 @@ class BatchNorm(_BatchNorm):
         return y
 
     def _prepare_fast(self, x: torch.Tensor, s, use_batch: bool, updating: bool) -> None:
-        """After a successful plain call: keep a :class:`~batchnorm.kernels.native.Plan` for the next same-shaped one.
+        """After a successful plain call: keep the chosen backend's plan (:meth:`Backend.plan
+        <batchnorm.kernels.backend.Backend.plan>`) for the next same-shaped one; :func:`dispatch.select` decides once.
 
-        Only for calls the native backend runs on the CPU, on layers whose combine and grouping are
+        Today the native backend builds plans (:class:`~batchnorm.kernels.native.Plan`, CPU calls); other backends
+        serve every call through the slow path. Only for CPU calls, on layers whose combine and grouping are
         :class:`BatchNorm`'s (not renorm, ghost or sync) and that carry every setting of :data:`_CONFIG`. The plan's
         key holds what the checks and :func:`~batchnorm.kernels.dispatch.select` read: input shape, strides and dtype,
         the settings, the parameter and buffer objects (compared by identity), and
@@ -400,11 +401,11 @@ class BatchNorm(_BatchNorm):
         else:
             ops = dispatch.select(x, s, training=False, backend=backend, params=(w, b, rm, rv))
         mode = "update" if updating else "batch" if use_batch else "eval"
-        if ops is not _native.NATIVE or not _native.Plan.servable(x, mode, rm, rv):
-            return
         shape = x.shape
         key = (shape, x.stride(), x.dtype, _config(d), dispatch.decision_state())
-        plan = _native.Plan(key, tuple(shape), mode, s, d["momentum"], rm, rv)
+        plan = ops.plan(key, x, s, mode, d["momentum"], rm, rv)  # the chosen backend's own route (or none)
+        if plan is None:
+            return
         plan.tensors = (w, b, rm, rv, nbt)
         plans = d.get("_fast")
         if plans is None or len(plans) >= 8:  # a few shapes per layer (e.g. the last, smaller batch of an epoch)
