@@ -7,13 +7,14 @@ so the figures come from the real host code of every layer). Per training step i
 * launches: every ATen op that launches a kernel on a GPU (views, ``empty``, ``detach`` and the like
   launch none), captured with a ``TorchDispatchMode``, plus every triton kernel launch;
 * bytes: per launch, the bytes of its distinct tensor operands (inputs and outputs, each storage once,
-  a broadcast operand at its storage's size) — the model "each operand is read or written once";
+  a broadcast operand at its storage's size) — the model "each operand is read or written once"; ATen's
+  batch-norm ops count as the two passes each that they are on a GPU (:data:`PASSES`);
 * host syncs: ``aten._local_scalar_dense`` and ``aten.nonzero`` (must be 0);
 * collectives (SyncBatchNorm with a group of 2, the all-gather replaced by a local copy that is not counted).
 
 Time implied: ``launches × LAUNCH_US + bytes / bandwidth``, at an H100's 3.35 TB/s and an H200's 4.8 TB/s.
-torch's ``nn.BatchNorm*d`` is counted the same way (its ``native_batch_norm`` forward and backward; cuDNN's
-own kernels per ATen op, 1–2, are not modelled, on either side where native serves us).
+torch's ``nn.BatchNorm*d`` is counted the same way: its two ATen ops as 2 + 2 passes, plus the
+``num_batches_tracked`` increment: 5 launches, 8× the input's bytes.
 
     python benchmarks/gpu_model.py                 # the Markdown tables of docs/gpu.md
     python benchmarks/gpu_model.py --quick         # two shapes, no ResNet-50
@@ -45,9 +46,16 @@ FREE = {
     "new_empty_strided", "empty_like", "unbind", "split", "split_with_sizes", "chunk", "view_as", "lift_fresh",
     "is_same_size", "_has_compatible_shallow_copy_type", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
     "_local_scalar_dense", "nonzero", "set_", "resize_", "is_nonzero", "promote_types", "result_type",
-    "scalar_tensor",  # a Python number wrapped as a 0-d CPU tensor (a kernel argument, no launch)
 }
 SYNCS = {"_local_scalar_dense", "nonzero"}
+# ATen's batch-norm ops are two passes each on a GPU (ATen's CUDA kernels and cuDNN alike, for tensors larger than
+# the cache): forward = statistics (reads x) + elementwise (reads x, writes y); backward = reduce (reads dy, x) +
+# elementwise (reads dy, x, writes dx). Counted as such: (extra launches, extra reads of the op's first input).
+PASSES = {
+    "native_batch_norm": (1, 1), "_native_batch_norm_legit": (1, 1), "cudnn_batch_norm": (1, 1),
+    "_batch_norm_with_update": (1, 1), "native_batch_norm_backward": (1, 2), "cudnn_batch_norm_backward": (1, 2),
+    "batch_norm_backward": (1, 2),
+}
 
 
 def _storage_bytes(t: torch.Tensor) -> tuple[int, int]:
@@ -101,6 +109,10 @@ class Count(TorchDispatchMode):
         self.launches += 1
         self.ops[name] += 1
         self.bytes += _operand_bytes(list(_flat(args)) + list(_flat(kwargs or {})) + list(_flat(out)))
+        if name in PASSES:
+            launches, reads = PASSES[name]
+            self.launches += launches
+            self.bytes += reads * args[0].numel() * args[0].element_size()
         return out
 
 
@@ -152,7 +164,7 @@ def variants(c: int, n: int):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
     from batchnorm import BatchNorm, BatchRenorm, GhostBatchNorm, SyncBatchNorm
 
-    vbs = max(1, n // 4)
+    vbs = max(2, n // 4)
     return {
         "plain": (lambda: BatchNorm(c), False, 1),
         "momentum=None": (lambda: BatchNorm(c, momentum=None), False, 1),
@@ -214,9 +226,11 @@ def measure(build, shape, masked: bool, world: int, torch_bn: bool = False) -> d
             "x_bytes": x.numel() * x.element_size(), "ops": dict(mode.ops)}
 
 
-def torch_reference(shape) -> dict:
+def torch_reference(shape, relu: bool = False) -> dict:
+    """torch's BN (``relu``: followed by ``nn.ReLU``, what the fused activation replaces)."""
     cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)]
-    return measure(lambda: cls(shape[1]), shape, False, 1, torch_bn=True)
+    return measure(lambda: nn.Sequential(cls(shape[1]), nn.ReLU()) if relu else cls(shape[1]), shape, False, 1,
+                   torch_bn=True)
 
 
 def implied_us(row: dict, gpu: str) -> float:
@@ -224,11 +238,13 @@ def implied_us(row: dict, gpu: str) -> float:
 
 
 def shape_table(shape) -> str:
-    ref = torch_reference(shape)
+    ref, relu = torch_reference(shape), torch_reference(shape, relu=True)
     lines = [
         f"**{shape}** float32, x = {ref['x_bytes'] / 2**20:.1f} MiB; torch's BN: {ref['launches']} launches, "
         f"{ref['bytes'] / ref['x_bytes']:.1f}× x's bytes, {implied_us(ref, 'H100'):.1f} µs (H100), "
-        f"{implied_us(ref, 'H200'):.1f} µs (H200)",
+        f"{implied_us(ref, 'H200'):.1f} µs (H200); torch's BN then ReLU: {relu['launches']} launches, "
+        f"{relu['bytes'] / relu['x_bytes']:.1f}× x, {implied_us(relu, 'H100'):.1f} µs (H100), "
+        f"{implied_us(relu, 'H200'):.1f} µs (H200)",
         "",
         "| variant | launches (ATen + triton) | bytes, × x | host syncs | collectives | H100 µs | H200 µs | "
         "× torch (H100) | × torch (H200) |",
@@ -261,7 +277,7 @@ def resnet50_shapes(batch: int = 32) -> list[tuple[int, ...]]:
     return shapes
 
 
-def resnet50_table(batch: int = 32, scale: int = 8) -> str:
+def resnet50_table(batch: int = 32, scale: int = 4) -> str:
     """Totals over the 53 layers; each distinct shape measured once at batch/scale, bytes scaled by ``scale``.
 
     Launch counts do not depend on the batch; the bytes of x-sized operands grow with it (per-feature
