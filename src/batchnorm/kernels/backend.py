@@ -1,7 +1,7 @@
 """The backend protocol, declared once, and the settings record every call carries.
 
 A *backend* computes batch norm's two elementwise-heavy steps, *reduce* and *apply*, forward and
-backward; *combine* (plain, sync, renorm) stays in :mod:`batchnorm.functional`. Three backends exist,
+backward; *combine* (plain, sync, renorm) is :class:`batchnorm.kernels.compose.Combine`'s. Three backends exist,
 each in its own place:
 
 * ``"numba"`` — :mod:`batchnorm.kernels.numba`: our CPU kernels (float32/float64, dense layouts).
@@ -125,26 +125,26 @@ class Backend:
         the running estimates in the same pass and then returns ``finite`` (a bool); the default leaves
         them to the caller and returns ``finite=None``.
         """
-        from ..functional import compose_train_forward
+        from .compose import compose_train_forward
 
         return compose_train_forward(self, x, s, m, weight, bias)
 
     def train_backward(self, dy, t, s: Settings, stats, invstd, weight, bias, count, m, needs):
         """Plain BN's backward ``(dx, dγ, dβ)`` (entries not in ``needs`` are None)."""
-        from ..functional import compose_train_backward
+        from .compose import compose_train_backward
 
         return compose_train_backward(self, dy, t, s, stats, invstd, weight, bias, count, m, needs)
 
     def eval_forward(self, x, s: Settings, weight, bias, running_mean, running_var):
-        """Eval-mode BN ``act(a·x + b)`` with the constants of :func:`batchnorm.functional.eval_scale_shift`."""
-        from ..functional import eval_scale_shift
+        """Eval-mode BN ``act(a·x + b)`` with the constants of :func:`batchnorm.kernels.compose.eval_scale_shift`."""
+        from .compose import eval_scale_shift
 
         a, b = eval_scale_shift(weight, bias, running_mean.to(x.device), running_var.to(x.device), s.eps, x.dtype)
         return self.apply(x, s, a, b)
 
     def update_running(self, running_mean, running_var, mean, var, count, momentum, num_batches_tracked=None):
-        """The running update rule (:func:`batchnorm.functional.update_running`); returns "finite"."""
-        from ..functional import update_running
+        """The running update rule (:func:`batchnorm.kernels.compose.update_running`); returns "finite"."""
+        from .compose import update_running
 
         return update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
 
