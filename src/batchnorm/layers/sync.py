@@ -223,6 +223,7 @@ class _SyncState:
             return
         code = int(values[0])
         if code == 0:
+            self.pending = None  # read and clean: the next record starts afresh (no sticky select)
             return
         self.pending = self.host = self.event = None  # reported once
         world, num_features, shape, masked, name = self.context
@@ -338,9 +339,9 @@ class SyncCombine(bnf.Combine):
                 raise _too_few(int(n_min), self.world, self.shape, self.masked, self.name)
             return None
         if few is None:
-            self.state.record(bad.to(table.dtype), bad, table)
+            self.state.record(bad, bad, table)  # the record's cat promotes the flag
             return torch.where(bad, float("nan"), 0.0)
-        code = torch.where(bad, 1.0, few.to(table.dtype) * 2)
+        code = torch.where(bad, 1.0, torch.where(few, 2.0, 0.0))
         self.state.record(code, n_min, table)
         return torch.where(bad | few, float("nan"), 0.0)
 
