@@ -147,9 +147,9 @@ def _fs(v: torch.Tensor | None):
 class _Geometry:
     """Everything about one call's layout: the (O, C, I) view, tiles, groups and splits."""
 
-    __slots__ = ("x", "v", "O", "C", "I", "G", "R", "S", "tiles", "bp", "bc", "ncb", "f64", "sd")
+    __slots__ = ("x", "v", "O", "C", "I", "G", "R", "S", "tiles", "bp", "bc", "ncb", "f64", "sd", "inner", "base")
 
-    def __init__(self, x: torch.Tensor, s: Settings):
+    def __init__(self, x: torch.Tensor, s: Settings, shrink: int = 1):
         self.x, self.v = _viewed(x, s.axis)
         self.O, self.I = self.v[0], self.v[1]
         self.C = x.shape[s.axis]
@@ -160,10 +160,13 @@ class _Geometry:
             self.G = _t.num_groups(n, s.group_size)
             self.R = s.group_size * (self.O // n)
         sc, si = self.v[3], self.v[4]
-        if sc == 1 and self.C > 1 and not (si == 1 and self.I > 1):
+        self.inner = sc == 1 and self.C > 1 and not (si == 1 and self.I > 1)
+        if self.inner:
             self.bp, self.bc = TUNING["inner_small"] if self.C <= 16 else TUNING["inner"]
         else:
             self.bp, self.bc = TUNING["outer"]
+        self.base = self.bp
+        self.bp = max(1, self.bp // shrink)
         self.ncb = -(-self.C // self.bc)
         tiles_total = max(1, -(-min(self.R, self.O) * self.I // self.bp))
         want = max(1, -(-TUNING["programs"] // (self.ncb * self.G)))
@@ -173,8 +176,26 @@ class _Geometry:
         self.sd = _t.stat_dtype(x.dtype)
         self.f64 = self.sd == torch.float64
 
-    def apply_grid(self):
-        return (-(-self.O * self.I // self.bp), self.ncb)
+    def grid(self, bp: int):
+        """The grid of an elementwise kernel with tiles of ``bp`` positions."""
+        return (-(-self.O * self.I // bp), self.ncb)
+
+    def tile(self, kernel: str) -> int:
+        """BLOCK_P of an elementwise kernel: the layout's tile, a quarter of it where the full tile spills
+        registers at sm_80/sm_90 (measured with the compile command): ghost-group gathers (7 per-feature operands
+        per position in the backward) on features-innermost tiles, float64 backward on features-innermost
+        tiles, and the ghost-group apply on features-outer tiles."""
+        grouped = self.G > 1
+        if kernel == "backward_apply" and self.inner and (grouped or self.f64):
+            return max(1, self.base // 4)
+        if kernel == "apply" and grouped and not self.inner:
+            return max(1, self.base // 4)
+        return self.base
+
+
+def _finalize_block(f64: bool) -> int:
+    """Feature block of the one-program kernels (finalize, update_running): half as wide in float64 (no spill)."""
+    return TUNING["finalize"] if not f64 else max(1, TUNING["finalize"] // 2)
 
 
 _dummies: dict = {}
@@ -264,7 +285,7 @@ class TritonBackend(Backend):
                 float(r_max), float(d_max), int(weight is not None), int(bias is not None), int(s.save),
                 int(nbt is not None), TRAIN=train, UPDATE=running is not None,
                 CUMULATIVE=running is not None and momentum is None, RENORM=renorm is not None, LIMITS_PTR=limits_ptr,
-                F64=geo.f64, BLOCK_C=TUNING["finalize"])
+                F64=geo.f64, BLOCK_C=_finalize_block(geo.f64))
         return stats, aux, finite
 
     def _apply(self, geo, s: Settings, a, b, *, eval_=False, weight=None, bias=None):
@@ -274,11 +295,12 @@ class TritonBackend(Backend):
         b, sbg, sbc = _fs(b)
         f64 = geo.f64 or a.dtype == torch.float64 or b.dtype == torch.float64
         dummy = a
-        _launch(_k().apply, geo.apply_grid(), geo.x, y, a, b, weight if weight is not None else dummy,
+        bp = geo.tile("apply")
+        _launch(_k().apply, geo.grid(bp), geo.x, y, a, b, weight if weight is not None else dummy,
                 bias if bias is not None else dummy, geo.O, geo.C, geo.I, sxo, sxc, sxi, yv[2], yv[3], yv[4],
                 sag, sac, sbg, sbc, geo.R, float(s.eps), float(s.negative_slope), s.code, int(weight is not None),
                 int(bias is not None), FUSED_ACT=s.code != 0, EVAL=eval_, GROUPED=geo.G > 1 and not eval_, F64=f64,
-                BLOCK_P=geo.bp, BLOCK_C=geo.bc)
+                BLOCK_P=bp, BLOCK_C=geo.bc)
         return y
 
     def _pq(self, s: Settings, p, q, zscale, zshift, fused_save: bool, dummy=None):
@@ -296,6 +318,8 @@ class TritonBackend(Backend):
         """``(Σ dz, Σ dz·x̂)`` ``(2, G, C)``; ``fused = (count, invstd, weight, rd, dγ-like, dβ-like)`` also
         gives ``k, mean(dz), mean(dz·x̂)`` ``(3, G, C)`` and ``dγ, dβ``."""
         geo = _Geometry(t, s)
+        if geo.inner and geo.f64:  # float64 on features-innermost tiles: a quarter of the tile (no spill)
+            geo = _Geometry(t, s, shrink=4)
         dy, dv = _viewed(dy, s.axis)
         ptrs, strides, flags, pq_wb = pq
         part = torch.empty((2, geo.G, geo.S, geo.C), dtype=geo.sd, device=t.device)
@@ -331,11 +355,12 @@ class TritonBackend(Backend):
         k, skg, skc = _fs(k)
         mdz, smg, smc = _fs(mdz)
         mdzx, sng, snc = _fs(mdzx)
-        _launch(_k().backward_apply, geo.apply_grid(), dy, geo.x, mm, dx, *ptrs, k, mdz,
+        bp = geo.tile("backward_apply")
+        _launch(_k().backward_apply, geo.grid(bp), dy, geo.x, mm, dx, *ptrs, k, mdz,
                 mdzx, geo.O, geo.C, geo.I, dv[2], dv[3], dv[4], geo.v[2], geo.v[3], geo.v[4], smo, smi,
                 xv[2], xv[3], xv[4], *strides, skg, skc, smg, smc, sng, snc, geo.R, float(s.eps),
                 float(s.negative_slope), *flags, int(m is not None), SAVE=bool(s.save), FUSED_ACT=s.code != 0,
-                PQ_WB=pq_wb, GROUPED=geo.G > 1, F64=geo.f64, BLOCK_P=geo.bp, BLOCK_C=geo.bc)
+                PQ_WB=pq_wb, GROUPED=geo.G > 1, F64=geo.f64, BLOCK_P=bp, BLOCK_C=geo.bc)
         return dx
 
     # -- primitives ---------------------------------------------------------------------------
@@ -425,7 +450,7 @@ class TritonBackend(Backend):
         _launch(_k().update_running, (1,), mean, var, count, running_mean, running_var,
                 nbt if nbt is not None else _dummy(mean.device, torch.long), finite, c, g, smg, smc, svg, svc, scg, scc,
                 float(momentum if momentum is not None else 0.0), int(nbt is not None),
-                CUMULATIVE=momentum is None, F64=sd == torch.float64, BLOCK_C=TUNING["finalize"])
+                CUMULATIVE=momentum is None, F64=sd == torch.float64, BLOCK_C=_finalize_block(sd == torch.float64))
         return finite
 
     # -- batch renormalization (Ioffe 2017) as fused sequences ----------------------------------
