@@ -288,8 +288,12 @@ def test_pt2e_qat_works_on_converted_models():
     prepared = pt2e.prepare_qat_pt2e(gm, quantizer)
     prepared(X)  # a training step: observers see finite ranges (was "min nan should be less than max nan")
     prepared(X.flip(0))
+    root = pytest.importorskip("torchao.quantization.pt2e")
+    root.move_exported_model_to_eval(prepared)  # the running statistics from here on, as the converted model
     fake = prepared(X).detach()
-    quantized = pt2e.convert_pt2e(prepared)(X)
+    converted = pt2e.convert_pt2e(prepared)
+    root.move_exported_model_to_eval(converted)
+    quantized = converted(X)
     assert torch.isfinite(quantized).all()
     # int8 round-off of the fake-quantized model, not a different computation
     assert (quantized - fake).abs().max() < 0.05 * fake.abs().max()
