@@ -124,8 +124,11 @@ class Result:
         return None if self.target is None else self.ratio <= self.target
 
 
-def _result(section: str, name: str, fns: dict[str, Fn], device, repeats, target, backend="", warmup=3) -> Result:
-    s = side_by_side(fns, device, repeats, warmup)
+WARMUP = 3  # calls per contender before timing (the first ones compile the triton kernels)
+
+
+def _result(section: str, name: str, fns: dict[str, Fn], device, repeats, target, backend="", warmup=None) -> Result:
+    s = side_by_side(fns, device, repeats, WARMUP if warmup is None else warmup)
     return Result(section, name, statistics.median(s["ours"]), statistics.median(s["torch"]), target, backend, s)
 
 
@@ -323,7 +326,7 @@ def model_rows(device, repeats: int, quick: bool, small: bool = False) -> list[R
         y = torch.randint(0, classes, (shape[0],), device=device)
         fns = {"ours": train_step(ours, x, y), "torch": train_step(model, x, y)}
         reps = max(5, repeats // 3) if not small else repeats
-        out.append(_result("models", f"model {name}", fns, device, reps, 1.0, warmup=1 if small else 3))
+        out.append(_result("models", f"model {name}", fns, device, reps, 1.0, warmup=1 if small else None))
     return out
 
 
