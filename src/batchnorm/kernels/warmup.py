@@ -527,8 +527,10 @@ def wait_calibrated(timeout: float | None = None) -> bool:
 
 def numba_for(x: torch.Tensor, forced: bool) -> Backend | None:
     """The numba backend if it can take ``x`` now (auto: only once warm), else None."""
-    if _status == "cold" and not forced:  # auto never waits: numba joins once the background warm-up is done
-        _start_warm_up()  # (BATCHNORM_WARMUP=off: ready at once)
+    # auto never waits: numba joins once the background warm-up is done (BATCHNORM_WARMUP=off: ready at once);
+    # never started while torch.compile traces (its lock and thread would break the graph): the next eager call starts it
+    if _status == "cold" and not forced and not torch.compiler.is_compiling():
+        _start_warm_up()
     if _status == "ready" or (forced and _status != "absent"):
         nb = _numba if _numba is not None else _load_forced()  # forced: imports numba here, compiles on first call
         return nb if _safety.numba_usable() and nb.supports(x) else None
