@@ -8,7 +8,7 @@ sequences call ``torch.native_batch_norm`` on the CPU and ``torch.batch_norm`` e
 picks cuDNN / MIOpen), so the backward is ATen's too, and double backward works through ATen's own
 derivative formulas.
 
-How it keeps every promise of the README's Semantics section:
+How it keeps every promise of docs/semantics.md:
 
 * biased variance normalizes, unbiased is stored, ``momentum`` is torch's weight of the new value;
   ``momentum=None`` (cumulative average) passes ``1 / (num_batches_tracked + 1)``;
@@ -97,7 +97,7 @@ def _device_update(xv, weight, bias, rm, rv, nbt, momentum, eps):
     (momentum 1 into zeroed scratch) and the weight ``1 / num_batches_tracked`` is applied on the device. Cost beyond
     torch's call: six small ``(C,)`` kernels (one multi-tensor copy, three for the flag, two selects).
 
-    Shape: ``xv`` ``(N, C, *)``; ``rm, rv`` ``(C,)``; ``nbt`` 0-d or None. Reference: the README's Semantics section.
+    Shape: ``xv`` ``(N, C, *)``; ``rm, rv`` ``(C,)``; ``nbt`` 0-d or None. Reference: docs/semantics.md.
     """
     if momentum is not None:
         new_m, new_v = torch._foreach_mul((rm, rv), 1.0)  # one multi-tensor launch on CUDA (exact copies)
@@ -150,7 +150,7 @@ class Guard:
     overflows never refuse a good batch.
 
     Shape: ``rm, rv`` ``(C,)``; ``xv`` ``(N, C, *)``. Example: ``Guard(rm, rv).update(x, None, None, rm, rv, nbt, 0.1,
-    1e-5)`` returns ``(y, finite)``. Reference: the README's Semantics section ("a non-finite batch never updates the
+    1e-5)`` returns ``(y, finite)``. Reference: docs/semantics.md ("a non-finite batch never updates the
     running estimates").
     """
 
