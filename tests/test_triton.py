@@ -42,6 +42,8 @@ F64 = torch.float64
 
 @pytest.fixture(autouse=True, scope="module")
 def _restore_env():
+    # set again for this module's tests: another module's teardown may have removed it since collection
+    os.environ["TRITON_INTERPRET"] = "1"
     yield
     if _PREVIOUS is None:
         os.environ.pop("TRITON_INTERPRET", None)
