@@ -150,6 +150,17 @@ def _clamped(w, eps, clamp):
 
 
 @triton.jit
+def _tile(NO, C, NI, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """An elementwise program's tile: positions ``(o, i)`` × features ``cs``, with their masks (int64 offsets)."""
+    pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pmask = pos < NO * NI
+    cmask = cs < C
+    v2 = pmask[:, None] & cmask[None, :]
+    return cs, pmask, cmask, v2, (pos // NI).to(tl.int64), (pos % NI).to(tl.int64), cs.to(tl.int64)
+
+
+@triton.jit
 def _chan(n_a, k_a, r_a, m2_a, n_b, k_b, r_b, m2_b):
     """Chan, Golub & LeVeque's merge of two shifted summaries ``(count, shift k, mean − k, m2)``.
 
@@ -322,14 +333,7 @@ def apply(
     """``y = act(x · a + b)``; ``EVAL``: ``a = γ / sqrt(rv + eps)``, ``b = β − rm · a`` with ``a_ptr, b_ptr`` = rv, rm."""
     eps = _ct(eps, F64)
     slope = _ct(slope, F64)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    pmask = p < NO * NI
-    cmask = cs < C
-    v2 = pmask[:, None] & cmask[None, :]
-    o = (p // NI).to(tl.int64)
-    i = (p % NI).to(tl.int64)
-    c64 = cs.to(tl.int64)
+    cs, pmask, cmask, v2, o, i, c64 = _tile(NO, C, NI, BLOCK_P, BLOCK_C)
     x = _ct(tl.load(x_ptr + (o * sxo + i * sxi)[:, None] + (c64 * sxc)[None, :], mask=v2, other=0.0), F64)
     if EVAL:
         a = 1.0 / tl.sqrt(_feature(a_ptr, 0, cs, 0, sac, cmask, F64) + eps)
@@ -480,14 +484,7 @@ def backward_apply(
     """``dx = k · (dz − m · (mean(dz) + x̂ · mean(dz·x̂)))`` in the dtype of ``t``."""
     eps = _ct(eps, F64)
     slope = _ct(slope, F64)
-    pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    pmask = pos < NO * NI
-    cmask = cs < C
-    v2 = pmask[:, None] & cmask[None, :]
-    o = (pos // NI).to(tl.int64)
-    i = (pos % NI).to(tl.int64)
-    c64 = cs.to(tl.int64)
+    cs, pmask, cmask, v2, o, i, c64 = _tile(NO, C, NI, BLOCK_P, BLOCK_C)
     dy = _ct(tl.load(dy_ptr + (o * sdo + i * sdi)[:, None] + (c64 * sdc)[None, :], mask=v2, other=0.0), F64)
     tv = _ct(tl.load(t_ptr + (o * sto + i * sti)[:, None] + (c64 * stc)[None, :], mask=v2, other=0.0), F64)
     if GROUPED:
