@@ -41,7 +41,7 @@ from batchnorm.kernels import dispatch
 from batchnorm.layers import base as base_module
 
 # Triton's interpreter must be chosen before triton is first imported (its library functions are jitted then);
-# the variable is restored when this module's tests end (tests/test_triton.py does the same)
+# tests/conftest.py's triton_interpreter restores the variable when this module's tests end
 _PREVIOUS = os.environ.get("TRITON_INTERPRET")
 _INTERPRETABLE = _PREVIOUS == "1" or "triton" not in sys.modules
 os.environ["TRITON_INTERPRET"] = "1"
@@ -162,14 +162,8 @@ IDS = [r[0] for r in TABLE]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _restore_env():
-    # set again for this module's tests: another module's teardown may have removed it since collection
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if _PREVIOUS is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREVIOUS
+def _interpreter(triton_interpreter):
+    """Triton's interpreter for every test here (tests/conftest.py restores the variable afterwards)."""
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ import warnings
 import pytest
 import torch
 
-_PREVIOUS = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"  # before the kernels module is first imported (triton reads it at @jit time)
 pytest.importorskip("triton")
 
@@ -41,14 +40,8 @@ F64 = torch.float64
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _restore_env():
-    # set again for this module's tests: another module's teardown may have removed it since collection
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if _PREVIOUS is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREVIOUS
+def _interpreter(triton_interpreter):
+    """Triton's interpreter for every test here (tests/conftest.py restores the variable afterwards)."""
 
 
 @pytest.fixture
