@@ -167,7 +167,8 @@ def select(
     if choice == "native":
         return NATIVE if native_ok else COMPOSITE
     if choice == "triton":  # CUDA tensors (CPU ones under TRITON_INTERPRET=1); not inside a torch.compile graph
-        return TRITON if not torch.compiler.is_compiling() and TRITON.supports(x, s) else COMPOSITE
+        tr = _triton_for(x, s)
+        return tr if tr is not None else COMPOSITE
     on_cpu = device_type(x) == "cpu"
     if choice == "numba":
         nb = _numba_for(x, True) if on_cpu else None
@@ -249,7 +250,7 @@ def _half_count_too_large(x: torch.Tensor, s: Settings) -> bool:
     ``(1, 1, 4097, 4097)`` of mean 50 its batch mean is 0.65 off and the output 0.55 off (measured, torch 2.13).
     Those calls go to the numba or composite backends, which accumulate correctly at any count.
     """
-    if x.dtype not in _HALF or x.device.type != "cpu":
+    if x.dtype not in _HALF or device_type(x) != "cpu":
         return False
     c = x.shape[s.axis] if x.dim() > s.axis else 1
     return x.numel() // max(c, 1) > 1 << 24
