@@ -175,8 +175,7 @@ class BatchNorm(_BatchNorm):
                 nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        if "_refused_flags" in self.__dict__ or "_refused_device" in self.__dict__:
-            self._report_refused(stacklevel=4)
+        self._report_refused(stacklevel=4)  # warns only when GPU refusals are pending
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}, axis={self.axis}"
@@ -268,13 +267,11 @@ class BatchNorm(_BatchNorm):
 
     def train(self, mode: bool = True):
         """``nn.Module.train``; first reports GPU batches refused since the last report (see :attr:`refused_batches`)."""
-        if "_refused_flags" in self.__dict__ or "_refused_device" in self.__dict__:
-            self._report_refused(stacklevel=3)
+        self._report_refused(stacklevel=3)  # warns only when GPU refusals are pending
         return super().train(mode)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if "_refused_flags" in self.__dict__ or "_refused_device" in self.__dict__:
-            self._report_refused(stacklevel=5)
+        self._report_refused(stacklevel=5)  # warns only when GPU refusals are pending
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     # -- hooks for variants (the *combine* step) ----------------------------------------------
