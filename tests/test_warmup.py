@@ -182,6 +182,30 @@ def test_truncated_cache_files_are_removed_recompiled_and_warned_about_once(smok
     assert warmup.cache_complete(cache) == (True, "")
 
 
+def test_a_signature_compiled_later_does_not_mark_the_cache_incomplete(smoke_cache, tmp_path, monkeypatch):
+    """A process that compiles a signature the warm-up did not (float64 here) appends it to the kernel's
+    index; the next process must still load the cache without a compile process."""
+    monkeypatch.setenv("BATCHNORM_WARMUP_KERNELS", "smoke")
+    root = str(tmp_path / "cache")
+    shutil.copytree(smoke_cache["root"], root)
+    cache = _numba_dir(root)
+    before = warmup.cache_files(cache)
+    code = ("import torch, batchnorm\n"
+            "batchnorm.BatchNorm(16, backend='numba')(torch.randn(8, 16, dtype=torch.float64)).sum().backward()")
+    subprocess.run([sys.executable, "-c", code], env=_env(root, BATCHNORM_WARMUP="off"), check=True, timeout=300,
+                   capture_output=True)
+    after = warmup.cache_files(cache)
+    assert any(after.get(n, 0) > size for n, size in before.items() if n.endswith(".nbi"))  # an index grew
+    assert warmup.cache_complete(cache) == (True, "")
+    out, _ = _finish(_start(_env(root, BATCHNORM_WARMUP_PRIORITY="normal"), "300"))
+    assert out["ready"] and "compile" not in out["detail"]
+    assert out["detail"]["reason"].startswith("loaded from the cache")
+    victim = next(n for n in after if n.endswith(".nbc"))  # a data file that changes is still a partial cache
+    with open(os.path.join(cache, victim), "ab") as f:
+        f.write(b"x")
+    assert warmup.cache_complete(cache) == (False, f"cache file {victim} changed since it was compiled")
+
+
 def test_without_a_writable_cache_numba_still_runs_with_one_warning(tmp_path):
     env = _env("/dev/null/no-cache-here", NUMBA_CACHE_LOCATOR_CLASSES="UserProvidedCacheLocator")
     out, err = _finish(_start(env, "500"))

@@ -191,8 +191,9 @@ def cache_files(directory: str) -> dict[str, int]:
 
 
 def cache_complete(directory: str) -> tuple[bool, str]:
-    """``(True, "")`` when the manifest matches this installation and every file it lists has its size,
-    else ``(False, why)``. Cheap: one small JSON file and a directory listing."""
+    """``(True, "")`` when the manifest matches this installation and every file it lists is there with its
+    size (an index may have grown by signatures compiled later), else ``(False, why)``. Cheap: one small
+    JSON file and a directory listing."""
     try:
         with open(os.path.join(directory, MANIFEST)) as f:
             manifest = json.load(f)
@@ -208,7 +209,11 @@ def cache_complete(directory: str) -> tuple[bool, str]:
             return False, f"cache built for another {key} ({manifest.get(key)!r}, here {value!r})"
     files = cache_files(directory)
     for name, size in manifest.get("files", {}).items():
-        if files.get(name) != size:
+        here = files.get(name)
+        # an index (.nbi) grows when a later process compiles a signature the warm-up did not (numba appends
+        # it and writes a new .nbc): the warm-up's entries are still there, so that is no reason to recompile.
+        # A data file (.nbc) is written once; a missing, shrunk or resized one is a partial cache.
+        if here is None or here < size or (here != size and not name.endswith(".nbi")):
             return False, f"cache file {name} changed since it was compiled"
     return True, ""
 
