@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from batchnorm import bench
+from batchnorm.kernels import calibrate as _cal
 from batchnorm.kernels import dispatch
 
 # ------------------------------------------------------------------ the sweep covers what issue 11 asks for
@@ -170,12 +175,35 @@ def test_help_is_plain_words_and_describes_every_option(capsys):
 @pytest.mark.parametrize(
     "native,numba,expected",
     [([1, 1, 1, 1], [2, 2, 0.5, 0.5], 4), ([1, 1, 1, 1], [0.5, 0.5, 0.5, 0.5], 1), ([1, 1, 1, 1], [2, 2, 2, 2], None),
-     ([1, 1, 1, 1, 1], [2, 0.5, 2, 0.5, 0.5], 4), ([1, 1, 1, 1, 1], [2, 2, 0.5, 0.5, 2], None)],
-    ids=["clean", "always numba", "never numba", "one noisy point smoothed", "native wins at the top"],
+     ([1, 1, 1, 1, 1], [2, 0.5, 2, 0.5, 0.5], 4), ([1, 1, 1, 1, 1], [2, 2, 0.5, 0.5, 2], None),
+     ([1, 1, 1, 1], [0.97, 0.98, 0.96, 0.97], None), ([1, 1, 1, 1], [2, 0.97, 0.9, 0.9], 4)],
+    ids=["clean", "always numba", "never numba", "one noisy point smoothed", "native wins at the top",
+         "a tie stays on native", "numba must win by the margin"],
 )
 def test_crossover_rule(native, numba, expected):
     sizes = [1 << k for k in range(len(native))]
     assert bench.crossover(sizes, native, numba) == expected
+
+
+def test_others_busy_is_the_share_of_the_machine_used_by_other_processes():
+    assert _cal.others_busy((10.0, 1.0), (13.0, 2.0), 2.0, 2) == 0.5
+    assert _cal.others_busy((10.0, 1.0), (11.0, 2.0), 2.0, 2) == 0.0  # all of it ours
+    assert _cal.others_busy(None, (11.0, 2.0), 2.0, 2) == 0.0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc/stat (Linux)")
+def test_a_busy_neighbour_is_seen_by_the_calibration():
+    """What decides whether a measured table is stored (``others_busy > BUSY``): one spinning process."""
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"])
+    try:
+        time.sleep(0.3)
+        before, t0 = _cal.cpu_snapshot(), time.monotonic()
+        time.sleep(1.0)
+        busy = _cal.others_busy(before, _cal.cpu_snapshot(), time.monotonic() - t0)
+    finally:
+        spin.kill()
+        spin.wait(timeout=10)
+    assert busy > _cal.BUSY * min(1.0, 2 / (os.cpu_count() or 1))  # one of the machine's CPUs was taken
 
 
 @pytest.mark.parametrize("lay", ["inner", "outer"])

@@ -37,27 +37,63 @@ LADDER = tuple(64 << 10 << i for i in range(10))
 NEVER = 1 << 62  # numba never won on the ladder: native at every size
 
 
-def crossover(sizes: list[int], native_ms: list[float], numba_ms: list[float]) -> int | None:
-    """Smallest ladder size from which numba is faster than native at that size and every larger one.
+#: numba must beat native by this factor (ratio numba/native below it, after smoothing) to be chosen: a tie
+#: goes to native (torch's own kernel), and a measurement that hovers around 1.0 cannot flip the choice
+MARGIN = 0.95
+#: a measurement during which other processes used more than this fraction of the machine's CPU time is
+#: not stored (its medians measure the neighbours): the built-in table stays, the next process measures again
+BUSY = 0.25
+
+
+def crossover(sizes: list[int], native_ms: list[float], numba_ms: list[float], margin: float = MARGIN) -> int | None:
+    """Smallest ladder size from which numba is faster than native, by at least ``1 / margin``, at that size
+    and every larger one.
 
     The ratios numba / native are first smoothed over each size and its two neighbours on the ladder
-    (median of three), so one noisy point does not move the crossover. None when native is at least
-    as fast at the largest size measured. Example::
+    (median of three), so one noisy point does not move the crossover; a smoothed ratio of ``margin`` or
+    more counts for native. None when native wins (or ties) at the largest size measured. Example::
 
         >>> crossover([1, 2, 4, 8, 16], [1.0, 1.0, 1.0, 1.0, 1.0], [2.0, 1.5, 0.5, 0.8, 0.7])
         4
         >>> crossover([1, 2, 4], [1.0, 1.0, 1.0], [2.0, 1.5, 1.2]) is None
+        True
+        >>> crossover([1, 2, 4], [1.0, 1.0, 1.0], [0.97, 0.98, 0.97]) is None  # a tie stays on native
         True
     """
     ratios = [b / a for a, b in zip(native_ms, numba_ms)]
     smooth = [statistics.median(ratios[max(0, i - 1):i + 2]) for i in range(len(ratios))]
     last_native = -1
     for i, r in enumerate(smooth):
-        if r >= 1.0:
+        if r >= margin:
             last_native = i
     if last_native == len(sizes) - 1:
         return None
     return sizes[last_native + 1]
+
+
+def cpu_snapshot() -> tuple[float, float] | None:
+    """``(CPU-seconds the whole machine has been busy, CPU-seconds of this process)`` now, from ``/proc/stat``
+    and :func:`os.times`; None where ``/proc/stat`` cannot be read (then nothing is judged busy)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:9]]
+        hz = float(os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, AttributeError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    t = os.times()
+    return (sum(fields) - idle) / hz, t.user + t.system
+
+
+def others_busy(before: tuple[float, float] | None, after: tuple[float, float] | None, wall: float,
+                cpus: int | None = None) -> float:
+    """Fraction of the machine's CPU time (``wall`` seconds × ``cpus``) that *other* processes used between two
+    :func:`cpu_snapshot` calls; 0.0 when either is None. Example: ``others_busy((10, 1), (13, 2), 2.0, 2)``
+    is ``0.5`` (3 CPU-seconds busy, 1 of them ours, out of 4)."""
+    if before is None or after is None or wall <= 0:
+        return 0.0
+    machine, own = after[0] - before[0], after[1] - before[1]
+    return max(0.0, machine - own) / (wall * (cpus or os.cpu_count() or 1))
 
 
 def calibration_shape(layout: str, nbytes: int) -> tuple[tuple[int, ...], int]:
@@ -99,12 +135,15 @@ def calibration_fns(mode: str, shape: tuple[int, ...], axis: int) -> dict:
 
 def measure(repeats: int = 7, sizes: tuple[int, ...] = LADDER, keys=None) -> dict:
     """Time native against numba on the ladder for each ``(mode, layout)``; ``{"table": {key: bytes},
-    "ladder": [{mode, layout, bytes, native_ms, numba_ms}, ...]}`` (``NEVER`` where numba never won)."""
+    "ladder": [{mode, layout, bytes, native_ms, numba_ms}, ...], "others_busy": fraction}`` (``NEVER`` where
+    numba never won; ``others_busy``: :func:`others_busy` over the measurement, compared with :data:`BUSY`
+    before the table is stored)."""
     from ..bench import side_by_side
     from . import dispatch
 
     keys = list(keys or dispatch.CROSSOVER_BYTES)
     out: dict = {"table": {}, "ladder": []}
+    start, before = time.monotonic(), cpu_snapshot()
     for mode, lay in keys:
         nat, nb = [], []
         for nbytes in sizes:
@@ -117,6 +156,7 @@ def measure(repeats: int = 7, sizes: tuple[int, ...] = LADDER, keys=None) -> dic
                                   "numba_ms": round(b, 4)})
         cross = crossover(list(sizes), nat, nb)
         out["table"][(mode, lay)] = NEVER if cross is None else cross
+    out["others_busy"] = round(others_busy(before, cpu_snapshot(), time.monotonic() - start), 3)
     return out
 
 

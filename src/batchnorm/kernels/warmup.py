@@ -402,7 +402,9 @@ def _calibrate_process() -> None:
         adopt(table, f"measured on this machine at {threads[0]} torch / {threads[1]} numba threads "
                      f"({calibrate.path(directory)})")
     else:
-        _info["crossovers"] = "built-in table (not measured here)"
+        result = str((_info.get("calibrate") or {}).get("result", ""))
+        _info["crossovers"] = ("built-in table (measurement " + result.split(";")[0] + ")" if result.startswith("deferred")
+                               else "built-in table (not measured here)")
 
 
 def adopt(table: dict, source: str) -> None:
