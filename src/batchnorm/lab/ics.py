@@ -533,7 +533,7 @@ def _vgg_run(ctx: Context, variant: str, lr: float, seed: int, steps: int, every
 def vgg_sweep(ctx: Context) -> dict:
     """Part 3: every (variant, rate) the two regimes need, for every seed. Returns ``{"runs": {"BN@0.1": [...]}}``."""
     steps = ctx.budget(300, 20)
-    every = ctx.budget(30, 10)
+    every = ctx.budget(50, 10)
     digits = vgg_digits()
     needed = []
     for _, _, lr_bn, lr_plain in REGIMES:

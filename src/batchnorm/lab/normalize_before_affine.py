@@ -163,7 +163,7 @@ def _as_affine(model: nn.Module) -> nn.Module:
 
 
 def run(ctx: Context) -> Section:
-    steps = ctx.budget(300, 20)  # the learning-rate sweep
+    steps = ctx.budget(200, 20)  # the learning-rate sweep
     probe_steps = ctx.budget(150, 20)  # the mechanism probes (weight norms, continuation)
     lrs = [0.01, 0.1, 0.3, 1.0, 3.0] if not ctx.quick else [0.1, 1.0]
     dyn_lr = 1.0

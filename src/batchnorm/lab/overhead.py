@@ -123,7 +123,7 @@ def run(ctx: Context) -> Section:
     x = x_all[:BATCH].reshape(-1, 1, 28, 28).contiguous()
     y = y_all[:BATCH]
     xi = x_all[:INFER_BATCH].reshape(-1, 1, 28, 28).contiguous()
-    rounds = ctx.budget(20, 4)
+    rounds = ctx.budget(12, 4)
     reps = ctx.budget(3, 2)
     kinds = {"no BN": "none", "torch.nn.BatchNorm2d": "torch", "ours (BatchNorm2d)": "ours",
              "ours fused with ReLU": "ours-fused"}
