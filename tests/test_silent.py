@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ from torch import nn
 
 import batchnorm as bn
 from batchnorm import zoo
+from batchnorm.diagnostics import describe, internal_covariate_shift, monitor
+from batchnorm.layers import interop
 from batchnorm.tools import bn_kind
 
 
@@ -275,12 +278,29 @@ def test_training_export_of_variants_differentiates_and_saves(variant):
         torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def _conv2d_patterns_only(monkeypatch) -> None:
+    """torchao's QAT fuse (prepare) and fold (convert) passes export their conv-BN patterns for conv1d, conv2d and
+    both transposed convs, up to 16 variants each: almost all of the test's time. The model has only a Conv2d, so
+    the other patterns cannot match it: leave them out (the conv2d ones run unchanged)."""
+    qat = pytest.importorskip("torchao.quantization.pt2e.qat_utils")
+    for name in ("_fuse_conv_bn_qat_helper", "_fold_conv_bn_qat_helper"):
+        helper = getattr(qat, name, None)
+        if helper is None:  # another torchao layout: run every pattern (slower, same checks)
+            continue
+
+        def only_conv2d(m, conv_fn, *args, _helper=helper, **kwargs):
+            return _helper(m, conv_fn, *args, **kwargs) if conv_fn is torch.nn.functional.conv2d else m
+
+        monkeypatch.setattr(qat, name, only_conv2d)
+
+
 @pytest.mark.slow
-def test_pt2e_qat_works_on_converted_models():
+def test_pt2e_qat_works_on_converted_models(monkeypatch):
     # torch's BN exports to the same graph node for node (the test above), so QAT applies to ours as to torch's;
-    # here it runs end to end once (prepare with the XNNPACK quantizer, train steps, convert: ~30 s quiet)
+    # here it runs end to end once (prepare with the XNNPACK quantizer, train steps, convert)
     pt2e = pytest.importorskip("torchao.quantization.pt2e.quantize_pt2e", reason="torchao is in the [dev] extra")
     xnn = pytest.importorskip("torchao.testing.pt2e._xnnpack_quantizer")
+    _conv2d_patterns_only(monkeypatch)
     model = bn.convert(_conv_bn()).train()
     gm = torch.export.export(model, (X,)).module()
     with pytest.warns(UserWarning, match="deprecated"):
@@ -292,6 +312,7 @@ def test_pt2e_qat_works_on_converted_models():
     root.move_exported_model_to_eval(prepared)  # the running statistics from here on, as the converted model
     fake = prepared(X).detach()
     converted = pt2e.convert_pt2e(prepared)
+    assert "batch_norm" not in converted.code  # QAT's conv-BN pattern matched: BN folded into the conv, as for torch's
     root.move_exported_model_to_eval(converted)
     quantized = converted(X)
     assert torch.isfinite(quantized).all()
@@ -446,3 +467,200 @@ def test_half_precision_statistics_are_float32_accurate_past_two_to_the_24():
     y = layer(x)
     assert abs(float(layer.running_mean) - float(want)) < 1e-4
     assert y.dtype == torch.float16 and abs(float(y.float().mean())) < 1e-3
+
+
+# -- 7. the same rule in the diagnostics, fold, and torch's SyncBatchNorm built from our tensors -------------------
+#
+# The diagnostics measure what the normalization computes, fold folds the normalization of timm's BatchNormAct2d
+# and keeps its activation and drop modules, and torch's SyncBatchNorm built from our tensors by a converter that
+# reads torch's attributes (timm's convert_sync_batchnorm) refuses to run what it cannot express.
+
+XK = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(1)) * 2 + 0.5
+
+
+def _pair(layer: nn.Module, reference: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """conv → layer, and conv → reference (batch norm alone, the same state)."""
+    torch.manual_seed(0)
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), layer))
+    ref = nn.Sequential(copy.deepcopy(model[0]), reference)
+    ref[1].load_state_dict(model[1].state_dict(), strict=False)  # act.*/drop.* have no counterpart
+    return model, ref
+
+
+#: name → (the layer, the same normalization without what it applies after)
+LAYERS = {
+    "timm BatchNormAct2d SiLU (in place)": lambda: (zoo.BatchNormAct2d(6, act_layer=nn.SiLU), nn.BatchNorm2d(6)),
+    "timm BatchNormAct2d ReLU + Dropout": lambda: (zoo.BatchNormAct2d(6, drop_layer=nn.Dropout), nn.BatchNorm2d(6)),
+    "timm SyncBatchNormAct": lambda: (zoo.SyncBatchNormAct(6, act_layer=nn.SiLU), nn.BatchNorm2d(6)),
+    "ours fused silu": lambda: (bn.BatchNorm2d(6, activation="silu"), bn.BatchNorm2d(6)),
+    "ours ghost, fused relu": lambda: (bn.GhostBatchNorm(6, virtual_batch_size=2, activation="relu"),
+                                       bn.GhostBatchNorm(6, virtual_batch_size=2)),
+    "ours renorm, fused tanh": lambda: (bn.BatchRenorm(6, r_max=1.5, d_max=0.5, activation="tanh"),
+                                        bn.BatchRenorm(6, r_max=1.5, d_max=0.5)),
+    "ours with act module (from convert)": lambda: (
+        bn.convert(nn.Sequential(zoo.BatchNormAct2d(6, act_layer=nn.Hardswish)))[0], bn.BatchNorm2d(6)),
+}
+
+OUTPUT_STATS = ("output_skewness", "output_excess_kurtosis", "relu_zero_fraction", "batch_mean", "running_mean")
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_monitor_records_what_the_normalization_computes(name):
+    model, ref = _pair(*LAYERS[name]())
+    untouched = copy.deepcopy(model)
+    runs = {}
+    for label, net in (("layer", model), ("reference", ref)):
+        with monitor(net) as mon:
+            for train in (True, False):
+                torch.manual_seed(3)
+                net.train(train)(XK)
+        runs[label] = {(r["step"], r["statistic"]): r["values"] for r in mon.records if r["layer"] == "1"}
+    assert set(runs["layer"]) == set(runs["reference"]) and len(runs["layer"]) > 8
+    for key, want in runs["reference"].items():
+        if key[1] in OUTPUT_STATS:
+            torch.testing.assert_close(torch.tensor(runs["layer"][key]), torch.tensor(want), rtol=1e-4, atol=1e-5,
+                                       msg=f"{name} {key}")
+    # the layer really applies more (what a hook on it sees differs), and monitoring changed nothing in it
+    assert not torch.allclose(model.eval()(XK), ref.eval()(XK), atol=1e-3)
+    torch.manual_seed(3)
+    untouched.train()(XK)
+    for (k, a), b in zip(model.state_dict().items(), untouched.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_monitor_refuses_a_batch_norm_it_cannot_read_and_describe_says_what_each_layer_is():
+    with pytest.raises(ValueError, match=r"monitor: layer '1' \(.*_Scaled\) is a batch norm that does more than batch "
+                                         r"norm \(its own forward\), so monitor cannot know what it normalizes"):
+        monitor(nn.Sequential(nn.Conv2d(3, 4, 3), _Scaled(4)))
+    tv = zoo.FrozenBatchNorm2d(4)
+    del tv.num_features  # torchvision's keeps no num_features (timm's and detectron2's do)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), zoo.BatchNormAct2d(4, drop_layer=nn.Dropout), tv, _Scaled(4),
+                          zoo.FrozenBatchNormAct2d(4))
+    rows = {r["layer"]: r for r in describe(model, XK).rows}
+    assert list(rows) == ["1", "2", "3", "4"]
+    assert rows["1"]["note"] == "BatchNormAct2d applies its own Dropout/ReLU after normalizing"
+    assert rows["1"]["samples_per_statistic"] == 4 * 3 * 3
+    assert (rows["2"]["features"], rows["2"]["momentum"], rows["2"]["running"].split(",")[0]) == (4, None, "frozen")
+    assert rows["3"]["note"].startswith("_Scaled does more than batch norm")
+    assert rows["4"]["note"] == "FrozenBatchNormAct2d reduces nothing: it applies fixed statistics"
+    # internal covariate shift reports the weight layers only, by the same rule
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), zoo.BatchNormAct2d(4), tv, nn.Flatten(), nn.Linear(36, 2))
+    ics = internal_covariate_shift(net, nn.functional.mse_loss, (XK, torch.zeros(4, 2)), lr=0.1)
+    assert list(ics) == ["0", "4"]
+
+
+# -- fold: the normalization of an "act" layer folds, its modules stay ------------------------------------------
+
+FOLD_CASES = {
+    "SiLU": lambda: zoo.BatchNormAct2d(6, act_layer=nn.SiLU),
+    "Hardswish + Dropout": lambda: zoo.BatchNormAct2d(6, act_layer=nn.Hardswish, drop_layer=nn.Dropout),
+    "apply_act=False": lambda: zoo.BatchNormAct2d(6, apply_act=False),
+    "frozen act (timm)": lambda: zoo.freeze_batch_norm_2d(nn.Sequential(zoo.BatchNormAct2d(6)))[0],
+    "ours with act module": lambda: bn.convert(nn.Sequential(zoo.BatchNormAct2d(6, act_layer=nn.Hardswish)))[0],
+    "ours frozen with act module": lambda: bn.freeze(nn.Sequential(zoo.BatchNormAct2d(6, act_layer=nn.Hardswish)))[0],
+}
+
+
+@pytest.mark.parametrize("name", list(FOLD_CASES))
+@pytest.mark.parametrize("traceable", [True, False], ids=["fx", "sequential"])
+def test_fold_folds_the_normalization_and_keeps_act_and_drop(name, traceable):
+    torch.manual_seed(0)
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), FOLD_CASES[name](), nn.Conv2d(6, 4, 1))).eval()
+    if not traceable:
+        model[2] = _Untraceable(model[2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        folded, records = bn.fold(model, report=True, example_input=XK)
+    assert not [w for w in caught if "fold" in str(w.message)]  # no layer left unchanged, outputs as the original
+    assert [(r.bn, r.action, r.target) for r in records] == [("1", "folded_into_previous", "0")], records
+    kept = [type(m).__name__ for m in folded.modules() if isinstance(m, (nn.SiLU, nn.ReLU, nn.Hardswish, nn.Dropout))]
+    assert kept == [type(m).__name__ for m in model[1].children() if type(m) is not nn.Identity]
+    assert not any(bn.tools.bn_kind(m) for m in folded.modules())
+    torch.testing.assert_close(folded(XK), model(XK), rtol=1e-5, atol=1e-5)
+
+
+class _Untraceable(nn.Module):
+    """Branches on a value: fx cannot trace it, so fold takes its nn.Sequential path."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x) if x.sum() > -1e9 else x
+
+
+def test_fold_in_training_mode_still_says_so():
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 6, 3), zoo.BatchNormAct2d(6)))
+    with pytest.warns(UserWarning, match=r"fold: 1 BN layer\(s\) were left unchanged: '1': in training mode"):
+        bn.fold(model.train())
+
+
+# -- torch.nn.SyncBatchNorm on our tensors (timm's convert_sync_batchnorm) ---------------------------------------
+
+X4 = torch.randn(4, 6, 3, 3)
+
+SYNC_REFUSED = {  # name -> (our layer, its input, what torch's layer would drop)
+    "fused activation": (lambda: bn.BatchNorm2d(6, activation="silu"), X4,
+                         r"BatchNorm2d\(6\), whose .* drop its fused activation='silu'"),
+    "axis -1": (lambda: bn.BatchNorm(5, axis=-1), torch.randn(4, 3, 5), r"BatchNorm\(5\), .* drop its feature axis -1"),
+    "ghost": (lambda: bn.GhostBatchNorm(6, virtual_batch_size=2), X4, "drop its ghost batches"),
+    "renorm": (lambda: bn.BatchRenorm(6), X4, "drop its renormalization"),
+    "act module": (lambda: bn.convert(nn.Sequential(zoo.BatchNormAct2d(6, act_layer=nn.Hardswish)))[0], X4,
+                   "drop its act/drop modules"),
+    "fused by convert": (lambda: bn.convert(nn.Sequential(nn.BatchNorm2d(6), nn.ReLU()), fuse_activations=True)[0],
+                         X4, "drop its fused activation='relu'"),
+    "no running stats, moved": (lambda: bn.BatchNorm(6, activation="relu", track_running_stats=False).double(),
+                                X4.double(), "drop its fused activation='relu'"),
+}
+
+
+@pytest.mark.parametrize("name", list(SYNC_REFUSED))
+def test_torch_syncbatchnorm_built_from_our_tensors_refuses_what_it_cannot_express(name):
+    make, x, what = SYNC_REFUSED[name]
+    model = _randomize(nn.Sequential(make())).eval()
+    synced = zoo.convert_sync_batchnorm(copy.deepcopy(model))
+    assert type(synced[0]) is nn.SyncBatchNorm
+    msg = (rf"torch.nn.SyncBatchNorm\(\d\) runs on the parameters and running statistics of batchnorm's .*{what}.*"
+           r"batchnorm.convert\(model, to=batchnorm.SyncBatchNorm\)")
+    copies = [synced, pickle.loads(pickle.dumps(synced))]
+    if synced[0].running_mean is not None:  # torch's Parameter.__deepcopy__ drops attributes; buffers keep them
+        copies.append(copy.deepcopy(synced))
+    for net in copies:
+        with pytest.raises(RuntimeError, match=msg):
+            net(x)
+    # batchnorm's route keeps everything
+    ours = bn.convert(model, to=bn.SyncBatchNorm).eval()
+    torch.testing.assert_close(ours(x), model(x))
+
+
+def test_torch_syncbatchnorm_on_plain_layers_and_equivalent_axes_runs():
+    for layer, x in ((bn.BatchNorm2d(6), torch.randn(4, 6, 3, 3)), (bn.BatchNorm(6, axis=-1), torch.randn(8, 6)),
+                     (bn.BatchNorm(6, activation="relu"), torch.randn(8, 6))):
+        if layer.activation is not None:
+            layer.activation = None  # documented: set by hand, the mark stays until the layer is moved
+            layer.float()
+        model = _randomize(nn.Sequential(layer)).eval()
+        synced = zoo.convert_sync_batchnorm(copy.deepcopy(model))
+        torch.testing.assert_close(synced(x), model(x))
+    # a state dict carries no mark: torch's layer loaded from it is torch's layer
+    fresh = nn.SyncBatchNorm(6).eval()
+    fresh.load_state_dict(bn.BatchNorm(6, activation="silu").state_dict())
+    fresh(torch.randn(4, 6))
+    # interop.uninstall restores torch's forward, and the rule still calls torch's SyncBatchNorm batch norm
+    interop.uninstall()
+    try:
+        assert nn.SyncBatchNorm.forward is interop._TORCH_SYNC_FORWARD
+        assert bn.tools.bn_kind(nn.SyncBatchNorm(4)) == "bn"
+    finally:
+        interop.install()
+    assert nn.SyncBatchNorm.forward is interop._sync_forward and bn.tools.bn_kind(nn.SyncBatchNorm(4)) == "bn"
+
+
+def test_torch_syncbatchnorm_with_the_check_still_compiles_in_one_graph():
+    # the check is plain Python dynamo inlines (a functools.wraps wrapper claiming torch's module was skipped)
+    for train in (True, False):
+        model = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4))).train(train)
+        torch._dynamo.reset()
+        compiled = torch.compile(copy.deepcopy(model), backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(XK), model(XK))

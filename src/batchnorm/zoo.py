@@ -744,6 +744,8 @@ def freeze(root: nn.Module) -> nn.Module:
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     """timm's ``convert_sync_batchnorm``: every ``_BatchNorm`` → ``torch.nn.SyncBatchNorm`` built from torch's
     attributes (``BatchNormAct2d`` → :class:`SyncBatchNormAct`, act and drop kept), parameters and buffers shared.
+    Built from one of our layers that torch's class cannot express (fused activation, ``axis != 1``, ghost batches,
+    renorm, act/drop modules), the torch layer refuses to run (``RuntimeError``; ``batchnorm.layers.interop``).
 
     Shape: unchanged. Example: ``convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(4)))[0]`` is a SyncBatchNorm.
     """

@@ -8,17 +8,21 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers.base import BatchNorm
 from ..layers.frozen import FrozenBatchNorm
+from ..tools.convert import after_modules, bn_features, bn_kind, is_frozen, unknown_error
 
-BN_TYPES: tuple[type, ...] = (_BatchNorm, BatchNorm, FrozenBatchNorm)
+__all__ = ["after_modules", "bn_features", "bn_kind", "bn_layers", "feature_axis", "is_bn_like", "is_frozen",
+           "unknown_error"]
 
 
 def is_bn_like(module: nn.Module) -> bool:
-    """True for ``torch.nn`` batch norms (incl. ``SyncBatchNorm``), ours (every variant) and FrozenBatchNorm."""
-    return isinstance(module, BN_TYPES)
+    """A batch norm of any kind the tools know (:func:`batchnorm.tools.bn_kind` is not None, the one rule every tool
+    applies): ``torch.nn`` batch norms (incl. ``SyncBatchNorm``), ours (every variant), FrozenBatchNorm, timm's
+    ``BatchNormAct2d``/``SyncBatchNormAct``/``FrozenBatchNormAct2d``, torchvision's ``FrozenBatchNorm2d``, and
+    ``_BatchNorm`` subclasses that do more (kind ``"unknown"``)."""
+    return bn_kind(module) is not None
 
 
 def feature_axis(module: nn.Module) -> int:

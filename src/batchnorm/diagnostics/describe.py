@@ -8,8 +8,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers.frozen import FrozenBatchNorm
-from ._common import bn_layers, call, check_model, feature_axis, preserved
+from ._common import (
+    after_modules,
+    bn_features,
+    bn_kind,
+    bn_layers,
+    call,
+    check_model,
+    feature_axis,
+    is_frozen,
+    preserved,
+)
 
 __all__ = ["Description", "describe"]
 
@@ -56,7 +65,7 @@ def _running_state(m: nn.Module) -> str:
     mean_abs = float(rm.detach().abs().float().mean())
     mean_var = float(rv.detach().float().mean())
     nbt = getattr(m, "num_batches_tracked", None)
-    seen = "frozen" if isinstance(m, FrozenBatchNorm) else (f"{int(nbt)} batches" if nbt is not None else "? batches")
+    seen = "frozen" if is_frozen(m) else (f"{int(nbt)} batches" if nbt is not None else "? batches")
     return f"{seen}, mean|μ|={mean_abs:.3g}, mean σ²={mean_var:.3g}"
 
 
@@ -65,7 +74,7 @@ def _row(name: str, m: nn.Module, shape: tuple[int, ...] | None) -> dict[str, An
     row: dict[str, Any] = {
         "layer": name,
         "type": type(m).__name__,
-        "features": int(m.num_features),
+        "features": bn_features(m),
         "axis": axis,
         "input_shape": shape,
         "reduction_axes": None,
@@ -75,7 +84,7 @@ def _row(name: str, m: nn.Module, shape: tuple[int, ...] | None) -> dict[str, An
         "mode": "train" if m.training else "eval",
         "note": "",
     }
-    if not isinstance(m, FrozenBatchNorm):
+    if not is_frozen(m):
         mom = getattr(m, "momentum", None)
         row["momentum"] = "cumulative (None)" if mom is None else float(mom)
     if shape is not None and len(shape) >= 2 and -len(shape) <= axis < len(shape):
@@ -91,17 +100,26 @@ def _row(name: str, m: nn.Module, shape: tuple[int, ...] | None) -> dict[str, An
         if type(m).__name__ == "SyncBatchNorm":
             row["note"] = "SyncBatchNorm counts this process's batch; training merges all processes' batches"
         row["samples_per_statistic"] = count
-    if isinstance(m, FrozenBatchNorm):
-        row["note"] = "FrozenBatchNorm reduces nothing: it applies fixed statistics"
+    kind = bn_kind(m)
+    if is_frozen(m):
+        row["note"] = f"{type(m).__name__} reduces nothing: it applies fixed statistics"
+    elif kind == "unknown":
+        row["note"] = (f"{type(m).__name__} does more than batch norm (its own forward or other children): what it "
+                       "normalizes is not known")
     elif shape is None and not hasattr(m, "last_input_shape"):
         row["note"] = "torch.nn layers do not record their input shape: pass example_input to describe()"
+    if kind == "act" and not row["note"]:
+        names = "/".join(type(c).__name__ for c in after_modules(m))
+        row["note"] = f"{type(m).__name__} applies its own {names} after normalizing"
     return row
 
 
 def describe(model: nn.Module, example_input: Any = None) -> Description:
     r"""A table of every BN-like layer: type, features, reduction axes, samples per statistic, momentum, running state.
 
-    Per layer (torch batch norms, ``batchnorm.BatchNorm`` and variants, FrozenBatchNorm):
+    Per layer (every batch norm the tools recognize, :func:`batchnorm.tools.bn_kind`: torch's, ``batchnorm.BatchNorm``
+    and variants, FrozenBatchNorm, timm's ``BatchNormAct2d``, torchvision's ``FrozenBatchNorm2d``, ...; one that does
+    more than batch norm is listed with a note saying so):
 
     * ``input_shape``: the last input shape seen (see below), or unknown;
     * ``reduction_axes``: every axis but the feature axis (``.axis`` on our layers, 1 on torch's):

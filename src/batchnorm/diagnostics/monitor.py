@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,10 @@ import torch
 from torch import nn
 
 from ..functional import batch_stats
-from ._common import bn_layers, check_model, feature_axis
+from ..layers.base import BatchNorm
+from ..layers.interop import _ModulesAfter
+from ..layers.sync import SyncBatchNorm, _group_world
+from ._common import after_modules, bn_features, bn_kind, bn_layers, check_model, feature_axis, unknown_error
 
 __all__ = ["Monitor", "monitor", "STATISTICS"]
 
@@ -96,7 +100,10 @@ class Monitor:
         self.gamma_threshold = float(gamma_threshold)
         self.layers = bn_layers(model)
         for name, m in self.layers:
-            c = int(m.num_features)
+            if bn_kind(m) == "unknown":
+                raise unknown_error(m, f"layer '{name}'", "monitor", "monitor cannot know what it normalizes or "
+                                    "outputs, and its records would not be batch norm's")
+            c = bn_features(m)
             if not -c <= feature < c:
                 raise ValueError(
                     f"monitor expected feature to index every monitored layer's features, got feature={feature} but "
@@ -108,7 +115,7 @@ class Monitor:
         self._records: list[dict[str, Any]] = []
         self._steps: list[int] = []
         self._recording = False
-        self._pending: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self._pending: dict[int, dict[str, Any]] = {}
         self._handles: list[Any] = []
 
     # -- context manager -------------------------------------------------------------------
@@ -119,6 +126,9 @@ class Monitor:
         for name, m in self.layers:
             self._handles.append(m.register_forward_pre_hook(self._before, with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._make_after(name), with_kwargs=True))
+            after = after_modules(m)
+            if after and not _fused(m):  # the normalization's output is what its first drop/act child receives
+                self._handles.append(after[0].register_forward_pre_hook(self._make_site(name, m)))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -146,25 +156,53 @@ class Monitor:
         if not self._recording:
             return
         rm, rv = getattr(module, "running_mean", None), getattr(module, "running_var", None)
-        # running estimates *before* this forward updates them: the ones eval mode would have used
-        self._pending[id(module)] = (
-            None if rm is None else rm.detach().clone(),
-            None if rv is None else rv.detach().clone(),
-        )
+        x = args[0] if args else kwargs.get("x", kwargs.get("input"))
+        pending: dict[str, Any] = {
+            # running estimates *before* this forward updates them: the ones eval mode would have used
+            "running": (None if rm is None else rm.detach().clone(), None if rv is None else rv.detach().clone()),
+            "x": x,
+            "mask": kwargs.get("mask", args[1] if len(args) > 1 else None),
+            "done": False,
+        }
+        if _fused(module):  # every buffer as it was, for the same normalization without the activation
+            pending["buffers"] = {k: None if v is None else v.detach().clone() for k, v in module._buffers.items()}
+        self._pending[id(module)] = pending
+
+    def _make_site(self, name: str, layer: nn.Module):
+        def site(module: nn.Module, args: Any) -> None:
+            pending = self._pending.get(id(layer))
+            if not self._recording or pending is None or pending["done"] or not args:
+                return
+            pending["done"] = True  # read now: an in-place activation overwrites this tensor next
+            self._take(name, layer, pending, args[0])
+
+        return site
 
     def _make_after(self, name: str):
         def after(module: nn.Module, args: Any, kwargs: dict, output: Any) -> None:
             if not self._recording:
                 return
-            running = self._pending.pop(id(module), (None, None))
-            x = args[0] if args else kwargs.get("x", kwargs.get("input"))
-            mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
-            if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor) or x.numel() == 0:
+            pending = self._pending.pop(id(module), None)
+            if pending is None or pending["done"]:
                 return
-            with torch.no_grad():
-                self._record(name, module, x.detach(), output.detach(), mask, running)
+            if after_modules(module) and not _fused(module):
+                raise RuntimeError(
+                    f"monitor: layer '{name}' ({type(module).__name__}) did not call its "
+                    f"{type(after_modules(module)[0]).__name__} module after normalizing, so its normalization's "
+                    "output was not seen (its output includes its drop/act modules). Monitor it without them."
+                )
+            if _fused(module):
+                output = _normalization(name, module, pending)
+            self._take(name, module, pending, output)
 
         return after
+
+    def _take(self, name: str, module: nn.Module, pending: dict[str, Any], y: Any) -> None:
+        x = pending["x"]
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.numel() == 0:
+            return
+        with torch.no_grad():
+            self._record(name, module, x.detach(), y.detach(), pending["mask"], pending["running"])
 
     def _record(self, name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: Any, running: Any) -> None:
         axis = feature_axis(module) % x.dim()
@@ -316,6 +354,38 @@ class Monitor:
         ax.legend(loc="best", fontsize=8)
 
 
+def _fused(module: nn.Module) -> bool:
+    """One of our layers with a fused activation: its output is ``act(BN(x))``, so BN's own is recomputed."""
+    return isinstance(module, BatchNorm) and module.__dict__.get("activation") not in (None, "identity")
+
+
+def _normalization(name: str, layer: nn.Module, pending: dict[str, Any]) -> torch.Tensor | None:
+    """What our ``layer``'s normalization computed in the call just made, without its fused activation: the same
+    forward on a shallow twin (its own attribute dict, every buffer as it was before the call, no activation),
+    called outside the hooks; the layer itself is not touched."""
+    x, mask = pending["x"], pending["mask"]
+    if not isinstance(x, torch.Tensor):
+        return None
+    if isinstance(layer, SyncBatchNorm) and layer.training and _group_world(layer.process_group) > 1:
+        raise RuntimeError(
+            f"monitor: layer '{name}' (SyncBatchNorm) has a fused activation={layer.activation!r}, so its output is "
+            "not batch norm's, and in training across processes its normalization cannot be recomputed without "
+            "another collective. Monitor it in a model built without the fused activation, or in eval mode."
+        )
+    twin = object.__new__(type(layer))
+    state = {k: v for k, v in layer.__dict__.items() if k not in _PER_CALL}
+    state["_buffers"], state["activation"] = pending["buffers"], None
+    twin.__dict__.update(state)
+    base = layer._base if isinstance(layer, _ModulesAfter) else type(layer)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the call itself has warned already (non-finite statistics)
+        return base.forward(twin, x) if mask is None else base.forward(twin, x, mask)
+
+
+#: per-layer caches and counters a twin must not share (fast-path plans, checked settings, refused batches)
+_PER_CALL = ("_fast", "_settings", "_checked_input", "_refused_flags", "_refused_device", "_refused_total")
+
+
 def monitor(
     model: nn.Module,
     *,
@@ -328,9 +398,12 @@ def monitor(
 ) -> Monitor:
     r"""Watch every BN-like layer of ``model``: a context manager that records per-feature summaries.
 
-    BN-like layers are ``torch.nn`` batch norms (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``),
-    :class:`batchnorm.BatchNorm` and every subclass (BatchRenorm, GhostBatchNorm, ...) and
-    :class:`batchnorm.FrozenBatchNorm`. A *step* is one call of ``model`` (the first call inside the
+    BN-like layers are those every tool of the package recognizes (:func:`batchnorm.tools.bn_kind`):
+    ``torch.nn`` batch norms (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``), :class:`batchnorm.BatchNorm` and every
+    subclass (BatchRenorm, GhostBatchNorm, ...), :class:`batchnorm.FrozenBatchNorm`, timm's ``BatchNormAct2d``,
+    ``SyncBatchNormAct`` and ``FrozenBatchNormAct2d``, torchvision's/detectron2's ``FrozenBatchNorm2d``. A
+    ``_BatchNorm`` subclass with its own ``forward`` or other children is refused (ValueError naming it): what it
+    normalizes is not known. A *step* is one call of ``model`` (the first call inside the
     block is step 0); steps ``0, every, 2·every, ...`` are recorded, in training and evaluation alike.
     For every recorded call of a layer with input ``x`` (positions where its ``mask`` is true only;
     statistics from :func:`batchnorm.functional.batch_stats`) and output ``y``, per feature ``c``:
@@ -356,8 +429,13 @@ def monitor(
                                 signal) or ``|γ| < gamma_threshold`` (default 1e-3)
     ==========================  ===============================================================
 
-    Statistics of ``y`` are those of the layer's output (``γ·x̂ + β``), so the skewness is that of
-    ``x̂`` times the sign of ``γ`` and the kurtosis that of ``x̂``. GhostBatchNorm and SyncBatchNorm are
+    ``y`` is what the normalization computes, ``γ·x̂ + β``, so the skewness is that of ``x̂`` times the sign
+    of ``γ`` and the kurtosis that of ``x̂``; also where the layer applies more. For timm's ``BatchNormAct2d``
+    (and ours that :func:`batchnorm.convert` built with its ``drop``/``act`` modules) ``y`` is what its first
+    ``drop``/``act`` module receives, not the activated output; for our layers with a fused ``activation`` it is
+    the same normalization recomputed without the activation (one more normalize per recorded call; a
+    ``SyncBatchNorm`` with a fused activation training across processes is refused with a RuntimeError, since that
+    would take another collective). GhostBatchNorm and SyncBatchNorm are
     summarized over the whole local batch (not per ghost batch, not across processes). A layer
     called several times in one step (shared weights) gets one set of records per call, in call order.
 

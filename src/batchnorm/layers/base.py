@@ -157,6 +157,7 @@ class BatchNorm(_BatchNorm):
             self.register_buffer("num_batches_tracked", None)
         self.last_input_shape: tuple[int, ...] | None = None
         self.reset_parameters()
+        _mark(self)  # what torch's SyncBatchNorm built on these tensors would drop (layers/interop.py)
 
     # -- state ---------------------------------------------------------------------------------
     def reset_running_stats(self) -> None:
@@ -409,10 +410,22 @@ class BatchNorm(_BatchNorm):
             plans = d["_fast"] = _Plans()
         plans[(shape, d["training"])] = plan
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        _mark(self)  # copy.deepcopy and pickle re-create parameters without their attributes
+
     def _apply(self, *args, **kwargs):
         """``nn.Module._apply`` (``.to()``, ``.double()``, ``.cuda()``, ...), dropping the fast-path plans first."""
         self.__dict__.pop("_fast", None)
-        return super()._apply(*args, **kwargs)
+        out = super()._apply(*args, **kwargs)
+        _mark(self)  # moved buffers are new tensors: mark them as the old ones were
+        return out
+
+
+def _mark(layer: BatchNorm) -> None:
+    from .interop import mark  # interop imports this module
+
+    mark(layer)
 
 
 #: GPU refusal flags kept per layer before they are folded into one device count.

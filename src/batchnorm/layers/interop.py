@@ -16,7 +16,12 @@ wrappers only act on our layers and hand every other module to torch's original 
   folded conv would drop, or whose feature axis is not the conv's channel axis / the linear's output axis;
 * ``torch.ao.quantization.fuse_modules`` — fuser methods registered for ``(Conv1d/2d/3d, ours)``,
   ``(Conv*, ours, ReLU)`` and ``(Linear, ours)``: eval mode folds (keeping a fused activation as a
-  module after the folded conv); quantization-aware training needs torch's BN (clear error).
+  module after the folded conv); quantization-aware training needs torch's BN (clear error);
+* ``torch.nn.SyncBatchNorm.forward`` — refuses (``RuntimeError``) to run on the parameters or running
+  statistics of one of our layers that torch's class cannot express (a fused activation, a feature axis other
+  than 1, ghost batches, renormalization, act/drop modules). Converters that rebuild ``torch.nn.SyncBatchNorm``
+  from torch's attributes and share the tensors (timm's ``convert_sync_batchnorm``) would drop those silently;
+  our layers mark their tensors (:func:`mark`) and this check reads the mark: one dict and one attribute lookup.
 
 :func:`uninstall` restores torch's originals.
 """
@@ -27,6 +32,7 @@ import functools
 import inspect
 
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _export
 from .base import RANK_FUSED, BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -34,12 +40,94 @@ from .ghost import GhostBatchNorm
 from .renorm import BatchRenorm
 from .sync import SyncBatchNorm
 
-__all__ = ["install", "uninstall", "check_foldable", "convert_to_sync", "fuser_method", "with_modules"]
+__all__ = ["install", "uninstall", "check_foldable", "convert_to_sync", "fuser_method", "with_modules", "mark",
+           "TORCH_FORWARDS"]
 
 _OURS = (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, *RANK_FUSED.values(), SyncBatchNorm, GhostBatchNorm,
          BatchRenorm)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _saved: dict[str, object] = {}
+
+
+# -- torch.nn.SyncBatchNorm built from our tensors (timm's convert_sync_batchnorm) ------------------------------
+
+#: attribute set on the parameters and buffers of our layers that torch's SyncBatchNorm cannot express
+MARK = "_batchnorm_not_torch"
+_TORCH_SYNC_FORWARD = nn.SyncBatchNorm.__dict__["forward"]  # torch's own (interop is imported before install)
+
+
+def _inexpressible(layer: nn.Module) -> tuple[str, str, int] | None:
+    """``(layer label, what torch's class would drop, feature axis)``, or None when torch's class is exact."""
+    d = layer.__dict__
+    lost = []
+    act = d.get("activation")
+    if act not in (None, "identity"):
+        lost.append(f"its fused activation={act!r}")
+    if isinstance(layer, GhostBatchNorm):
+        lost.append("its ghost batches (virtual_batch_size)")
+    if isinstance(layer, BatchRenorm):
+        lost.append("its renormalization (r_max, d_max)")
+    if isinstance(layer, _ModulesAfter):
+        lost.append("its act/drop modules")
+    axis = d.get("axis", 1)
+    if not lost and axis == 1:
+        return None
+    if axis != 1:
+        lost.append(f"its feature axis {axis} (torch's class normalizes axis 1)")
+    return f"batchnorm's {layer._get_name()}({d.get('num_features')})", ", ".join(lost), axis
+
+
+def mark(layer: nn.Module) -> None:
+    """Mark (or unmark) the parameters and buffers of our ``layer`` with what torch's SyncBatchNorm would drop.
+
+    Called when a layer is built, moved (``_apply``) or given a fused activation (``convert(...,
+    fuse_activations=True)``). The mark is a plain attribute of the tensor objects, so it travels with them into
+    any module that shares them (timm's converter), through ``copy.deepcopy`` (buffers; torch re-creates
+    parameters without attributes) and pickling, but not into ``state_dict()`` (detached copies).
+
+    Shape: not applicable. Example: ``mark(BatchNorm(8, activation="relu"))``.
+    """
+    info = _inexpressible(layer)
+    for tensors in (layer._parameters, layer._buffers):
+        for t in tensors.values():
+            if t is None:
+                continue
+            if info is None:
+                if getattr(t, MARK, None) is not None:
+                    delattr(t, MARK)
+            else:
+                setattr(t, MARK, info)
+
+
+def _refuse_torch_sync(layer: nn.Module, info: tuple[str, str, int], x) -> None:
+    source, lost, axis = info
+    if lost == f"its feature axis {axis} (torch's class normalizes axis 1)" and getattr(x, "dim", None) is not None:
+        rank = x.dim()
+        if -rank <= axis < rank and axis % rank == 1:
+            return  # e.g. axis=-1 on (N, C): the same axis as torch's
+    raise RuntimeError(
+        f"torch.nn.SyncBatchNorm({layer.num_features}) runs on the parameters and running statistics of {source}, "
+        f"whose numbers torch's class cannot reproduce: it would drop {lost}. It was built from that layer by a "
+        "converter that reads torch's attributes and shares the tensors (timm's convert_sync_batchnorm does). Convert "
+        "with batchnorm.convert(model, to=batchnorm.SyncBatchNorm) instead (or torch.nn.SyncBatchNorm."
+        "convert_sync_batchnorm, which keeps every option of our layers), then apply timm's converter if you need it "
+        "for other layers."
+    )
+
+
+def _sync_forward(self, input):
+    ref = self._buffers.get("running_mean")
+    if ref is None:
+        ref = self._parameters.get("weight")
+    info = getattr(ref, MARK, None)
+    if info is not None:
+        _refuse_torch_sync(self, info, input)
+    return _TORCH_SYNC_FORWARD(self, input)
+
+
+# (no functools.wraps: a wrapper that claims torch's module and __wrapped__ is skipped by dynamo in training mode)
+#: torch's batch-norm forwards (``_BatchNorm.forward``, ``SyncBatchNorm.forward`` with and without the check)
+TORCH_FORWARDS = (_BatchNorm.forward, _TORCH_SYNC_FORWARD, _sync_forward)
 
 
 def check_foldable(layer: nn.Module, bn: BatchNorm, what: str, *, keeps_activation: bool = False) -> None:
@@ -168,6 +256,7 @@ def install() -> None:
         return original_sync(cls, module, process_group)  # recurses through cls.convert_sync_batchnorm (this)
 
     nn.SyncBatchNorm.convert_sync_batchnorm = classmethod(convert_sync_batchnorm)  # type: ignore[assignment]
+    nn.SyncBatchNorm.forward = _sync_forward  # type: ignore[method-assign]
 
     def guarded(original, kind):
         @functools.wraps(original)
@@ -203,6 +292,7 @@ def uninstall() -> None:
     from torch.ao.quantization import fuser_method_mappings as fmm
 
     nn.SyncBatchNorm.convert_sync_batchnorm = _saved["convert_sync_batchnorm"]  # type: ignore[assignment]
+    nn.SyncBatchNorm.forward = _TORCH_SYNC_FORWARD  # type: ignore[method-assign]
     for kind in ("fuse_conv_bn_eval", "fuse_linear_bn_eval"):
         setattr(fusion, kind, _saved[kind])
         setattr(nn_utils, kind, _saved[kind])

@@ -327,36 +327,54 @@ class Standardizer(nn.Module):
         return (y.to(sd) * scale + lo + hi).to(y.dtype)
 
 
-def _select_input(batch: Any, key: str | int | Callable[[Any], torch.Tensor] | None, i: int) -> torch.Tensor:
-    """The input tensor of one batch of :meth:`Standardizer.fit` (rules in its docstring)."""
+def select_input(batch: Any, key: Any, i: int, tool: str, *, entry: str, named: str, returns: str,
+                 dict_hint: str) -> Any:
+    """The input of batch ``i``: ``key(batch)``, ``batch[key]``, the batch itself, or element 0 of a tuple/list.
+
+    Shared by :meth:`Standardizer.fit` and :func:`batchnorm.adapt`; the wording of the errors is the caller's:
+    ``tool`` names it, ``entry`` is what a dict batch leaves unclear (``"the input"``), ``named`` what ``key`` names
+    (``"the input tensor"``), ``returns`` what a callable key returns, ``dict_hint`` the advice for dict batches
+    (``{example}`` is replaced by one of its keys). A dict without ``key``, or a ``key`` the batch does not have,
+    raises TypeError; checking what comes back is the caller's.
+
+    Shape: not applicable. Example: ``select_input((x, y), None, 0, "fit", ...)`` is ``x``.
+    """
     if callable(key):
-        chunk = key(batch)
-        got = f"key(batch {i}) returned {type(chunk).__name__}"
-    elif key is not None:
+        return key(batch)
+    if key is not None:
         try:
-            chunk = batch[key]
+            return batch[key]
         except (KeyError, IndexError, TypeError) as exc:
             keys = f" (its keys: {list(batch)[:10]})" if isinstance(batch, dict) else ""
             raise TypeError(
-                f"Standardizer.fit could not take key={key!r} from batch {i} of type {type(batch).__name__}{keys}: "
-                f"{exc!r}. Pass the name/index of the input tensor in each batch, or key=callable(batch) -> tensor."
+                f"{tool} could not take key={key!r} from batch {i} of type {type(batch).__name__}{keys}: {exc!r}. "
+                f"Pass the name/index of {named} in each batch, or key=callable(batch) -> {returns}."
             ) from None
-        got = f"batch {i}[{key!r}] is {type(chunk).__name__}"
-    elif isinstance(batch, dict):
+    if isinstance(batch, dict):
         names = list(batch)[:10]
         example = next((k for k in names if isinstance(batch[k], torch.Tensor)), names[0] if names else "x")
-        raise TypeError(
-            f"Standardizer.fit got a dict batch (keys {names}) and cannot tell which entry is the input. Pass "
-            f"key={example!r} (the name of the input tensor), or key=lambda batch: batch[{example!r}], "
-            "or a DataLoader whose batches are tensors or (x, y) tuples (e.g. over a TensorDataset)."
-        )
-    elif isinstance(batch, (tuple, list)) and len(batch) > 0:
-        chunk = batch[0]
-        got = f"item {i} of the data is a {type(batch).__name__} starting with {type(chunk).__name__}"
-    else:
-        chunk = batch
-        got = f"item {i} of the data is {type(batch).__name__}"
+        raise TypeError(f"{tool} got a dict batch (keys {names}) and cannot tell which entry is {entry}. "
+                        + dict_hint.replace("{example}", repr(example)))
+    if isinstance(batch, (tuple, list)) and len(batch) > 0:
+        return batch[0]
+    return batch
+
+
+def _select_input(batch: Any, key: str | int | Callable[[Any], torch.Tensor] | None, i: int) -> torch.Tensor:
+    """The input tensor of one batch of :meth:`Standardizer.fit` (rules in its docstring)."""
+    chunk = select_input(
+        batch, key, i, "Standardizer.fit", entry="the input", named="the input tensor", returns="tensor",
+        dict_hint="Pass key={example} (the name of the input tensor), or key=lambda batch: batch[{example}], or a "
+                  "DataLoader whose batches are tensors or (x, y) tuples (e.g. over a TensorDataset).")
     if not isinstance(chunk, torch.Tensor):
+        if callable(key):
+            got = f"key(batch {i}) returned {type(chunk).__name__}"
+        elif key is not None:
+            got = f"batch {i}[{key!r}] is {type(chunk).__name__}"
+        elif isinstance(batch, (tuple, list)) and len(batch) > 0:
+            got = f"item {i} of the data is a {type(batch).__name__} starting with {type(chunk).__name__}"
+        else:
+            got = f"item {i} of the data is {type(batch).__name__}"
         raise TypeError(
             f"Standardizer.fit expected item {i} of the data to be a tensor or a tuple/list starting with one, but "
             f"{got}. A DataLoader over a TensorDataset(x, y) yields [x, y] batches; for dict batches pass "

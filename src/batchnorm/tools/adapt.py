@@ -18,6 +18,7 @@ from .. import _checks
 from .. import functional as bnf
 from ..layers.base import BatchNorm
 from ..layers.frozen import FrozenBatchNorm
+from ..layers.standardizer import select_input
 from .recalibrate import _Accumulator, _merge_across_processes, _model_device, _to
 
 __all__ = ["adapt", "prediction_time_bn", "AdaptReport", "AdaptRecord"]
@@ -220,28 +221,12 @@ def _hooked(layers: dict[str, nn.Module], prior: float | None, who: str,
 # -- inputs ------------------------------------------------------------------------------------
 def _input_of(batch: Any, key: str | int | Callable[[Any], Any] | None, i: int) -> Any:
     """The model input of one batch: the tensor, element 0 of a tuple/list, ``batch[key]``, or ``key(batch)``."""
-    if callable(key):
-        return key(batch)
-    if key is not None:
-        try:
-            return batch[key]
-        except (KeyError, IndexError, TypeError) as exc:
-            keys = f" (its keys: {list(batch)[:10]})" if isinstance(batch, dict) else ""
-            raise TypeError(
-                f"adapt could not take key={key!r} from batch {i} of type {type(batch).__name__}{keys}: {exc!r}. "
-                "Pass the name/index of the model input in each batch, or key=callable(batch) -> input."
-            ) from None
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, dict):
-        names = list(batch)[:10]
-        example = next((k for k in names if isinstance(batch[k], torch.Tensor)), names[0] if names else "x")
-        raise TypeError(
-            f"adapt got a dict batch (keys {names}) and cannot tell which entry is the model input. Pass "
-            f"key={example!r}, or key=lambda batch: (batch[{example!r}], batch['mask']) to call model(x, mask)."
-        )
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        x = batch[0]
+    x = select_input(
+        batch, key, i, "adapt", entry="the model input", named="the model input", returns="input",
+        dict_hint="Pass key={example}, or key=lambda batch: (batch[{example}], batch['mask']) to call model(x, mask).")
+    if callable(key) or key is not None or isinstance(batch, torch.Tensor):
+        return x
+    if isinstance(batch, (tuple, list)) and isinstance(x, torch.Tensor):
         for j, other in enumerate(batch[1:], 1):
             looks_like_mask = (isinstance(other, torch.Tensor) and other.dtype == torch.bool and other.dim() >= 2
                                and other.shape[0] == x.shape[0] and other.dim() == x.dim() - 1)

@@ -13,14 +13,17 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import activations as _activations
 from ..layers.base import RANK_FUSED, BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from ..layers.frozen import FrozenBatchNorm
-from ..layers.interop import _ModulesAfter, with_modules
+from ..layers.interop import TORCH_FORWARDS, _ModulesAfter, with_modules
 
-__all__ = ["convert", "freeze", "unfreeze", "is_bn_like", "bn_axis", "bn_kind"]
+__all__ = ["convert", "freeze", "unfreeze", "is_bn_like", "bn_axis", "bn_kind", "after_modules", "bn_features",
+           "is_frozen", "unknown_error"]
 
 _BUFFERS = ("weight", "bias", "running_mean", "running_var")
-_TORCH_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+_TORCH_FORWARDS = TORCH_FORWARDS  # torch's forwards (SyncBatchNorm's with and without interop's check)
 #: classes known to be batch norm followed by their own ``drop`` and ``act`` children (timm 1.0)
 _ACT_CLASSES = ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d")
+#: the children of an ``"act"`` layer, in the order its forward applies them after normalizing
+ACT_CHILDREN = ("drop", "act")
 _RANKS = ((nn.BatchNorm1d, BatchNorm1d), (nn.BatchNorm2d, BatchNorm2d), (nn.BatchNorm3d, BatchNorm3d))
 
 
@@ -61,6 +64,32 @@ def bn_kind(module: nn.Module) -> str | None:
     return "bn" if type(module).forward in _TORCH_FORWARDS else "unknown"
 
 
+def after_modules(module: nn.Module) -> list[nn.Module]:
+    """The child modules an ``"act"`` layer (:func:`bn_kind`) applies after normalizing, in order (``drop``, then
+    ``act``), ``nn.Identity`` included; ``[]`` for every other kind. The input of the first of them is what the
+    normalization itself computed (timm's ``act(drop(batch_norm(x)))``; ours from ``with_modules`` likewise), which
+    is where the tools and the diagnostics observe or cut an ``"act"`` layer.
+
+    Shape: not applicable. Example: ``after_modules(zoo.BatchNormAct2d(4))`` is ``[Identity(), ReLU(inplace=True)]``.
+    """
+    if bn_kind(module) != "act":
+        return []
+    return [module._modules[k] for k in ACT_CHILDREN if module._modules.get(k) is not None]
+
+
+def bn_features(module: nn.Module) -> int:
+    """C of a BN-like layer: ``num_features``, or the length of its running mean / weight (torchvision's
+    ``FrozenBatchNorm2d`` keeps no ``num_features``)."""
+    c = getattr(module, "num_features", None)
+    if isinstance(c, int):
+        return c
+    for name in ("running_mean", "weight"):
+        t = getattr(module, name, None)
+        if isinstance(t, torch.Tensor):
+            return int(t.shape[0])
+    raise ValueError(f"{type(module).__name__} has neither num_features nor a running_mean/weight to count features.")
+
+
 def is_bn_like(module: nn.Module) -> bool:
     """True for a module that is batch norm and nothing else (:func:`bn_kind` ``"bn"``): torch's
     ``BatchNorm1d/2d/3d``/``SyncBatchNorm``, every layer of ours, :class:`batchnorm.FrozenBatchNorm` and
@@ -68,8 +97,13 @@ def is_bn_like(module: nn.Module) -> bool:
     return bn_kind(module) == "bn"
 
 
-def _is_frozen(m: nn.Module) -> bool:
+def is_frozen(m: nn.Module) -> bool:
+    """A frozen batch norm of any library (ours, torchvision's/detectron2's/timm's ``FrozenBatchNorm2d`` and
+    ``FrozenBatchNormAct2d``): fixed statistics, no training mode of its own."""
     return isinstance(m, FrozenBatchNorm) or _foreign_frozen(m)
+
+
+_is_frozen = is_frozen
 
 
 def bn_axis(module: nn.Module) -> int:
@@ -77,15 +111,21 @@ def bn_axis(module: nn.Module) -> int:
     return int(getattr(module, "axis", 1))
 
 
-def _unknown_error(m: nn.Module, label: str, tool: str) -> ValueError:
+def unknown_error(m: nn.Module, label: str, tool: str, consequence: str | None = None) -> ValueError:
+    """The error every tool raises for a :func:`bn_kind` ``"unknown"`` layer (``label`` e.g. ``"layer 'a.b'"``;
+    ``consequence`` what would go wrong, by default that the tool would change the model's outputs)."""
     own = "its own forward" if type(m).forward not in _TORCH_FORWARDS else ""
     kids = ", ".join(m._modules) if m._modules else ""
     what = " and ".join(x for x in (own, f"child modules ({kids})" if kids else "") if x)
+    consequence = consequence or f"{tool} cannot carry what it computes and would change the model's outputs"
     return ValueError(
         f"{tool}: {label} ({type(m).__module__}.{type(m).__name__}) is a batch norm that does more than batch norm "
-        f"({what}), so {tool} cannot carry what it computes and would change the model's outputs. Replace it by hand "
-        "(e.g. with batchnorm.BatchNorm plus the extra modules after it), or apply the tool to the submodules without it."
+        f"({what}), so {consequence}. Replace it by hand (e.g. with batchnorm.BatchNorm plus the extra modules after "
+        "it), or apply the tool to the submodules without it."
     )
+
+
+_unknown_error = unknown_error
 
 
 _NOT_CARRIED = {"device", "dtype", "num_features"}

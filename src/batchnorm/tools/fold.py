@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import activations as _activations
 from ..layers.frozen import FrozenBatchNorm
-from .convert import bn_kind, is_bn_like
+from .convert import after_modules, bn_features, bn_kind, is_frozen
 
 __all__ = ["fold", "FoldRecord"]
 
@@ -39,6 +39,38 @@ class _Unfoldable(Exception):
     pass
 
 
+def _foldable(m: nn.Module) -> bool:
+    """Batch norm (:func:`~batchnorm.tools.bn_kind` ``"bn"``) or batch norm then its own drop/act modules (``"act"``:
+    the normalization folds, the modules stay after the folded layer)."""
+    return bn_kind(m) in ("bn", "act")
+
+
+def _tail(bn: nn.Module, fused: nn.Module | None) -> nn.Module | None:
+    """What ``bn`` applies after its affine map, as one module (None: nothing): its fused activation, then the
+    drop and act modules of an ``"act"`` layer (``nn.Identity`` left out)."""
+    mods = ([fused] if fused is not None else []) + [m for m in after_modules(bn) if type(m) is not nn.Identity]
+    if not mods:
+        return None
+    return mods[0] if len(mods) == 1 else nn.Sequential(*mods)
+
+
+def _normalized(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the normalization of ``bn`` computes for ``x``: its output, or for an ``"act"`` layer the input of its
+    first drop/act child (read before an in-place activation overwrites it)."""
+    after = after_modules(bn)
+    if not after:
+        return bn(x)
+    seen: list[torch.Tensor] = []
+    handle = after[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+    try:
+        bn(x)
+    finally:
+        handle.remove()
+    if not seen:
+        raise _Unfoldable(f"its forward did not call its {type(after[0]).__name__} module after normalizing")
+    return seen[0]
+
+
 def _activation(bn: nn.Module) -> nn.Module | None:
     """The fused activation of one of our layers as a torch module (None: no activation), from the one table
     :data:`batchnorm.activations.TABLE`."""
@@ -51,8 +83,9 @@ def _activation(bn: nn.Module) -> nn.Module | None:
 
 
 def _affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor, nn.Module | None]:
-    """Eval-mode ``y = act(x · a + b)`` of a BN-like layer: float64 ``(C,)`` a, b and the activation module."""
-    if isinstance(bn, FrozenBatchNorm):
+    """Eval-mode ``y = tail(x · a + b)`` of a BN-like layer: float64 ``(C,)`` a, b and what it applies after (its
+    fused activation and the drop/act modules of an ``"act"`` layer, as one module; None: nothing)."""
+    if is_frozen(bn):
         w, b, rm, rv = bn.weight, bn.bias, bn.running_mean, bn.running_var
     else:
         if bn.training:
@@ -70,11 +103,11 @@ def _affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor, nn.Module | None
         shift = shift + b.detach().double()
     act = _activation(bn)
     _verify(bn, a, shift, act)
-    return a, shift, act
+    return a, shift, _tail(bn, act)
 
 
 def _verify(bn: nn.Module, a: torch.Tensor, b: torch.Tensor, act: nn.Module | None) -> None:
-    """Check on a probe that the layer's eval output really is ``act(x · a + b)`` (variants may differ)."""
+    """Check on a probe that the layer's eval normalization really is ``act(x · a + b)`` (variants may differ)."""
     c = a.numel()
     axis = int(getattr(bn, "axis", 1))
     ref = next(iter(bn.buffers()))
@@ -94,8 +127,10 @@ def _verify(bn: nn.Module, a: torch.Tensor, b: torch.Tensor, act: nn.Module | No
             x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype=ref.dtype, device=ref.device)
             try:
                 with torch.no_grad():
-                    y = bn(x)
+                    y = _normalized(bn, x)
                 break
+            except _Unfoldable:
+                raise
             except Exception as err:  # wrong rank for this layer: try the next one
                 errors.append(f"{type(err).__name__}: {err}")
                 y = None
@@ -145,7 +180,7 @@ def _observe_ranks(model: nn.Module, example_input) -> dict[str, int]:
     ranks: dict[str, int] = {}
     hooks = []
     for name, m in probe.named_modules():
-        if is_bn_like(m):
+        if _foldable(m):
             def hook(_m, args, _name=name):
                 if args and isinstance(args[0], torch.Tensor):
                     r = args[0].dim()
@@ -227,7 +262,7 @@ def _padding(m: nn.Module) -> tuple[int, ...]:
 
 def _frozen_from(bn: nn.Module, act: nn.Module | None = None) -> nn.Module:
     ref = next(iter(bn.buffers()))
-    fz = FrozenBatchNorm(int(bn.num_features), eps=float(bn.eps), axis=int(getattr(bn, "axis", 1)))
+    fz = FrozenBatchNorm(bn_features(bn), eps=float(bn.eps), axis=int(getattr(bn, "axis", 1)))
     fz = fz.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else torch.float32)
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var"):
@@ -287,7 +322,7 @@ def _fold_fx(root: nn.Module, records: list[FoldRecord], ranks: dict[str, int]) 
     done_in: set[str] = set()
     frozen: dict[str, nn.Module] = {}
     for node in list(graph.nodes):
-        if node.op != "call_module" or not is_bn_like(modules[node.target]):
+        if node.op != "call_module" or not _foldable(modules[node.target]):
             continue
         name = node.target
         bn = modules[name]
@@ -299,7 +334,7 @@ def _fold_fx(root: nn.Module, records: list[FoldRecord], ranks: dict[str, int]) 
         rank = _rank_of(bn, name, ranks)
         prev = node.args[0] if node.args else None
         extra_args = len(node.args) > 1 or bool(node.kwargs)
-        kept = f"; its fused activation is kept as {type(act).__name__}" if act is not None else ""
+        kept = _kept(bn, act)
         # 1) into the conv / linear that feeds it, when that output feeds nothing else
         if isinstance(prev, fx.Node) and prev.op == "call_module":
             layer = modules[prev.target]
@@ -358,7 +393,7 @@ def _fold_fx(root: nn.Module, records: list[FoldRecord], ranks: dict[str, int]) 
                                       "which no FrozenBatchNorm expresses"))
             continue
         if name not in frozen:
-            frozen[name] = bn if isinstance(bn, FrozenBatchNorm) else _frozen_from(bn, act)
+            frozen[name] = bn if isinstance(bn, FrozenBatchNorm) and act is None else _frozen_from(bn, act)
         records.append(FoldRecord(name, "frozen", None, _why_not(node, modules, counts, bn, rank, shared) + kept))
     for name, fz in frozen.items():
         if any(n.op == "call_module" and n.target == name for n in graph.nodes):
@@ -367,6 +402,15 @@ def _fold_fx(root: nn.Module, records: list[FoldRecord], ranks: dict[str, int]) 
     gm = fx.GraphModule(root, graph, class_name=type(root).__name__ + "Folded")
     gm.training = root.training  # only the flag: submodules keep their own modes
     return gm
+
+
+def _kept(bn: nn.Module, tail: nn.Module | None) -> str:
+    if tail is None:
+        return ""
+    if not after_modules(bn):
+        return f"; its fused activation is kept as {type(tail).__name__}"
+    inner = [type(m).__name__ for m in (tail if type(tail) is nn.Sequential else [tail])]
+    return f"; what it applies after normalizing is kept after the folded layer ({', '.join(inner)})"
 
 
 def _why_not(node: fx.Node, modules: dict, counts: dict, bn: nn.Module, rank: int | None, shared: set[int]) -> str:
@@ -414,7 +458,7 @@ def _fold_sequential(root: nn.Module, records: list[FoldRecord], error: str, ran
         i = 0
         while i < len(keys):
             bn = seq._modules[keys[i]]
-            if bn is None or not is_bn_like(bn) or id(bn) in handled or occurrences.get(id(bn), 0) != 1:
+            if bn is None or not _foldable(bn) or id(bn) in handled or occurrences.get(id(bn), 0) != 1:
                 i += 1
                 continue
             qual = names[id(bn)]
@@ -460,14 +504,14 @@ def _fold_sequential(root: nn.Module, records: list[FoldRecord], error: str, ran
             i += 1
     # every BN-like layer with no record yet (no foldable neighbour, shared, outside any Sequential)
     for qual, m in list(root.named_modules()):
-        if not is_bn_like(m) or any(r.bn == qual for r in records):
+        if not _foldable(m) or any(r.bn == qual for r in records):
             continue
         try:
             _, _, act = _affine(m)
         except _Unfoldable as why:
             records.append(FoldRecord(qual, "skipped", None, str(why)))
             continue
-        if not isinstance(m, FrozenBatchNorm):
+        if not isinstance(m, FrozenBatchNorm) or act is not None:
             _set_submodule(root, qual, _frozen_from(m, act))
         records.append(FoldRecord(qual, "frozen", None,
                                   f"fx could not trace the model ({error}) and it is not next to a foldable "
@@ -484,7 +528,7 @@ OWN_ROUNDOFF_FACTOR = 8.0
 
 def _depth(model: nn.Module) -> int:
     """Layers whose arithmetic a fold changes or reorders: every conv, linear and BN-like module."""
-    return max(1, sum(1 for m in model.modules() if isinstance(m, (*_CONV, *_CONVT, nn.Linear)) or is_bn_like(m)))
+    return max(1, sum(1 for m in model.modules() if isinstance(m, (*_CONV, *_CONVT, nn.Linear)) or _foldable(m)))
 
 
 def _rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -628,11 +672,8 @@ def fold(model: nn.Module, report: bool = False, *, example_input=None):
         msg = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         result = _fold_sequential(root, records, msg, ranks)
     for qual, m in model.named_modules():  # batch norms that do more than batch norm: left as they are
-        kind = bn_kind(m)
-        if kind in ("act", "unknown") and not any(r.bn == qual for r in records):
-            why = ("it applies its own drop/act modules after normalizing (convert it first with batchnorm.convert, "
-                   "which fuses a table activation so that fold can fold it)") if kind == "act" else (
-                  "it is a batch norm with its own forward or child modules, which fold cannot express")
+        if bn_kind(m) == "unknown" and not any(r.bn == qual for r in records):
+            why = "it is a batch norm with its own forward or child modules, which fold cannot express"
             records.append(FoldRecord(qual or "<root>", "skipped", None, f"{type(m).__name__}: {why}"))
     skipped = [r for r in records if r.action == "skipped"]
     if skipped:

@@ -12,7 +12,8 @@ from torch import nn
 from .. import _checks
 from .. import activations as _activations
 from ..layers.base import RANK_FUSED, BatchNorm
-from .convert import is_bn_like
+from ..layers.interop import mark
+from .convert import bn_kind, is_bn_like
 
 __all__ = ["FuseRecord"]  # the entry point is convert(..., fuse_activations=True)
 
@@ -157,7 +158,7 @@ def _find_pairs(graph: fx.Graph, root: nn.Module, records: list[FuseRecord]) -> 
         in_tree[id(m)] = in_tree.get(id(m), 0) + 1
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not is_bn_like(modules[node.target]):
+        if node.op != "call_module" or bn_kind(modules[node.target]) not in ("bn", "act"):
             continue
         bn = modules[node.target]
         found = []  # (user, (name, slope) or _Skip)
@@ -177,6 +178,9 @@ def _find_pairs(graph: fx.Graph, root: nn.Module, records: list[FuseRecord]) -> 
         if user.op == "call_module":
             label = f"{type(modules[user.target]).__name__} {label}"
         try:
+            if bn_kind(bn) == "act":
+                raise _Skip(f"{type(bn).__name__} applies its own drop/act modules after normalizing; a fused "
+                            "activation would run before them")
             if isinstance(act, _Skip):
                 raise act
             if len(found) > 1:
@@ -216,6 +220,7 @@ def _set_activation(bn: nn.Module, name: str, slope: float) -> None:
     twin = RANK_FUSED.get(type(bn))
     if twin is not None:  # BatchNorm1d/2d/3d are torch's classes too, which have no activation: the non-torch twin
         bn.__class__ = twin
+    mark(bn)  # torch's SyncBatchNorm built on its tensors would now drop the activation: refused (layers/interop)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
