@@ -123,8 +123,8 @@ def run(ctx: Context) -> Section:
     x = x_all[:BATCH].reshape(-1, 1, 28, 28).contiguous()
     y = y_all[:BATCH]
     xi = x_all[:INFER_BATCH].reshape(-1, 1, 28, 28).contiguous()
-    rounds = ctx.budget(12, 4)
-    reps = ctx.budget(3, 2)
+    rounds = ctx.budget(12, 3)
+    reps = ctx.budget(3, 1)
     kinds = {"no BN": "none", "torch.nn.BatchNorm2d": "torch", "ours (BatchNorm2d)": "ours",
              "ours fused with ReLU": "ours-fused"}
     train_r: dict[str, list[float]] = {k: [] for k in kinds}  # seconds per step, one entry per round
