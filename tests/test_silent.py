@@ -590,6 +590,15 @@ class _Untraceable(nn.Module):
         return self.inner(x) if x.sum() > -1e9 else x
 
 
+def test_fuse_activations_records_an_activation_after_an_act_layer_as_skipped():
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 6, 3), zoo.BatchNormAct2d(6, act_layer=nn.Hardswish), nn.ReLU()))
+    fused, records = bn.convert(model, fuse_activations=True, report=True)
+    assert [(r.bn, r.action) for r in records] == [("1", "skipped")]
+    assert "applies its own drop/act modules after normalizing" in records[0].reason
+    for train in (False, True):
+        torch.testing.assert_close(_outputs(fused, XK, train), _outputs(model, XK, train), rtol=1e-5, atol=1e-5)
+
+
 def test_fold_in_training_mode_still_says_so():
     model = _randomize(nn.Sequential(nn.Conv2d(3, 6, 3), zoo.BatchNormAct2d(6)))
     with pytest.warns(UserWarning, match=r"fold: 1 BN layer\(s\) were left unchanged: '1': in training mode"):
