@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import sys
 import warnings
 
 import pytest
@@ -547,6 +548,21 @@ def test_monitor_refuses_a_batch_norm_it_cannot_read_and_describe_says_what_each
     net = nn.Sequential(nn.Conv2d(3, 4, 3), zoo.BatchNormAct2d(4), tv, nn.Flatten(), nn.Linear(36, 2))
     ics = internal_covariate_shift(net, nn.functional.mse_loss, (XK, torch.zeros(4, 2)), lr=0.1)
     assert list(ics) == ["0", "4"]
+
+
+def test_monitor_refuses_to_recompute_a_fused_syncbatchnorm_training_across_processes(monkeypatch):
+    monitor_module = sys.modules["batchnorm.diagnostics.monitor"]  # (the package binds the name to the function)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), bn.SyncBatchNorm(6, activation="relu")).train()
+    monkeypatch.setattr(monitor_module, "_group_world", lambda group: 2)  # as in a group of two (the layer runs alone)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match=r"monitor: layer '1' \(SyncBatchNorm\) has a fused activation='relu', so "
+                                           r"its output is not batch norm's, and in training across processes"):
+        with monitor(model):
+            model(XK)
+    with monitor(model.eval()) as mon:  # eval: no collective to repeat
+        model(XK)
+    assert any(r["statistic"] == "output_skewness" for r in mon.records)
+    assert int(model[1].num_batches_tracked) == int(before["1.num_batches_tracked"]) + 1  # the one real step
 
 
 # -- fold: the normalization of an "act" layer folds, its modules stay ------------------------------------------
