@@ -600,8 +600,10 @@ def fold(model: nn.Module, report: bool = False, *, example_input=None):
     In evaluation mode a BN layer is the per-feature affine map ``BN(z) = a ⊙ z + b`` with
     ``a = γ / sqrt(σ²_run + ε)`` and ``b = β − μ_run · a``, so it can be merged into an adjacent
     affine layer. ``model`` is copied (never changed) and traced with ``torch.fx`` (BN layers kept as
-    leaves); then, for every BN-like layer in eval mode (torch's ``_BatchNorm`` subclasses, ours and
-    its variants, ``FrozenBatchNorm``):
+    leaves); then, for every BN-like layer in eval mode (:func:`~batchnorm.tools.bn_kind`: torch's ``_BatchNorm``
+    classes, ours and its variants, ``FrozenBatchNorm``, torchvision's ``FrozenBatchNorm2d``, and timm's
+    ``BatchNormAct2d``/``FrozenBatchNormAct2d``, whose normalization folds while their ``drop`` and ``act`` modules
+    stay after the folded layer, as a fused activation of ours does):
 
     1. if its input is the output of a ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` or ``Linear`` that
        feeds nothing else (and is called once), it is folded into that layer:
@@ -618,7 +620,8 @@ def fold(model: nn.Module, report: bool = False, *, example_input=None):
     folds commute).
 
     BN layers in training mode, or without running buffers (``track_running_stats=False``), normalize with batch
-    statistics and are left as they are (action ``"skipped"``, with a warning). Each fold is checked
+    statistics and are left as they are (action ``"skipped"``, with a warning). So is a batch norm that does more than
+    batch norm in a way fold does not know (``bn_kind`` ``"unknown"``: its own ``forward`` or other children). Each fold is checked
     on a probe input first, so a variant whose eval output is not that affine map is frozen or
     skipped rather than folded wrongly. The rank of each BN's input is taken from ``example_input``
     when given (one forward of a copy), else from ``last_input_shape`` (our layers record it once the
