@@ -606,6 +606,21 @@ class _Untraceable(nn.Module):
         return self.inner(x) if x.sum() > -1e9 else x
 
 
+def test_adapt_by_the_same_rule_adapts_other_libraries_layers_and_refuses_unknown_ones():
+    tv = zoo.FrozenBatchNorm2d(6)
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 6, 3), zoo.BatchNormAct2d(6), nn.Conv2d(6, 6, 1), tv)).eval()
+    report = bn.adapt(model, [XK * 3 + 1], prior=0, progress=False)
+    assert [r.name for r in report.records] == ["1", "3"]
+    h = model[0](XK * 3 + 1)
+    torch.testing.assert_close(model[1].running_mean, h.mean((0, 2, 3)).detach(), rtol=1e-5, atol=1e-5)
+    odd = nn.Sequential(nn.Conv2d(3, 4, 3), _Scaled(4)).eval()
+    before = copy.deepcopy(odd.state_dict())
+    with pytest.raises(ValueError, match=r"adapt: layer '1' \(.*_Scaled\) is a batch norm that does more than batch "
+                                         r"norm \(its own forward\), so adapt cannot know"):
+        bn.adapt(odd, [XK], prior=0, progress=False)
+    assert all(torch.equal(v, odd.state_dict()[k]) for k, v in before.items())
+
+
 def test_fuse_activations_records_an_activation_after_an_act_layer_as_skipped():
     model = _randomize(nn.Sequential(nn.Conv2d(3, 6, 3), zoo.BatchNormAct2d(6, act_layer=nn.Hardswish), nn.ReLU()))
     fused, records = bn.convert(model, fuse_activations=True, report=True)

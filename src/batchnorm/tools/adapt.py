@@ -12,13 +12,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _checks
 from .. import functional as bnf
-from ..layers.base import BatchNorm
-from ..layers.frozen import FrozenBatchNorm
 from ..layers.standardizer import select_input
+from .convert import bn_kind, unknown_error
 from .recalibrate import _Accumulator, _merge_across_processes, _model_device, _to
 
 __all__ = ["adapt", "prediction_time_bn", "AdaptReport", "AdaptRecord"]
@@ -81,11 +79,18 @@ class AdaptReport:
 
 # -- which layers ------------------------------------------------------------------------------
 def _bn_layers(model: nn.Module, who: str) -> dict[str, nn.Module]:
-    """Every BN layer of ``model`` (torch's, ours, frozen); an error for those without running statistics."""
+    """Every BN layer of ``model`` by the tools' rule (:func:`~batchnorm.tools.bn_kind`: torch's, ours, frozen ones
+    of any library, timm's ``BatchNormAct2d``); an error for those without running statistics and for a batch norm
+    that does more than batch norm in a way no tool knows (kind ``"unknown"``), before anything changes."""
     layers: dict[str, nn.Module] = {}
     stateless = []
     for name, m in model.named_modules():
-        if isinstance(m, (_BatchNorm, BatchNorm, FrozenBatchNorm)):
+        kind = bn_kind(m)
+        if kind == "unknown":
+            raise unknown_error(m, f"layer '{name or '<root>'}'", who,
+                                f"{who} cannot know which statistics it normalizes with, and adapting them could change "
+                                "the model in ways no one asked for (the model was left unchanged)")
+        if kind is not None:
             if getattr(m, "running_mean", None) is None or getattr(m, "running_var", None) is None:
                 stateless.append(f"'{name}' ({type(m).__name__})")
             else:
@@ -302,8 +307,10 @@ def adapt(
     :func:`prediction_time_bn` on that batch (up to the factor ``n/(n−1)`` of the stored unbiased variance).
     A layer that runs more than once in one forward keeps its statistics (``report.skipped``, with a
     warning). Works on ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm``, :class:`~batchnorm.BatchNorm`
-    and every variant, and :class:`~batchnorm.FrozenBatchNorm` (its statistics are buffers too).
-    Synchronized layers in a process group merge the target statistics of all processes.
+    and every variant, :class:`~batchnorm.FrozenBatchNorm` (its statistics are buffers too), and the other
+    libraries' classes the tools recognize (:func:`~batchnorm.tools.bn_kind`: torchvision's ``FrozenBatchNorm2d``,
+    timm's ``BatchNormAct2d``, whose normalization sees the layer's input); a ``_BatchNorm`` subclass with its own
+    ``forward`` or other children is refused (ValueError naming it, nothing changed). Synchronized layers in a process group merge the target statistics of all processes.
 
     Args:
         model: any module with BN layers; changed in place (running statistics only).
