@@ -30,6 +30,10 @@ def _backend_object(name: str) -> Backend:
         return COMPOSITE
     if name == "native":
         return NATIVE
+    if name == "triton":  # listed once TRITON_INTERPRET=1 is set (test_triton.py sets it for the process)
+        from batchnorm.kernels.triton import TRITON
+
+        return TRITON
     from batchnorm.kernels.numba import NUMBA
 
     return NUMBA

@@ -222,6 +222,18 @@ def _triton_for(x: torch.Tensor, s: Settings | None) -> Backend | None:
     return TRITON if not torch.compiler.is_compiling() and TRITON.supports(x, s) else None
 
 
+def may_take_triton(x: torch.Tensor, backend: str | None) -> bool:
+    """False when :func:`select` cannot answer triton for ``x``: a CPU tensor (:func:`device_type`) without
+    ``"triton"`` forced by ``backend`` or ``BATCHNORM_BACKEND``. A cheap test for a layer's triton-only route.
+
+    Shape: not applicable. Example: ``may_take_triton(torch.zeros(2, 3), None)`` is False (unless the variable
+    forces triton)."""
+    if device_type(x) != "cpu":
+        return True
+    choice = backend if backend is not None else _forced_env()
+    return choice == "triton" or choice == b"triton"
+
+
 def _gpu_select(x: torch.Tensor, s: Settings | None, native_ok: bool) -> Backend:
     """The automatic rule off the CPU (one decision per call; the layer's CPU fast path never reaches it).
 

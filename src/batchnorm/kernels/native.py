@@ -18,10 +18,12 @@ How it keeps every promise of docs/semantics.md:
   huge finite inputs overflowing — counts as non-finite); a bad batch restores the copy, leaves
   ``num_batches_tracked`` alone and reports ``finite=False`` so the caller warns. Off the CPU (the
   *GPU route*: :func:`batchnorm.kernels.dispatch.device_type` is not ``"cpu"``) nothing is read back by
-  the host: ATen updates copies of the buffers, the buffers take them by ``torch.where`` on a 0-d flag
-  (a finite updated running variance: a NaN/Inf batch mean or variance makes it NaN/Inf), and
-  ``num_batches_tracked`` advances by that flag, which is returned as a 0-d bool *device tensor*
-  (:func:`_device_update`). ``num_batches_tracked`` counts only finite batches (ATen never touches it);
+  the host (:func:`_device_update`): with triton, ATen (cuDNN) runs without running buffers and one triton
+  launch checks its batch mean and ``1/σ``, selects the running update and advances ``num_batches_tracked``
+  by the flag (a step costs torch's own launches); without triton (:func:`_aten_guard`) ATen updates copies of
+  the buffers, the buffers take them by ``torch.where`` on a 0-d flag (a finite updated running variance: a
+  NaN/Inf batch mean or variance makes it NaN/Inf), and ``num_batches_tracked`` advances by that flag. Either
+  way the flag is returned as a 0-d bool *device tensor*. ``num_batches_tracked`` counts only finite batches;
 * float16/bfloat16 inputs: ATen's mixed-precision kernel reduces in float32, returns the input's dtype
   and keeps float32 parameters and buffers;
 * the fused activation is applied as a second (differentiable) op; outputs are ordinary autograd
@@ -87,8 +89,49 @@ def finite_flag(t: torch.Tensor) -> torch.Tensor:
     return torch.mul(t, 0).eq(0).all()
 
 
+_GUARD_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_importable: list = []
+
+
+def _triton_guard(rm: torch.Tensor, rv: torch.Tensor):
+    """The triton backend when its one-launch guard (:meth:`~batchnorm.kernels.triton.TritonBackend.update_from_invstd`)
+    can update these buffers — triton installed, buffers on a CUDA device (CPU ones under ``TRITON_INTERPRET=1``),
+    contiguous, of one float dtype — else None: the ATen guard (:func:`_aten_guard`) serves."""
+    from .triton import backend as tb
+
+    if not _importable:
+        _importable.append(tb.importable())
+    if not _importable[0] or rm.dtype not in _GUARD_DTYPES or rv.dtype != rm.dtype:
+        return None
+    if rm.device.type != ("cpu" if tb.interpreting() else "cuda") or rv.device != rm.device:
+        return None
+    if not (rm.is_contiguous() and rv.is_contiguous()) or rm.requires_grad or rv.requires_grad:
+        return None
+    return tb.TRITON
+
+
 def _device_update(xv, weight, bias, rm, rv, nbt, momentum, eps):
     """ATen's training call with the non-finite guard kept on the device: ``(y, finite)``, ``finite`` a 0-d bool tensor.
+
+    No value is read by the host (the GPU route: no sync, CUDA-graph capturable). With triton (:func:`_triton_guard`):
+    ATen's call *without* running buffers (``_batch_norm_impl_index``: cuDNN / MIOpen / ATen's kernel, exactly what
+    ``torch.batch_norm`` picks) returns the batch mean and ``1/σ`` it normalized with, and one triton launch does the
+    rest: the finite flag, the selected running update (``σ²_B = 1/invstd² − eps``, unbiased by ``n/(n − 1)``; the
+    cumulative weight for ``momentum=None``) and ``num_batches_tracked += finite`` — in place of torch's own
+    ``num_batches_tracked += 1``, so a step launches as many kernels as ``torch.nn.BatchNorm2d``'s. Without triton:
+    :func:`_aten_guard`.
+    """
+    tr = _triton_guard(rm, rv)
+    if tr is None:
+        return _aten_guard(xv, weight, bias, rm, rv, nbt, momentum, eps)
+    y, mean, invstd = torch._batch_norm_impl_index(xv, weight, bias, None, None, True, 0.0, eps,
+                                                   torch.backends.cudnn.enabled)[:3]
+    n = xv.numel() // xv.shape[1]
+    return y, tr.update_from_invstd(rm, rv, nbt, mean.detach(), invstd.detach(), n, momentum, eps)
+
+
+def _aten_guard(xv, weight, bias, rm, rv, nbt, momentum, eps):
+    """The device-side guard with ATen ops only (no triton): ``(y, finite)``, ``finite`` a 0-d bool tensor.
 
     No value is read by the host (the GPU route: no sync, CUDA-graph capturable). ATen updates *copies* of the running
     buffers (its backward may save the buffers it was given, so they must not change after the call); the buffers then

@@ -276,6 +276,10 @@ class BatchNorm(_BatchNorm):
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     # -- hooks for variants (the *combine* step) ----------------------------------------------
+    #: A variant's fused training step with running estimates, ``(x, mask, axis, settings) -> y``, or None (the
+    #: common path); it returns None for calls it does not take. BatchRenorm's triton route sets it.
+    _fused_training = None
+
     def _combine(self) -> bnf.Combine:
         """How batch statistics become the normalizing ones (identity here: the shared stateless instance)."""
         return bnf._PLAIN
@@ -347,6 +351,11 @@ class BatchNorm(_BatchNorm):
         if hit is None or hit[0] != key:
             hit = d["_settings"] = (key, bnf.settings_for(*key, type(self).__name__))
         use_batch = training or rm is None or rv is None
+        fused = self._fused_training  # a variant's own fused training step (BatchRenorm on triton), or None
+        if fused is not None and update and rv is not None and not active:
+            y = fused(x, mask, axis, hit[1])
+            if y is not None:
+                return y
         y = bnf.normalize(
             x,
             params.get("weight"),

@@ -7,7 +7,10 @@ from typing import Any
 
 import torch
 
+from .. import _checks
 from .. import functional as bnf
+from ..kernels import dispatch
+from ..kernels.backend import SavedState
 from .base import BatchNorm
 
 
@@ -78,6 +81,45 @@ class RenormCombine(bnf.Combine):
         if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
             r, d = _keep(r), _keep(d)  # saved, not recomputed from the updated running buffers (see _keep)
         return r, d
+
+
+class _FusedRenorm(torch.autograd.Function):
+    """Batch renorm's training step on a backend with fused renorm sequences (triton's ``renorm_forward`` /
+    ``renorm_backward``: 3 launches each way, the running update and the warm-up ramp inside the forward's finalize).
+
+    The same math as :class:`RenormCombine` composed by ``functional._TrainNorm`` (``r, d`` from the running
+    estimates before the update, constants for the backward); double backward re-traces the composite formula.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, m, s, ops, limits, running, stash):
+        r_max, d_max, warmup = limits
+        y, stats, invstd, rd, finite = ops.renorm_forward(x, s, m, weight, bias, running[0], running[1], r_max, d_max,
+                                                          running, warmup=warmup)
+        stash.append(finite)
+        if s.save:  # memory="save": the output, the count per group (one column), not the input
+            ctx.save_for_backward(y, m, invstd, weight, bias, rd, stats[0][:, :1])
+        else:
+            ctx.save_for_backward(x, m, invstd, weight, bias, rd, stats)
+        ctx.state = SavedState(s, ops, bnf._PLAIN, False, True)  # (the combine field: local statistics)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        st = ctx.state
+        s = st.settings
+        t, m, invstd, weight, bias, rd, saved = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the formula itself
+            if s.save:
+                raise NotImplementedError(
+                    "double backward (create_graph=True) is not available with memory='save': the input was "
+                    "not kept. Use memory='default' for gradient penalties."
+                )
+            return bnf._double_backward(ctx, dy, t, weight, bias, m, rd[0], rd[1])
+        count, stats = (saved, None) if s.save else (None, saved)
+        grads = st.backend.renorm_backward(dy, t, s, stats, invstd, weight, bias, count, m, ctx.needs_input_grad[:3],
+                                           rd)
+        return (*grads, None, None, None, None, None, None)
 
 
 class BatchRenorm(BatchNorm):
@@ -200,3 +242,43 @@ class BatchRenorm(BatchNorm):
             return bnf.Combine()
         r_max, d_max = self.current_limits()
         return RenormCombine(self.running_mean, self.running_var, self.eps, r_max, d_max)
+
+    def _fused_training(self, x: torch.Tensor, mask, axis: int, s) -> torch.Tensor | None:
+        """A training step with running estimates on a backend with fused renorm sequences (triton: the GPU route, or
+        ``backend="triton"``): 3 launches forward, 3 backward, the warm-up ramp evaluated in the kernel from
+        ``num_batches_tracked`` (:meth:`current_limits`' rule). None where the common path serves the call (another
+        backend, an empty batch, ``torch.compile`` / export / ``torch.func``, a subclass with its own combine).
+        A subclass that overrides :meth:`current_limits` gets its limits passed as they are."""
+        cls = type(self)
+        backend = self.__dict__.get("backend")
+        if not dispatch.may_take_triton(x, backend):  # the CPU without a forced "triton": nothing more to ask
+            return None
+        if cls._combine is not BatchRenorm._combine or x.numel() == 0 or x.__class__ is not torch.Tensor:
+            return None
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or bnf._functorch_active():
+            return None
+        params, bufs = self._parameters, self._buffers
+        w, b = params.get("weight"), params.get("bias")
+        rm, rv, nbt = bufs.get("running_mean"), bufs.get("running_var"), bufs.get("num_batches_tracked")
+        m = _checks.mask_for(x, axis, mask) if mask is not None else None
+        ops = dispatch.select(x, s, plain=False, masked=m is not None, training=True, backend=backend,
+                              params=(w, b, rm, rv))
+        if getattr(ops, "renorm_forward", None) is None:
+            return None
+        name = cls.__name__
+        on_cpu = dispatch.device_type(x) == "cpu"
+        bnf._check_enough(x, axis, m, s.group_size, name, on_cpu)
+        if cls.current_limits is BatchRenorm.current_limits:
+            limits = (self.r_max, self.d_max, self.warmup_steps if nbt is not None else 0)
+        else:
+            limits = (*self.current_limits(), 0)
+        stash: list = []
+        y = _FusedRenorm.apply(x, w, b, m, s, ops, limits, (rm, rv, nbt, self.momentum), stash)
+        finite = stash[0]
+        if on_cpu:  # (the interpreter, or backend="triton" with CPU tensors): reading the flag is free
+            if not bool(finite):
+                bnf._warn_not_finite(name, x, m, stacklevel=6)
+                self._record_refused(False)
+        else:
+            self._record_refused(finite)  # kept on the device, reported later (BatchNorm.refused_batches)
+        return y

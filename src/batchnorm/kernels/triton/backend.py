@@ -9,8 +9,10 @@ comes back as a 0-d bool tensor on the device.
 Launches (:func:`launch_count` counts every one): ``reduce`` 2 (partials, finalize); ``apply`` 1; plain
 ``train_forward`` 3 (partials → finalize with the running update → apply); ``train_backward`` 3 (partials →
 finalize with ``dγ, dβ`` → apply); ``eval_forward`` 1; ``backward_reduce`` 2; ``backward_apply`` 1;
-``update_running`` 1; batch renorm's :meth:`TritonBackend.renorm_forward` / :meth:`~TritonBackend.renorm_backward`
-3 + 3. Masks and ghost groups add none (they are arguments of the same kernels).
+``update_running`` 1; ``update_from_invstd`` 1 (the guard and running update of the native backend's GPU route,
+after cuDNN); batch renorm's :meth:`TritonBackend.renorm_forward` / :meth:`~TritonBackend.renorm_backward`
+3 + 3 (the warm-up ramp and the backward's affine constants formed in the finalize). Masks and ghost groups add
+none (they are arguments of the same kernels).
 
 Without a GPU, ``TRITON_INTERPRET=1`` (set before triton is first imported) runs the same kernels on CPU
 tensors with Triton's interpreter: that is how the tests check them (correctness only, slow).
@@ -255,7 +257,8 @@ class TritonBackend(Backend):
     def _finalize(self, part, geo, s: Settings, *, train, weight=None, bias=None, running=None, renorm=None):
         dev = part.device
         stats = torch.empty((3, geo.G, geo.C), dtype=geo.sd, device=dev)
-        aux = torch.empty((7, geo.G, geo.C), dtype=geo.sd, device=dev) if train else stats
+        rows = 9 if renorm is not None else 5  # (1/σ, scale, shift, new mean, new var) [+ (r, d, kz, bz)]
+        aux = torch.empty((rows, geo.G, geo.C), dtype=geo.sd, device=dev) if train else stats
         rm = rv = nbt = None
         momentum, finite = 0.0, None
         if running is not None:
@@ -265,10 +268,11 @@ class TritonBackend(Backend):
                                  "momentum.")
             finite = torch.empty((), dtype=torch.bool, device=dev)
         r_max = d_max = 1.0
+        warmup = 0.0
         rmax_t = dmax_t = part
         limits_ptr = False
         if renorm is not None:
-            rm, rv, r_max, d_max = renorm[0], renorm[1], renorm[2], renorm[3]
+            rm, rv, r_max, d_max, warmup = renorm
             if isinstance(r_max, torch.Tensor) or isinstance(d_max, torch.Tensor):
                 limits_ptr = True
                 rmax_t = r_max if isinstance(r_max, torch.Tensor) else None
@@ -277,13 +281,17 @@ class TritonBackend(Backend):
                 rmax_t = rmax_t if rmax_t is not None else torch.full((), r_max, dtype=geo.sd, device=dev)
                 dmax_t = dmax_t if dmax_t is not None else torch.full((), d_max, dtype=geo.sd, device=dev)
                 r_max = d_max = 1.0
+                warmup = 0.0
+            elif warmup and nbt is None:
+                raise ValueError("BatchRenorm's warm-up ramp reads num_batches_tracked; pass it in running, or "
+                                 "warmup_steps=0.")
         dummy = part
         _launch(_k().finalize, (1,), part, stats, aux, weight if weight is not None else dummy,
                 bias if bias is not None else dummy, rm if rm is not None else dummy, rv if rv is not None else dummy,
                 nbt if nbt is not None else _dummy(dev, torch.long),
                 finite if finite is not None else _dummy(dev, torch.bool), rmax_t, dmax_t,
                 geo.C, geo.G, geo.S, float(s.eps), float(momentum if momentum is not None else 0.0),
-                float(r_max), float(d_max), int(weight is not None), int(bias is not None), int(s.save),
+                float(r_max), float(d_max), float(warmup), int(weight is not None), int(bias is not None), int(s.save),
                 int(nbt is not None), TRAIN=train, UPDATE=running is not None,
                 CUMULATIVE=running is not None and momentum is None, RENORM=renorm is not None, LIMITS_PTR=limits_ptr,
                 F64=geo.f64, BLOCK_C=_finalize_block(geo.f64))
@@ -304,14 +312,15 @@ class TritonBackend(Backend):
                 BLOCK_P=bp, BLOCK_C=geo.bc)
         return y
 
-    def _pq(self, s: Settings, p, q, zscale, zshift, fused_save: bool, dummy=None):
-        """The four per-feature operands of the backward kernels, with strides and flags."""
+    def _pq(self, s: Settings, p, q, zscale, zshift, fused_save: bool, dummy=None, clamp=None):
+        """The four per-feature operands of the backward kernels, with strides and flags (``fused_save``: the kernels
+        form ``p = zshift``, ``q = 1/zscale``, ``zscale`` clamped at ``±eps`` unless ``clamp`` is False)."""
         p, spg, spc = _fs(p)
         q, sqg, sqc = _fs(q)
         zs, szsg, szsc = _fs(zscale)
         zb, szbg, szbc = _fs(zshift)
         anyt = next((t for t in (p, q, zs, zb) if t is not None), dummy)  # unused operands point at a real tensor
-        flags = (s.code, int(zs is not None), int(zb is not None), int(fused_save))
+        flags = (s.code, int(zs is not None), int(zb is not None), int(fused_save if clamp is None else clamp))
         ptrs = tuple(t if t is not None else anyt for t in (p, q, zs, zb))
         return ptrs, (spg, spc, sqg, sqc, szsg, szsc, szbg, szbc), flags, fused_save
 
@@ -407,13 +416,10 @@ class TritonBackend(Backend):
             # p, q: the saved mean and 1/σ, or (memory="save") β and 1/clamp(γ), formed in the kernels
             pq = self._pq(s, None, None, w, b, True, invstd) if s.save else self._pq(s, stats[1], invstd, w, b, False)
         else:  # batch renorm: z = x̂·(γ'·r) + (β + γ'·d) per group (γ' clamped with memory="save")
-            wc = (_clamp_weight(w, s.eps, rd) if s.save else w.to(rd.dtype)) if w is not None else None
-            zs = wc * rd[0] if wc is not None else rd[0]
-            zb = rd[1] * wc if wc is not None else rd[1]
-            if b is not None:
-                zb = zb + b.to(rd.dtype)
-            if s.save:
-                pq = self._pq(s, zb, 1.0 / zs, zs, zb, False)
+            if s.save or s.code != 0:
+                zs, zb = (rd[2], rd[3]) if rd.shape[0] >= 4 else _renorm_affine(w, b, rd, s)  # the forward's kz, bz
+            if s.save:  # x̂ = (y' − bz)/kz formed in the kernels (kz is already γ'·r with γ' clamped: no second clamp)
+                pq = self._pq(s, None, None, zs, zb, True, invstd, clamp=False)
             elif s.code == 0:
                 pq = self._pq(s, stats[1], invstd, None, None, False)
             else:
@@ -454,19 +460,44 @@ class TritonBackend(Backend):
                 CUMULATIVE=momentum is None, F64=sd == torch.float64, BLOCK_C=_finalize_block(sd == torch.float64))
         return finite
 
+    def update_from_invstd(self, running_mean, running_var, num_batches_tracked, mean, invstd, n, momentum, eps):
+        """The non-finite guard and running update of a plain step whose statistics ATen computed (the native
+        backend's GPU route: cuDNN without running buffers returns the batch mean and ``1/σ``), in one launch:
+        ``σ²_B = 1/invstd² − eps``, unbiased by ``n/(n − 1)``; ``num_batches_tracked += finite``; the update selected
+        on the device. Returns ``finite``, a 0-d bool device tensor (:func:`.kernels.update_from_invstd`).
+
+        Shape: ``mean, invstd, running_mean, running_var`` ``(C,)`` (contiguous); ``n`` values per feature (an int).
+        """
+        if momentum is None and num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked; pass it, or a float "
+                             "momentum.")
+        dev = mean.device
+        finite = torch.empty((), dtype=torch.bool, device=dev)
+        nbt = num_batches_tracked
+        _launch(_k().update_from_invstd, (1,), mean, invstd, running_mean, running_var,
+                nbt if nbt is not None else _dummy(dev, torch.long), finite, mean.shape[0], float(n), float(eps),
+                float(momentum if momentum is not None else 0.0), int(nbt is not None), CUMULATIVE=momentum is None,
+                BLOCK_C=TUNING["finalize"])
+        return finite
+
     # -- batch renormalization (Ioffe 2017) as fused sequences ----------------------------------
-    def renorm_forward(self, x, s: Settings, m, weight, bias, running_mean, running_var, r_max, d_max, running=None):
-        """Batch renorm's training forward in 3 launches: ``(y, stats, invstd, rd, finite)``, ``rd = (r, d)`` ``(2, G, C)``.
+    def renorm_forward(self, x, s: Settings, m, weight, bias, running_mean, running_var, r_max, d_max, running=None,
+                       warmup=0):
+        """Batch renorm's training forward in 3 launches: ``(y, stats, invstd, rd, finite)``; ``rd`` is ``(4, G, C)``:
+        ``r, d`` and the backward's ``kz = γ'·r``, ``bz = β + γ'·d``.
 
         The finalize forms ``r = clamp(σ_B/σ, 1/r_max, r_max)`` and ``d = clamp((μ_B − μ)/σ, ±d_max)`` from the
         running estimates *before* this step's update (the rule of ``layers.renorm.RenormCombine``), then updates
-        them (``running`` as in :meth:`train_forward`). ``r_max, d_max``: floats or 0-d device tensors.
+        them (``running`` as in :meth:`train_forward`). ``r_max, d_max``: floats or 0-d device tensors; with float
+        limits, ``warmup = T > 0`` ramps them inside the kernel from ``t = num_batches_tracked`` (before the update):
+        ``1 + (r_max − 1)·min(t/T, 1)`` and ``d_max·min(t/T, 1)`` (``BatchRenorm.current_limits``), no extra launch.
         """
         part, geo = self._partials(x, s, m)
         stats, aux, finite = self._finalize(part, geo, s, train=True, weight=_det(weight), bias=_det(bias),
-                                            running=running, renorm=(running_mean, running_var, r_max, d_max))
+                                            running=running, renorm=(running_mean, running_var, r_max, d_max,
+                                                                     warmup))
         y = self._apply(geo, s, aux[1], aux[2])
-        return y, stats, aux[0], aux[3:5], finite
+        return y, stats, aux[0], aux[5:9], finite
 
     def renorm_backward(self, dy, t, s: Settings, stats, invstd, weight, bias, count, m, needs, rd):
         """Batch renorm's backward in 3 launches (``rd = (r, d)`` are constants: stop-gradient); ``(dx, dγ, dβ)``."""
@@ -475,6 +506,16 @@ class TritonBackend(Backend):
 
 def _det(t):
     return t.detach() if t is not None else None
+
+
+def _renorm_affine(w, b, rd, s: Settings):
+    """``kz = γ'·r``, ``bz = β + γ'·d`` from ``rd = (r, d)`` (a caller's own ``(2, G, C)``; the forward gives all four)."""
+    wc = (_clamp_weight(w, s.eps, rd) if s.save else w.to(rd.dtype)) if w is not None else None
+    zs = wc * rd[0] if wc is not None else rd[0]
+    zb = rd[1] * wc if wc is not None else rd[1]
+    if b is not None:
+        zb = zb + b.to(rd.dtype)
+    return zs, zb
 
 
 def _clamp_weight(w, eps, like):

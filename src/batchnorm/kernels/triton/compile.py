@@ -4,7 +4,7 @@
 
 1. **Enumerate.** The backend's own entry points (:class:`~batchnorm.kernels.triton.backend.TritonBackend`: every
    primitive and fused sequence, plain, masked, ghost, ``momentum=None``, fused activation, ``memory="save"``,
-   batch renorm with float and tensor limits, eval) run on empty CPU tensors over a table of layouts (NCHW,
+   batch renorm with float and tensor limits, eval, the guard of native's GPU route) run on empty CPU tensors over a table of layouts (NCHW,
    channels-last with C ≤ 16 and C > 16, ``(N, C)``) and dtypes (float32, float16, bfloat16, float64) with the
    launches *recorded* instead of run (``backend._record``). Each recorded launch goes through the kernel's own
    argument binder (triton's, for the CUDA backend), so the specialization is exactly the one the JIT would
@@ -96,9 +96,11 @@ def _calls(dtype: torch.dtype, layout: str):
                             count = stats[0][:, :1] if save else None
                             TRITON.train_backward(dy, t, s, None if save else stats, invstd, ww, bb, count, m,
                                                   (True, True, True))
-                    for limits in ((3.0, 5.0), (torch.full((), 3.0), torch.full((), 5.0))):
+                    # float limits (the layer's, warm-up ramp in the kernel), tensor limits; BatchRenorm(momentum=None)
+                    for limits, mom in (((3.0, 5.0), 0.01), ((3.0, 5.0), None),
+                                        ((torch.full((), 3.0), torch.full((), 5.0)), 0.01)):
                         y, stats, invstd, rd, _ = TRITON.renorm_forward(x, s, m, w, b, e(c), e(c), *limits,
-                                                                        (e(c), e(c), nbt, 0.01))
+                                                                        (e(c), e(c), nbt, mom), warmup=100)
                         t = y if save else x
                         count = stats[0][:, :1] if save else None
                         TRITON.renorm_backward(dy, t, s, None if save else stats, invstd, w, b, count, m,
@@ -112,6 +114,11 @@ def _calls(dtype: torch.dtype, layout: str):
             TRITON.backward_apply(dy, x, s, mean, e(g, c), e(g, c), e(g, c), e(g, c), m, e(1, c), e(1, c))
             TRITON.update_running(e(c), e(c), mean, m2, cnt, 0.1, nbt)
             TRITON.update_running(e(c), e(c), mean, m2, cnt, None, nbt)
+    # native's GPU route: cuDNN's batch mean and 1/σ (float32; float64 for float64 input) update the buffers, float32
+    # ones or (a layer made .half()/.bfloat16()) buffers of the input's dtype
+    for buffers in dict.fromkeys((pd, dtype)):
+        for momentum in (0.1, None):
+            TRITON.update_from_invstd(e(c, dt=buffers), e(c, dt=buffers), nbt, e(c), e(c), 8, momentum, 1e-5)
     for act in (None, "relu"):
         for affine in (True, False):
             with torch.no_grad():

@@ -218,16 +218,26 @@ def reduce_partial(
 @_kernel
 def finalize(
     part_ptr, stats_ptr, aux_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr, finite_ptr, rmax_ptr, dmax_ptr,
-    C, G, S, eps: tl.float64, momentum: tl.float64, r_max: tl.float64, d_max: tl.float64, has_w, has_b, clamp, has_nbt,
+    C, G, S, eps: tl.float64, momentum: tl.float64, r_max: tl.float64, d_max: tl.float64, warmup: tl.float64,
+    has_w, has_b, clamp, has_nbt,
     TRAIN: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, RENORM: tl.constexpr,
     LIMITS_PTR: tl.constexpr, F64: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One program. ``TRAIN=False``: ``stats = (count, mean, m2)`` ``(3, G, C)`` (the reduce primitive).
 
-    ``TRAIN=True``: ``stats = (count, mean, biased var)``; ``aux = (1/σ, scale, shift, r, d, new mean, new var)``
-    ``(7, G, C)`` (the last two use row 0 only); with ``UPDATE`` the running buffers move toward the batch only
+    ``TRAIN=True``: ``stats = (count, mean, biased var)``; ``aux = (1/σ, scale, shift, new mean, new var)``
+    ``(5, G, C)`` (the new values use row 0 only), and with ``RENORM`` four more rows ``(r, d, kz = γ'·r,
+    bz = β + γ'·d)`` for the backward; with ``UPDATE`` the running buffers move toward the batch only
     when every new value is finite and every count exceeds 1; ``num_batches_tracked += finite``; ``finite`` stored.
+    ``RENORM`` with float limits and ``warmup > 0`` ramps them by ``t = num_batches_tracked`` before this step
+    (``BatchRenorm``'s warm-up): ``r_max(t) = 1 + (r_max − 1)·min(t/warmup, 1)``, ``d_max(t) = d_max·min(t/warmup, 1)``.
     """
+    if RENORM:
+        if not LIMITS_PTR:  # the warm-up ramp in float64, from the count before this step's update
+            t = tl.load(nbt_ptr, mask=has_nbt != 0, other=0).to(tl.float64)
+            frac = tl.minimum(t / tl.maximum(warmup, 1.0), 1.0)
+            r_max = tl.where(warmup > 0, 1.0 + (r_max - 1.0) * frac, r_max)
+            d_max = tl.where(warmup > 0, d_max * frac, d_max)
     eps = _ct(eps, F64)
     momentum = _ct(momentum, F64)
     r_max = _ct(r_max, F64)
@@ -281,8 +291,10 @@ def finalize(
                     dd = tl.minimum(tl.maximum(dd, -dmx), dmx)
                     kz = w * rr
                     bz = b + w * dd
-                    tl.store(aux_ptr + 3 * plane + out, rr, mask=cmask)
-                    tl.store(aux_ptr + 4 * plane + out, dd, mask=cmask)
+                    tl.store(aux_ptr + 5 * plane + out, rr, mask=cmask)
+                    tl.store(aux_ptr + 6 * plane + out, dd, mask=cmask)
+                    tl.store(aux_ptr + 7 * plane + out, kz, mask=cmask)
+                    tl.store(aux_ptr + 8 * plane + out, bz, mask=cmask)
                 scale = kz * invstd
                 tl.store(aux_ptr + out, invstd, mask=cmask)
                 tl.store(aux_ptr + plane + out, scale, mask=cmask)
@@ -297,8 +309,8 @@ def finalize(
             new_var = sum_var / G
             fin = ((new_mean - new_mean) == 0) & ((new_var - new_var) == 0)  # False for NaN and ±Inf
             ok_finite = ok_finite & tl.where(cmask & ~fin, 0, 1)
-            tl.store(aux_ptr + 5 * plane + cs, new_mean, mask=cmask)
-            tl.store(aux_ptr + 6 * plane + cs, new_var, mask=cmask)
+            tl.store(aux_ptr + 3 * plane + cs, new_mean, mask=cmask)
+            tl.store(aux_ptr + 4 * plane + cs, new_var, mask=cmask)
     if UPDATE:
         tl.debug_barrier()  # the new values above are read back below (the same program)
         finite = tl.min(ok_finite, axis=0)
@@ -312,8 +324,8 @@ def finalize(
         for c0 in range(0, C, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
             cmask = cs < C
-            new_mean = _feature(aux_ptr + 5 * plane, 0, cs, 0, 1, cmask, F64)
-            new_var = _feature(aux_ptr + 6 * plane, 0, cs, 0, 1, cmask, F64)
+            new_mean = _feature(aux_ptr + 3 * plane, 0, cs, 0, 1, cmask, F64)
+            new_var = _feature(aux_ptr + 4 * plane, 0, cs, 0, 1, cmask, F64)
             rm = _feature(rm_ptr, 0, cs, 0, 1, cmask, F64)
             rv = _feature(rv_ptr, 0, cs, 0, 1, cmask, F64)
             rm = tl.where(ok, rm + f * (new_mean - rm), rm)
@@ -568,3 +580,52 @@ def update_running(
         tl.store(rm_ptr + cs, rm.to(rm_ptr.dtype.element_ty), mask=cmask)
         tl.store(rv_ptr + cs, rv.to(rv_ptr.dtype.element_ty), mask=cmask)
     tl.store(finite_ptr, finite != 0)
+
+
+@_kernel
+def update_from_invstd(
+    mean_ptr, invstd_ptr, rm_ptr, rv_ptr, nbt_ptr, finite_ptr,
+    C, n: tl.float64, eps: tl.float64, momentum: tl.float64, has_nbt,
+    CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The guarded running update of a plain training step whose statistics ATen computed (cuDNN, MIOpen or ATen's
+    own kernel, called without running buffers): its saved batch mean and ``1/σ``, ``n`` values per feature.
+
+    ``σ²_B = 1/invstd² − eps`` (biased; float64 arithmetic on the saved float32 values), stored unbiased
+    ``σ²_B · n/(n − 1)`` (clamped at 0); ``finite`` = every batch mean and variance finite (a NaN/Inf batch gives a
+    NaN ``1/σ``, a variance that overflowed gives ``1/σ = 0``, i.e. an infinite variance);
+    ``num_batches_tracked += finite``; the buffers move by ``running += f·(new − running)`` (``f = momentum`` or
+    ``1/num_batches_tracked``) only if ``finite``. One program: the whole guard and update in one launch.
+    """
+    ok = tl.full([BLOCK_C], 1, tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        mean = tl.load(mean_ptr + cs, mask=cmask, other=0.0).to(tl.float64)
+        inv = tl.load(invstd_ptr + cs, mask=cmask, other=1.0).to(tl.float64)
+        var = 1.0 / (inv * inv) - eps
+        fin = ((mean - mean) == 0) & ((var - var) == 0)  # False for NaN and ±Inf
+        ok = ok & tl.where(cmask & ~fin, 0, 1)
+    finite = tl.min(ok, axis=0)
+    nbt = tl.load(nbt_ptr, mask=has_nbt != 0, other=0) + finite.to(tl.int64)
+    tl.store(nbt_ptr, nbt, mask=has_nbt != 0)
+    if CUMULATIVE:
+        f = 1.0 / tl.maximum(nbt.to(tl.float64), 1.0)
+    else:
+        f = momentum
+    keep = finite != 0
+    unbias = n / tl.maximum(n - 1.0, 1.0)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        mean = tl.load(mean_ptr + cs, mask=cmask, other=0.0).to(tl.float64)
+        inv = tl.load(invstd_ptr + cs, mask=cmask, other=1.0).to(tl.float64)
+        var = 1.0 / (inv * inv) - eps
+        var = tl.where(var > 0, var, 0.0) * unbias
+        rm = tl.load(rm_ptr + cs, mask=cmask, other=0.0).to(tl.float64)
+        rv = tl.load(rv_ptr + cs, mask=cmask, other=0.0).to(tl.float64)
+        rm = tl.where(keep, rm + f * (mean - rm), rm)
+        rv = tl.where(keep, rv + f * (var - rv), rv)
+        tl.store(rm_ptr + cs, rm.to(rm_ptr.dtype.element_ty), mask=cmask)
+        tl.store(rv_ptr + cs, rv.to(rv_ptr.dtype.element_ty), mask=cmask)
+    tl.store(finite_ptr, keep)
