@@ -206,6 +206,22 @@ def test_a_busy_neighbour_is_seen_by_the_calibration():
     assert busy > _cal.BUSY * min(1.0, 2 / (os.cpu_count() or 1))  # one of the machine's CPUs was taken
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc/stat (Linux)")
+@pytest.mark.skipif((os.cpu_count() or 1) > 4, reason="one spinning process is under BUSY of a machine this large")
+def test_the_calibration_measures_nothing_on_a_busy_machine():
+    """The background calibration runs at normal priority, so it must start only on an idle machine: with a
+    neighbour spinning, :func:`calibrate.measure` stops before its first ladder and returns no table."""
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"])
+    try:
+        time.sleep(0.3)
+        res = _cal.measure(repeats=1, sizes=(1 << 12,), keys=[("train", "inner")], idle_probe=1.0)
+    finally:
+        spin.kill()
+        spin.wait(timeout=10)
+    assert res["table"] == {} and res["ladder"] == []
+    assert res["stopped"] == "the machine was busy before the train,inner ladder" and res["others_busy"] > _cal.BUSY
+
+
 @pytest.mark.parametrize("lay", ["inner", "outer"])
 @pytest.mark.parametrize("nbytes", [1 << 12, 1 << 16, 1 << 20])
 def test_calibration_shapes_have_the_size_and_layout_class_they_stand_for(lay, nbytes):

@@ -12,6 +12,8 @@ priority and (3) taken the cache directory's lock. Only then does it import torc
 * **never competes**: ``SCHED_IDLE`` where the OS has it (runs only on otherwise idle CPU time), else
   ``nice 19``; one thread (the environment :mod:`.warmup` passes sets ``NUMBA_NUM_THREADS``,
   ``OMP_NUM_THREADS`` and friends to 1 for a compile, so no OpenMP team spins against the user's threads).
+  The calibration job is the exception: it keeps normal priority and measures only while the machine is
+  idle, stopping at the first sign of other work (:mod:`.calibrate`).
 * **one compile per cache directory**: ``fcntl.flock`` on ``batchnorm-kernels.lock`` in the directory;
   the lock dies with its holder, so a killed compiler never leaves a stale lock. The process that gets
   the lock first re-checks whether the cache became complete meanwhile (then it has nothing to do).
@@ -92,8 +94,13 @@ def main() -> int:
     parent = int(os.environ.get("BATCHNORM_WARMUP_PARENT", os.getppid()))
     _die_with_parent(parent, int(os.environ.get("BATCHNORM_WARMUP_PIPE", "-1")))
     # BATCHNORM_WARMUP_PRIORITY=normal: a diagnostic knob (benchmarks/warmup_neighbour.py compares both)
-    priority = "normal" if os.environ.get("BATCHNORM_WARMUP_PRIORITY") == "normal" else _lowest_priority()
     job = os.environ.get("BATCHNORM_WARMUP_JOB", "compile")
+    # the calibration keeps normal priority and measures only on an idle machine (batchnorm.kernels.calibrate:
+    # a race timed at SCHED_IDLE is not fair to ATen's OpenMP kernels)
+    if os.environ.get("BATCHNORM_WARMUP_PRIORITY") == "normal" or job == "calibrate":
+        priority = "normal"
+    else:
+        priority = _lowest_priority()
     directory = os.environ["BATCHNORM_WARMUP_DIR"]
     report: dict = {"job": job, "pid": os.getpid(), "priority": priority}
     t = time.monotonic()
@@ -136,7 +143,11 @@ def main() -> int:
                       else calibrate.measure())
             report["measure_s"] = round(time.monotonic() - t, 1)
             report["others_busy"] = result["others_busy"]
-            if result["others_busy"] > calibrate.BUSY:  # the medians measured the neighbours: measure another time
+            if "stopped" in result:  # the machine was not idle: nothing stored, a later process measures
+                report["result"] = (f"deferred: {result['stopped']} (other processes used "
+                                    f"{100 * result['others_busy']:.0f} % of the CPU); the built-in table stays "
+                                    "and a later process measures again")
+            elif result["others_busy"] > calibrate.BUSY:  # the medians measured the neighbours: measure again
                 report["result"] = (f"deferred: other processes used {100 * result['others_busy']:.0f} % of the CPU "
                                     "while it measured; the built-in table stays and the next process measures again")
             else:

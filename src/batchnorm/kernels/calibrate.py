@@ -13,6 +13,15 @@ process after the kernels are compiled, and stores the result beside numba's cac
 and numba thread counts); every later process with the same key adopts it (:func:`load`). Deterministic
 once stored: no timing on the hot path. ``BATCHNORM_CALIBRATE=0`` keeps the built-in table.
 
+Only on an idle machine, at normal priority: the compile runs at the lowest priority, but a measurement at
+``SCHED_IDLE`` / ``nice 19`` is not a fair race (every passing task preempts it, and ATen's OpenMP team waits
+at its barriers for a preempted thread far longer than numba's kernels do: native measured up to 4× slower
+than in a normal process, which moved the crossover down to sizes where numba loses). So the calibration
+process keeps its normal priority and measures only while nothing else runs: before each ``(mode, layout)``
+ladder it samples the machine for :data:`IDLE_PROBE_S` and, during the ladder, after every size; the moment
+other processes use more than :data:`BUSY` of the CPU it stops, stores nothing (the built-in table stays) and
+a later process tries again. Beside a user's own work it therefore competes for at most one ladder point.
+
 Shape: not applicable.
 
 Example::
@@ -43,6 +52,10 @@ MARGIN = 0.95
 #: a measurement during which other processes used more than this fraction of the machine's CPU time is
 #: not stored (its medians measure the neighbours): the built-in table stays, the next process measures again
 BUSY = 0.25
+#: seconds the machine is watched before each ladder: :func:`measure` starts a ladder only on an idle machine
+IDLE_PROBE_S = 0.3
+#: seconds of timed rounds per ladder point (at least ``repeats`` rounds; more rounds for cheap sizes)
+POINT_S = 0.25
 
 
 def crossover(sizes: list[int], native_ms: list[float], numba_ms: list[float], margin: float = MARGIN) -> int | None:
@@ -133,22 +146,42 @@ def calibration_fns(mode: str, shape: tuple[int, ...], axis: int) -> dict:
     return fns
 
 
-def measure(repeats: int = 7, sizes: tuple[int, ...] = LADDER, keys=None) -> dict:
+def measure(repeats: int = 7, sizes: tuple[int, ...] = LADDER, keys=None, idle_probe: float = IDLE_PROBE_S,
+            point_s: float = POINT_S) -> dict:
     """Time native against numba on the ladder for each ``(mode, layout)``; ``{"table": {key: bytes},
     "ladder": [{mode, layout, bytes, native_ms, numba_ms}, ...], "others_busy": fraction}`` (``NEVER`` where
     numba never won; ``others_busy``: :func:`others_busy` over the measurement, compared with :data:`BUSY`
-    before the table is stored)."""
+    before the table is stored).
+
+    Stops early, with ``"stopped"`` (why) in the result and the table incomplete, as soon as other processes
+    use more than :data:`BUSY` of the CPU: in the ``idle_probe`` seconds watched before each ladder, or between
+    two sizes of a ladder (``others_busy`` is then the fraction that stopped it)."""
     from ..bench import side_by_side
     from . import dispatch
 
     keys = list(keys or dispatch.CROSSOVER_BYTES)
     out: dict = {"table": {}, "ladder": []}
     start, before = time.monotonic(), cpu_snapshot()
+
+    def stop(why: str, busy: float) -> dict:
+        out["stopped"], out["others_busy"] = why, round(busy, 3)
+        return out
+
     for mode, lay in keys:
+        if idle_probe > 0:
+            t0, s0 = time.monotonic(), cpu_snapshot()
+            time.sleep(idle_probe)
+            busy = others_busy(s0, cpu_snapshot(), time.monotonic() - t0)
+            if busy > BUSY:
+                return stop(f"the machine was busy before the {mode},{lay} ladder", busy)
         nat, nb = [], []
         for nbytes in sizes:
+            t0, s0 = time.monotonic(), cpu_snapshot()
             shape, axis = calibration_shape(lay, nbytes)
-            s = side_by_side(calibration_fns(mode, shape, axis), repeats, budget=0.004, min_time=0)
+            s = side_by_side(calibration_fns(mode, shape, axis), repeats, budget=0.004, min_time=point_s)
+            busy = others_busy(s0, cpu_snapshot(), time.monotonic() - t0)
+            if busy > BUSY:
+                return stop(f"other processes started during the {mode},{lay} ladder", busy)
             a, b = statistics.median(s["native"]) * 1e3, statistics.median(s["numba"]) * 1e3
             nat.append(a)
             nb.append(b)

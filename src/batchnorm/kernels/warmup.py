@@ -292,8 +292,12 @@ def _run_child(job: str, directory: str, env_extra: dict[str, str]) -> dict:
 
     r, w = os.pipe()  # the child's watchdog sees end of file when this process is gone (w closes with it)
     env = {**os.environ, "BATCHNORM_WARMUP_JOB": job, "BATCHNORM_WARMUP_DIR": directory,
-           "BATCHNORM_WARMUP_PARENT": str(os.getpid()), "BATCHNORM_WARMUP_PIPE": str(r),
-           "OMP_WAIT_POLICY": "PASSIVE", **env_extra}
+           "BATCHNORM_WARMUP_PARENT": str(os.getpid()), "BATCHNORM_WARMUP_PIPE": str(r), **env_extra}
+    if job != "calibrate":
+        # a compile's threads never spin; the calibration times the kernels in the user's own OpenMP setting
+        # (under PASSIVE every barrier sleeps: ATen measured up to 10x slower on small inputs than in the user's
+        # process, which moved the crossover down to sizes where numba loses)
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     env.pop("BATCHNORM_BACKEND", None)
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_warmup_child.py")
     try:
