@@ -234,6 +234,8 @@ def _just(nbytes: int, lay: str) -> torch.Tensor:
     n = nbytes // 4
     if lay == "inner":
         return torch.randn(n // 8, 8)
+    if lay == "cl":
+        return torch.randn(n // 64, 8, 2, 4).contiguous(memory_format=torch.channels_last)
     return torch.randn(n // 64, 8, 8)
 
 

@@ -556,8 +556,8 @@ def calibrate(repeats: int = 7, out: str | None = None, sizes: tuple[int, ...] =
         print(f"\n{mode} {lay}: {'bytes':>9}{'shape':>22}{'native ms':>11}{'numba ms':>10}{'ratio':>7}")
         nat, nb = [], []
         for nbytes in sizes:
-            shape, axis = calibration_shape(lay, nbytes)
-            s = side_by_side(_calibration_fns(mode, shape, axis), repeats)
+            shape = calibration_shape(lay, nbytes)[0]
+            s = side_by_side(_calibration_fns(mode, lay, nbytes), repeats)
             a, b = _median_ms(s["native"]), _median_ms(s["numba"])
             nat.append(a)
             nb.append(b)

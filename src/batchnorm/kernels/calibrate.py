@@ -44,11 +44,14 @@ FILE = "batchnorm-crossovers.json"
 #: sizes of ``x`` (bytes) timed by :func:`measure`: 64 KB to 32 MB, factor 2
 LADDER = tuple(64 << 10 << i for i in range(10))
 NEVER = 1 << 62  # numba never won on the ladder: native at every size
+#: version of a stored table (2: the "cl" layout class; 3: MARGIN 0.9; 4: outer ladder (N, 64, 64); 5: cl ladder (N, 512, 4, 4)); :func:`load`
+#: ignores other versions
+VERSION = 5
 
 
 #: numba must beat native by this factor (ratio numba/native below it, after smoothing) to be chosen: a tie
 #: goes to native (torch's own kernel), and a measurement that hovers around 1.0 cannot flip the choice
-MARGIN = 0.95
+MARGIN = 0.9
 #: a measurement during which other processes used more than this fraction of the machine's CPU time is
 #: not stored (its medians measure the neighbours): the built-in table stays, the next process measures again
 BUSY = 0.25
@@ -111,27 +114,37 @@ def others_busy(before: tuple[float, float] | None, after: tuple[float, float] |
 
 def calibration_shape(layout: str, nbytes: int) -> tuple[tuple[int, ...], int]:
     """``(shape, axis)`` of a float32 input of about ``nbytes`` bytes: ``(N, 256)`` for ``"inner"`` (features
-    innermost in memory), ``(N, 32, L)`` for ``"outer"``. Example: ``calibration_shape("inner", 1 << 20)``
-    is ``((1024, 256), 1)``."""
+    innermost in memory), ``(N, 512, 4, 4)`` for ``"cl"`` (made channels-last by :func:`calibration_input`),
+    ``(N, 64, 64)`` for ``"outer"``. Example: ``calibration_shape("inner", 1 << 20)`` is ``((1024, 256), 1)``."""
     n = nbytes // 4
     if layout == "inner":
         return (max(4, n // 256), 256), 1
-    if layout == "outer":
-        rows = max(1, min(32, n // 256))
-        return (rows, 32, max(8, n // (32 * rows))), 1
-    raise ValueError(f"calibration_shape expected layout 'inner' or 'outer', got {layout!r}.")
+    if layout == "cl":
+        # 512 features on a 4x4 map: numba lost to ATen's channels-last kernel most on wide late-stage layers
+        return ((n // 8192, 512, 4, 4) if n >= 8192 else (1, 128, 2, max(2, n // 256))), 1
+    if layout == "outer":  # rows of 64 values (an 8x8 feature map): short rows are where numba gains least
+        return (max(1, n // 4096), 64, 64 if n >= 4096 else max(8, n // 64)), 1
+    raise ValueError(f"calibration_shape expected layout 'inner', 'cl' or 'outer', got {layout!r}.")
 
 
-def calibration_fns(mode: str, shape: tuple[int, ...], axis: int) -> dict:
+def calibration_input(layout: str, nbytes: int) -> tuple[torch.Tensor, int]:
+    """``(x, axis)``: a random input of :func:`calibration_shape` in ``layout`` (channels-last for ``"cl"``)."""
+    shape, axis = calibration_shape(layout, nbytes)
+    x = torch.randn(shape)
+    return (x.contiguous(memory_format=torch.channels_last) if layout == "cl" else x), axis
+
+
+def calibration_fns(mode: str, layout: str, nbytes: int) -> dict:
     """``{"native": fn, "numba": fn}``: one training step (``mode="train"``) or eval forward of a layer forced
-    onto each backend, on one input of ``shape``."""
+    onto each backend, on one input of :func:`calibration_input`."""
     from ..layers import BatchNorm
 
-    x = torch.randn(shape, requires_grad=mode == "train")
-    g = torch.randn(shape)
+    x, axis = calibration_input(layout, nbytes)
+    x.requires_grad_(mode == "train")
+    g = torch.randn_like(x)
     fns = {}
     for name in ("native", "numba"):
-        layer = BatchNorm(shape[axis], axis=axis, backend=name)
+        layer = BatchNorm(x.shape[axis], axis=axis, backend=name)
         if mode == "train":
             def step(layer=layer):
                 x.grad = None
@@ -177,8 +190,7 @@ def measure(repeats: int = 7, sizes: tuple[int, ...] = LADDER, keys=None, idle_p
         nat, nb = [], []
         for nbytes in sizes:
             t0, s0 = time.monotonic(), cpu_snapshot()
-            shape, axis = calibration_shape(lay, nbytes)
-            s = side_by_side(calibration_fns(mode, shape, axis), repeats, budget=0.004, min_time=point_s)
+            s = side_by_side(calibration_fns(mode, lay, nbytes), repeats, budget=0.004, min_time=point_s)
             busy = others_busy(s0, cpu_snapshot(), time.monotonic() - t0)
             if busy > BUSY:
                 return stop(f"other processes started during the {mode},{lay} ladder", busy)
@@ -223,15 +235,17 @@ def load(directory: str | None, threads: tuple[int, int]) -> dict | None:
     if not isinstance(entry, dict) or not isinstance(entry.get("table"), dict):
         return None
     try:
-        return {tuple(k.split(",")): int(v) for k, v in entry["table"].items()}
+        table = {tuple(k.split(",")): int(v) for k, v in entry["table"].items()}
     except (ValueError, TypeError):
         return None
+    # a table stored before the cost table's layout classes changed (version 1: no "cl") is measured again
+    return table if entry.get("version") == VERSION else None
 
 
 def store(directory: str, threads: tuple[int, int], result: dict) -> None:
     """Add ``result`` (from :func:`measure`) to the stored tables, atomically (callers hold the cache lock)."""
     data = _read(directory)
-    data[key(threads)] = {"table": {f"{m},{lay}": v for (m, lay), v in result["table"].items()},
+    data[key(threads)] = {"version": VERSION, "table": {f"{m},{lay}": v for (m, lay), v in result["table"].items()},
                           "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
                           "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
                           "ladder": result.get("ladder", [])}

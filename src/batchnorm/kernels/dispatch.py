@@ -40,8 +40,9 @@ forced name says "this one when possible", as before. A forced ``"numba"`` compi
 
 The cost table (:data:`CROSSOVER_BYTES`) has one row per ``(mode, layout)``: ``mode`` is ``"train"``
 (training step: forward + backward) or ``"eval"`` (forward without autograd); ``layout`` is
-``"inner"`` when the feature axis is innermost in memory (``(N, C)``, channels-last, ``axis=-1``:
-``x.stride(axis) == 1``) and ``"outer"`` otherwise (NCHW). The value is the size of ``x`` in bytes at
+``"inner"`` when the feature axis is innermost in memory (``(N, C)``, ``axis=-1``: ``x.stride(axis) == 1``),
+``"cl"`` for the same with the feature axis at 1 of a 3-D or larger tensor (channels-last ``(N, C, H, W)``
+and ``(N, C, D, H, W)``, ATen's channels-last kernel) and ``"outer"`` otherwise (NCHW). The value is the size of ``x`` in bytes at
 which numba becomes cheaper than native. The values below are the fallback, measured on the development
 machine; in the default warm-up mode the crossovers are measured on the machine that runs them, at its
 thread counts, once, in a low-priority background process, stored beside numba's cache and adopted in
@@ -90,11 +91,16 @@ _ALIASES = {"torch": "composite"}
 #: Train, outer moved from 512 KB to 768 KB after a side-by-side check on 2026-12-02 05:18 (load ~1, 2 threads,
 #: 15 alternating rounds): (32, 64, 8, 8) = 512 KB native 1.00x torch, numba 1.28x; (64, 64, 8, 8) = 1 MB native
 #: 1.03x, numba 0.77x — the crossover lies between, and 512 KB itself is an issue-11 target row.
+#: Channels-last ("cl", its own class since 2026-12-04): in five sweeps on the development VM (2026-12-02 to
+#: 2026-12-04, 1 and 2 threads) numba lost to ATen's channels-last kernel at 2-12 MB, by 1.04-1.57x, on shapes
+#: where a dense (N, C) input of the same bytes went to numba with a gain, and won from 49 MB (0.34-0.60x).
 CROSSOVER_BYTES: dict[tuple[str, str], int] = {
     ("train", "inner"): 2 << 20,
     ("train", "outer"): 768 << 10,
+    ("train", "cl"): 32 << 20,
     ("eval", "inner"): 2 << 20,
     ("eval", "outer"): 32 << 20,
+    ("eval", "cl"): 32 << 20,
 }
 FALLBACK_CROSSOVER_BYTES = dict(CROSSOVER_BYTES)  # the built-in values, unchanged when measured ones are adopted
 
@@ -118,8 +124,13 @@ def device_type(x: torch.Tensor) -> str:
 
 
 def layout(x: torch.Tensor, axis: int) -> str:
-    """``"inner"`` when the feature axis is innermost in memory (stride 1), else ``"outer"``."""
-    return "inner" if x.stride(axis) == 1 or x.shape[axis] == x.numel() else "outer"
+    """The cost table's layout class of ``x``: ``"cl"`` when the feature axis is 1 of a 3-D or larger tensor and
+    innermost in memory (channels-last), ``"inner"`` when it is innermost otherwise (``(N, C)``, ``axis=-1``),
+    else ``"outer"``. Example: ``layout(torch.zeros(2, 3, 4, 4).to(memory_format=torch.channels_last), 1)``
+    is ``"cl"``."""
+    if x.stride(axis) == 1 or x.shape[axis] == x.numel():
+        return "cl" if axis == 1 and x.dim() > 2 and x.shape[axis] != x.numel() else "inner"
+    return "outer"
 
 
 def _canonical(backend: str | None) -> str:
