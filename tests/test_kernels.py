@@ -318,7 +318,8 @@ DISPATCH_CASES = [
     (lambda: torch.randn(4, 3), "numba", "numba"),
     (lambda: torch.randn(64, 64, 16, 16).half(), "numba", "composite"),  # unsupported dtype
     (lambda: torch.randn(64, 64, 16, 32)[..., ::2], "numba", "composite"),  # not dense
-    (lambda: torch.randn(64, 64, 16, 16).to(memory_format=torch.channels_last), "auto", "numba"),
+    (lambda: torch.randn(64, 64, 16, 16).to(memory_format=torch.channels_last), "auto", "native"),  # 4 MB cl
+    (lambda: torch.randn(64, 64, 32, 64).to(memory_format=torch.channels_last), "auto", "numba"),  # 32 MB cl
     (lambda: torch.randn(64, 64, 16, 16), "torch", "composite"),  # the old name is an alias
     (lambda: torch.randn(64, 64, 16, 16), "native", "native"),
 ]
