@@ -309,7 +309,7 @@ def test_warning_stack_points_at_the_caller():
     assert caught and caught[0].category is RuntimeWarning
 
 
-# ------------------------------------------------------------------ the layer's fast path (native plans)
+# ------------------------------------------------------------------ the layer's fast path (plans)
 def _slow_copy(layer):
     """A twin of ``layer`` that never keeps a plan (its ``_prepare_fast`` is a no-op)."""
     import copy
@@ -331,9 +331,16 @@ FAST_CASES = [
 ]
 
 
+#: the backends a layer keeps a plan for: auto (native at these sizes: kernels.native.Plan) and the ones
+#: functional._TrainNorm drives (functional.RoutePlan)
+PLAN_BACKENDS = [None, "composite"] + (["numba"] if "numba" in NAMES else [])
+
+
+@pytest.mark.parametrize("backend", PLAN_BACKENDS, ids=lambda b: b or "auto")
 @pytest.mark.parametrize("kw,shape,training,dtype", FAST_CASES, ids=range(len(FAST_CASES)))
-def test_fast_path_matches_the_slow_path_call_for_call(kw, shape, training, dtype, monkeypatch):
+def test_fast_path_matches_the_slow_path_call_for_call(kw, shape, training, dtype, backend, monkeypatch):
     monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
+    kw = dict(kw, backend=backend)
     fast = batchnorm.BatchNorm(shape[-1] if kw.get("axis") == -1 else shape[1], **kw).to(dtype).train(training)
     slow = _slow_copy(fast)
     calls = []
@@ -352,7 +359,9 @@ def test_fast_path_matches_the_slow_path_call_for_call(kw, shape, training, dtyp
             torch.testing.assert_close(t, slow.state_dict()[name], rtol=0, atol=0, msg=name)
         assert fast.last_input_shape == slow.last_input_shape == shape
     assert len(calls) == 1 + 3  # fast: only its first call took the slow path; slow: every call
-    assert "_fast" in fast.__dict__ and dispatch.chosen(fast, x) == "native"
+    assert "_fast" in fast.__dict__ and dispatch.chosen(fast, x) == (backend or "native")
+    plan = next(iter(fast.__dict__["_fast"].values()))
+    assert type(plan).__name__ == ("Plan" if backend is None else "RoutePlan")
 
 
 def _bad(shape=(8, 4)):
@@ -371,10 +380,11 @@ CHANGE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend", PLAN_BACKENDS, ids=lambda b: b or "auto")
 @pytest.mark.parametrize("what,change", CHANGE_CASES, ids=[c[0] for c in CHANGE_CASES])
-def test_fast_path_follows_every_change_of_the_layer(what, change, monkeypatch):
+def test_fast_path_follows_every_change_of_the_layer(what, change, backend, monkeypatch):
     monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
-    layer = batchnorm.BatchNorm(4)
+    layer = batchnorm.BatchNorm(4, backend=backend)
     x = torch.randn(8, 4)
     layer(x)
     layer(x)  # runs the plan

@@ -353,6 +353,56 @@ def normalize(
     return y
 
 
+class RoutePlan:
+    """A layer's call for one input signature on a backend without ATen's autograd (numba; triton, forced on CPU
+    tensors), prepared once: the layer's fast path, as :class:`batchnorm.kernels.native.Plan` is for native.
+
+    It does exactly what :func:`normalize` does for that plain call (no mask, local statistics), minus the
+    checks and the :func:`batchnorm.kernels.dispatch.select` already made: ``mode`` ``"update"`` (batch
+    statistics through :class:`_TrainNorm` and the running update of the backend's fused sequence, or
+    :meth:`~batchnorm.kernels.backend.Backend.update_running` where the sequence leaves it), ``"batch"``
+    (batch statistics, no update) or ``"eval"`` (``ops.eval_forward`` with the running statistics).
+
+    Shape: ``x`` as at plan time. Example::
+
+        >>> import torch, batchnorm
+        >>> bn = batchnorm.BatchNorm(4, backend="composite")
+        >>> _ = bn(torch.randn(8, 4)); _ = bn(torch.randn(8, 4))   # the first call prepares, the second runs it
+        >>> type(next(iter(bn.__dict__["_fast"].values()))).__name__
+        'RoutePlan'
+
+    Reference: :func:`normalize` (the slow path it short-cuts).
+    """
+
+    __slots__ = ("key", "tensors", "shape", "mode", "settings", "ops", "momentum")
+
+    def __init__(self, key, shape, mode: str, s: Settings, ops, momentum):
+        self.key, self.shape, self.mode, self.settings, self.ops, self.momentum = key, shape, mode, s, ops, momentum
+        self.tensors = (None,) * 5  # the layer's (weight, bias, running_mean, running_var, num_batches_tracked)
+
+    @classmethod
+    def build(cls, key, x: torch.Tensor, s: Settings, mode: str, momentum, ops) -> RoutePlan | None:
+        """A plan for ``ops`` (the backend ``select`` chose), or None where only the slow path can serve."""
+        if ops.differentiable or x.numel() == 0 or dispatch.device_type(x) != "cpu":
+            return None
+        return cls(key, tuple(x.shape), mode, s, ops, momentum)
+
+    def run(self, x, weight, bias, rm, rv, nbt):
+        """``(y, finite)``: the call on ``x`` and the layer's current tensors (``finite`` False: refused batch)."""
+        mode, ops, s = self.mode, self.ops, self.settings
+        if mode == "eval":
+            return ops.eval_forward(x, s, weight, bias, rm, rv), True
+        stash: list = []
+        running = (rm, rv, nbt, self.momentum) if mode == "update" else None
+        y = _TrainNorm.apply(x, weight, bias, None, s, ops, _PLAIN, running, stash)
+        if mode != "update":
+            return y, True
+        stats, finite = stash
+        if finite is None:
+            finite = ops.update_running(rm, rv, stats[1], stats[2], stats[0], self.momentum, nbt)
+        return y, bool(finite)
+
+
 def _warn_not_finite(name: str, x: torch.Tensor, m: torch.Tensor | None, stacklevel: int = 4) -> None:
     """The RuntimeWarning of a refused batch, naming the real cause (non-finite input, or overflow of finite input).
 

@@ -387,8 +387,9 @@ class BatchNorm(_BatchNorm):
         """After a successful plain call: keep the chosen backend's plan (:meth:`Backend.plan
         <batchnorm.kernels.backend.Backend.plan>`) for the next same-shaped one; :func:`dispatch.select` decides once.
 
-        Today the native backend builds plans (:class:`~batchnorm.kernels.native.Plan`, CPU calls); other backends
-        serve every call through the slow path. Only for CPU calls, on layers whose combine and grouping are
+        The native backend builds its own (:class:`~batchnorm.kernels.native.Plan`, CPU calls); for the backends
+        :class:`~batchnorm.functional._TrainNorm` drives (numba, composite, triton forced on CPU tensors) the layer
+        keeps a :class:`~batchnorm.functional.RoutePlan`: the same call minus the checks and the choice. Only for CPU calls, on layers whose combine and grouping are
         :class:`BatchNorm`'s (not renorm, ghost or sync) and that carry every setting of :data:`_CONFIG`. The plan's
         key holds what the checks and :func:`~batchnorm.kernels.dispatch.select` read: input shape, strides and dtype,
         the settings, the parameter and buffer objects (compared by identity), and
@@ -410,7 +411,9 @@ class BatchNorm(_BatchNorm):
         mode = "update" if updating else "batch" if use_batch else "eval"
         shape = x.shape
         key = (shape, x.stride(), x.dtype, _config(d), dispatch.decision_state())
-        plan = ops.plan(key, x, s, mode, d["momentum"], rm, rv)  # the chosen backend's own route (or none)
+        plan = ops.plan(key, x, s, mode, d["momentum"], rm, rv)  # the chosen backend's own route (native) ...
+        if plan is None:  # ... or the generic one of the backends _TrainNorm drives (numba, triton, composite)
+            plan = bnf.RoutePlan.build(key, x, s, mode, d["momentum"], ops)
         if plan is None:
             return
         plan.tensors = (w, b, rm, rv, nbt)
