@@ -160,14 +160,14 @@ def calibration_fns(mode: str, layout: str, nbytes: int) -> dict:
 
 
 def measure(repeats: int = 7, sizes: tuple[int, ...] = LADDER, keys=None, idle_probe: float = IDLE_PROBE_S,
-            point_s: float = POINT_S) -> dict:
+            point_s: float = POINT_S, busy_limit: float = BUSY) -> dict:
     """Time native against numba on the ladder for each ``(mode, layout)``; ``{"table": {key: bytes},
     "ladder": [{mode, layout, bytes, native_ms, numba_ms}, ...], "others_busy": fraction}`` (``NEVER`` where
     numba never won; ``others_busy``: :func:`others_busy` over the measurement, compared with :data:`BUSY`
     before the table is stored).
 
     Stops early, with ``"stopped"`` (why) in the result and the table incomplete, as soon as other processes
-    use more than :data:`BUSY` of the CPU: in the ``idle_probe`` seconds watched before each ladder, or between
+    use more than ``busy_limit`` (:data:`BUSY`) of the CPU: in the ``idle_probe`` seconds watched before each ladder, or between
     two sizes of a ladder (``others_busy`` is then the fraction that stopped it)."""
     from ..bench import side_by_side
     from . import dispatch
@@ -185,14 +185,14 @@ def measure(repeats: int = 7, sizes: tuple[int, ...] = LADDER, keys=None, idle_p
             t0, s0 = time.monotonic(), cpu_snapshot()
             time.sleep(idle_probe)
             busy = others_busy(s0, cpu_snapshot(), time.monotonic() - t0)
-            if busy > BUSY:
+            if busy > busy_limit:
                 return stop(f"the machine was busy before the {mode},{lay} ladder", busy)
         nat, nb = [], []
         for nbytes in sizes:
             t0, s0 = time.monotonic(), cpu_snapshot()
             s = side_by_side(calibration_fns(mode, lay, nbytes), repeats, budget=0.004, min_time=point_s)
             busy = others_busy(s0, cpu_snapshot(), time.monotonic() - t0)
-            if busy > BUSY:
+            if busy > busy_limit:
                 return stop(f"other processes started during the {mode},{lay} ladder", busy)
             a, b = statistics.median(s["native"]) * 1e3, statistics.median(s["numba"]) * 1e3
             nat.append(a)
