@@ -22,9 +22,10 @@ sees both kinds of host read.
 Kernel budgets, measured here, as ceilings that fail when a change adds a kernel. With triton
 (:data:`TRITON_TABLE`, its kernels run by Triton's CPU interpreter): plain BN on native costs exactly torch's
 launches (ATen's call without running buffers, then one triton launch for the guard, the running update and
-``num_batches_tracked``, in place of torch's ``num_batches_tracked += 1``), and every variant's training step is
-6 launches. Without triton (:data:`TABLE`: the pure-ATen fallback, variants on composite): plain BN costs
-torch's kernels + 6 (a multi-tensor snapshot of the two buffers, three kernels for the finite flag, two selects).
+``num_batches_tracked``, in place of torch's ``num_batches_tracked += 1``), every variant's training step is
+6 launches, and SyncBatchNorm's 8 around its two collectives (a two-rank stand-in: :func:`two_ranks`). Without
+triton (:data:`TABLE`: the pure-ATen fallback, variants on composite): plain BN costs torch's kernels + 6 (a
+multi-tensor snapshot of the two buffers, three kernels for the finite flag, two selects).
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from batchnorm import BatchNorm, BatchRenorm, GhostBatchNorm, Standardizer
+from batchnorm import BatchNorm, BatchRenorm, GhostBatchNorm, Standardizer, SyncBatchNorm
 from batchnorm.kernels import dispatch, native
 from batchnorm.layers import base as base_module
+from batchnorm.layers import sync as sync_module
 
 # Triton's interpreter must be chosen before triton is first imported (its library functions are jitted then);
 # tests/conftest.py's triton_interpreter restores the variable when this module's tests end
@@ -94,6 +96,8 @@ class _Reads(TorchFunctionMode):
 class StepCount:
     """Context manager: what one step did (``syncs``, ``host_data``, ``kernels`` lists; ``launches`` = kernels + triton)."""
 
+    active: list = []  # the counters open now (the stand-in collectives pause them)
+
     def __init__(self):
         self.syncs: list[str] = []
         self.host_data: list[str] = []
@@ -120,9 +124,11 @@ class StepCount:
         self._modes = (_Reads(self), _Ops(self))
         for m in self._modes:
             m.__enter__()
+        StepCount.active.append(self)
         return self
 
     def __exit__(self, *exc):
+        StepCount.active.remove(self)
         for m in reversed(self._modes):
             m.__exit__(*exc)
         if _TB is not None:
@@ -441,11 +447,42 @@ def triton_route(monkeypatch):
     monkeypatch.setattr(dispatch, "device_type", lambda x: "cuda")
 
 
+def _uncounted(fn):
+    """``fn`` with every open counter paused: work that is no part of a step's kernels on a GPU."""
+    def run(*args, **kwargs):
+        paused = [c for c in StepCount.active if not c.paused]
+        for c in paused:
+            c.paused = True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for c in paused:
+                c.paused = False
+    return run
+
+
+@pytest.fixture
+def two_ranks(monkeypatch):
+    """SyncBatchNorm in a group of two processes, in this one: every all-gather returns this rank's message twice
+    (a stand-in, not counted: collectives are no kernel launches of the step). The fault record's poll reads host
+    memory (on a GPU: the pinned copy, after a CUDA event query), so it is not counted as a host read either."""
+    import torch.distributed as dist
+
+    def gather(out, inp, group=None, async_op=False):
+        out.view(-1, inp.numel()).copy_(inp.reshape(1, -1))
+
+    monkeypatch.setattr(sync_module, "_group_world", lambda group: 2)
+    monkeypatch.setattr(dist, "all_gather_into_tensor", _uncounted(gather))
+    monkeypatch.setattr(dist, "all_gather_single", _uncounted(gather), raising=False)
+    monkeypatch.setattr(sync_module._SyncState, "poll", _uncounted(sync_module._SyncState.poll))
+
+
 TINY = (4, 3, 2, 2)
 # (label, factory, masked, training-step launches ceiling) with triton: plain BN on native (ATen's kernels, one
 # triton launch for the guard), every variant on triton. A training step is counted as forward + backward without
 # autograd's gradient accumulations (count_step(..., fresh_grads=True)), so torch.nn.BatchNorm2d's step is 3
-# (forward, num_batches_tracked += 1, backward); eval is 1 launch in every row.
+# (forward, num_batches_tracked += 1, backward); eval is 1 launch in every row. SyncBatchNorm (two ranks, the
+# two_ranks stand-in) is 4 + 4 launches around its two collectives (not counted).
 TRITON_TABLE = [
     ("plain", lambda: BatchNorm(3), False, 3),
     ("momentum=None", lambda: BatchNorm(3, momentum=None), False, 3),
@@ -456,6 +493,9 @@ TRITON_TABLE = [
     ("renorm", lambda: BatchRenorm(3), False, 6),
     ("renorm, warm-up", lambda: BatchRenorm(3, warmup_steps=10), False, 6),
     ("memory='save'", lambda: BatchNorm(3, activation="leaky_relu", memory="save"), False, 6),
+    ("sync (2 ranks)", lambda: SyncBatchNorm(3), False, 8),
+    ("masked sync (2 ranks)", lambda: SyncBatchNorm(3), True, 8),
+    ("sync, memory='save'", lambda: SyncBatchNorm(3, activation="leaky_relu", memory="save"), False, 8),
 ]
 TRITON_IDS = [r[0] for r in TRITON_TABLE]
 
@@ -465,8 +505,11 @@ def _tiny_mask():
 
 
 @pytest.mark.parametrize("label,make,masked,ceiling", TRITON_TABLE, ids=TRITON_IDS)
-def test_triton_route_step_has_no_host_sync_and_at_most_six_launches(triton_route, label, make, masked, ceiling):
+def test_triton_route_step_has_no_host_sync_and_at_most_six_launches(triton_route, request, label, make, masked,
+                                                                     ceiling):
     layer = make()
+    if isinstance(layer, SyncBatchNorm):
+        request.getfixturevalue("two_ranks")
     x = torch.randn(TINY, requires_grad=True)
     mask = _tiny_mask() if masked else None
     assert dispatch.chosen(layer, x, mask) == ("native" if label in ("plain", "momentum=None") else "triton")
@@ -511,4 +554,76 @@ def test_triton_route_refused_batch_is_selected_on_the_device(triton_route, labe
     for k in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(layer._buffers[k], before[k]), f"{label}: {k} changed by a refused batch"
     with pytest.warns(RuntimeWarning, match=r"1 training batch\(es\) since the last report"):
+        assert layer.refused_batches == 1
+
+
+def test_triton_route_sync_with_equal_ranks_is_batchnorm_on_the_doubled_batch(triton_route, two_ranks):
+    """Two ranks sending the same message: the merged batch is this one twice, so output, gradients and the running
+    mean are BatchNorm's, and the running variance is unbiased over 2n values (the merge happened on the device)."""
+    g = torch.Generator().manual_seed(5)
+    sync, plain = SyncBatchNorm(3, momentum=0.5), BatchNorm(3, momentum=0.5, backend="composite")
+    with torch.no_grad():
+        for layer in (sync, plain):
+            layer.weight.copy_(torch.tensor([0.5, -1.5, 2.0]))
+            layer.bias.copy_(torch.tensor([0.1, 0.2, -0.3]))
+    for _ in range(2):
+        x = torch.randn(TINY, generator=g) * 2 + 1
+        dy = torch.randn(TINY, generator=g)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        before = _TB.launch_count()
+        ya = sync(xa)
+        ya.backward(dy)
+        assert _TB.launch_count() - before == 8
+        yb = plain(xb)
+        yb.backward(dy)
+        torch.testing.assert_close(ya, yb)
+        torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(sync.weight.grad, plain.weight.grad)
+    torch.testing.assert_close(sync.bias.grad, plain.bias.grad)
+    torch.testing.assert_close(sync.running_mean, plain.running_mean)
+    n = TINY[0] * TINY[2] * TINY[3]
+    ref = torch.ones(3)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        x = torch.randn(TINY, generator=g) * 2 + 1
+        torch.randn(TINY, generator=g)
+        var = x.transpose(0, 1).reshape(3, -1).var(1, unbiased=False)
+        ref = 0.5 * ref + 0.5 * var * (2 * n) / (2 * n - 1)
+    torch.testing.assert_close(sync.running_var, ref)
+    assert int(sync.num_batches_tracked) == 2
+
+
+def test_triton_route_sync_out_of_step_is_found_on_the_device_and_raised_at_the_next_call(triton_route, two_ranks,
+                                                                                        monkeypatch):
+    """The other rank's forward message carries another step: NaN statistics (refused by the guard, no host read at
+    the step), the fault record kept, and ProcessGroupMismatchError at the layer's next call."""
+    import torch.distributed as dist
+
+    from batchnorm.layers.sync import ProcessGroupMismatchError
+
+    layer = SyncBatchNorm(3)
+    x = torch.randn(TINY, requires_grad=True)
+    layer(x).sum().backward()  # a good step (and the first-call agreement check)
+    real = dist.all_gather_into_tensor
+
+    def skewed(out, inp, group=None, async_op=False):
+        real(out, inp, group)
+        rows = out.view(2, -1)
+        if rows[0, -6] == 1:  # a forward message: the other rank is one step ahead
+            rows[1, -4] += 1
+
+    monkeypatch.setattr(dist, "all_gather_into_tensor", _uncounted(skewed))
+    monkeypatch.setattr(dist, "all_gather_single", _uncounted(skewed), raising=False)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with StepCount() as c:
+        y = layer(torch.randn(TINY))
+    assert c.syncs == [] and c.host_data == [] and c.triton == 4
+    assert torch.isnan(y).all()
+    for k in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(layer._buffers[k], before[k]), k
+    with pytest.raises(ProcessGroupMismatchError, match=r"out of step.*rank 0: layer #\d+, step 2 \(forward "
+                                                        r"statistics\); rank 1: layer #\d+, step 3 .*set to NaN on "
+                                                        r"the device"):
+        layer(torch.randn(TINY))
+    with pytest.warns(RuntimeWarning, match=r"1 training batch\(es\)"):
         assert layer.refused_batches == 1

@@ -299,6 +299,81 @@ def _scenario_out_of_step(rank: int, world: int) -> dict:
     return out
 
 
+def _scenario_triton_route(rank: int, world: int) -> dict:
+    """The GPU route's fused sync sequences (triton, run by its CPU interpreter) against one process on the
+    concatenated batch, with uneven and empty ranks, a mask and memory="save"; then ranks out of step."""
+    import warnings
+
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported in this process
+    from batchnorm.kernels import dispatch
+    from batchnorm.kernels.triton import backend as tb
+
+    real_device_type = dispatch.device_type
+    dispatch.device_type = lambda x: "cuda"
+    out: dict = {"diff": 0.0, "launches": []}
+
+    def both(**opts):  # momentum and the slope below are exact in float32, as the interpreter passes float scalars
+        sync, single = SyncBatchNorm(3, momentum=0.25, **opts).double(), BatchNorm(3, momentum=0.25, **opts).double()
+        single.backend = "composite"
+        with torch.no_grad():
+            sync.weight.copy_(torch.tensor([0.5, 1.5, -2.0]))
+            sync.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+            single.load_state_dict(sync.state_dict())
+        return sync, single
+
+    def step(sync, single, sizes, seed, masked=False, shape=(3, 4)):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(sum(sizes), *shape, generator=g, dtype=torch.float64) * 2 + 3
+        dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+        mask = None
+        if masked:
+            rest = tuple(s for d, s in enumerate(x.shape) if d != (1 if shape[0] == 3 else x.dim() - 1))
+            mask = torch.rand(rest, generator=g) > 0.3
+        lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        xr, xa = x[lo:hi].clone().requires_grad_(True), x.clone().requires_grad_(True)
+        before = tb.launch_count()
+        y = sync(xr) if mask is None else sync(xr, mask=mask[lo:hi])
+        (y * dy[lo:hi]).sum().backward()
+        out["launches"].append((hi - lo, tb.launch_count() - before))
+        ya = single(xa) if mask is None else single(xa, mask=mask)
+        (ya * dy).sum().backward()  # the sum of every rank's loss: what the synchronized backward differentiates
+        grads = torch.cat([sync.weight.grad, sync.bias.grad])
+        dist.all_reduce(grads)  # parameter gradients stay local: their sum over ranks is the single process's
+        diffs = [(grads - torch.cat([single.weight.grad, single.bias.grad])).abs().max(),
+                 (sync.running_mean - single.running_mean).abs().max(),
+                 (sync.running_var - single.running_var).abs().max()]
+        if hi > lo:
+            diffs += [(y - ya[lo:hi]).detach().abs().max(), (xr.grad - xa.grad[lo:hi]).abs().max()]
+        out["diff"] = max(out["diff"], *(float(d) for d in diffs))
+        out["tracked"] = (int(sync.num_batches_tracked), int(single.num_batches_tracked))
+        for p in (*sync.parameters(), *single.parameters()):
+            p.grad = None
+
+    sync, single = both()
+    for k, sizes in enumerate([(5, 3), (5, 0), (2, 7), (0, 4), (1, 1)]):  # uneven and empty ranks
+        step(sync, single, sizes, k)
+    step(sync, single, (4, 3), 10, masked=True)
+    sync, single = both(axis=-1, activation="leaky_relu", negative_slope=0.25, memory="save")
+    for k, sizes in enumerate([(3, 5), (6, 0)]):
+        step(sync, single, sizes, 20 + k, masked=k == 0, shape=(4, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the refused (NaN) batch warns; NumPy's inf − inf
+        # found on the device: NaN statistics, raised at the next call (the backward)
+        out["gpu"] = _out_of_step(rank, SyncBatchNorm(FEATURES).double(), 4, _eval_step_on_rank1)
+        # backend="triton" with CPU tensors on the CPU route: the host reads the record and raises at the collective
+        dispatch.device_type = real_device_type
+        forced = SyncBatchNorm(FEATURES, backend="triton").double()
+        before = tb.launch_count()
+        forced(torch.randn(6, FEATURES, 3, dtype=torch.float64, requires_grad=True)).pow(2).sum().backward()
+        out["forced_launches"] = tb.launch_count() - before
+        out["cpu"] = _out_of_step(rank, forced, 4, _eval_step_on_rank1)
+        out["cpu_extra"] = _out_of_step(rank, SyncBatchNorm(FEATURES, backend="triton").double(), 4,
+                                        _extra_forward_on_rank0)
+    out["cpu_running_finite"] = bool(torch.isfinite(forced.running_var).all())
+    out["cpu_tracked"] = int(forced.num_batches_tracked)
+    return out
+
+
 def _launch(world: int, scenario: str, tmp_path, timeout: float = 120.0) -> dict[int, dict]:
     ctx = mp.get_context("spawn")
     port = _free_port()
@@ -526,3 +601,34 @@ def test_out_of_step_ranks_raise_on_every_rank(tmp_path):
         assert "rank 0: layer #" in msg and re.search(r"step 6 \(forward statistics\); rank 1: layer #\d+, step 7 "
                                                      r"\(forward statistics\)", msg), msg
         assert res["running_finite"] and res["tracked"] == 4 + 1  # 4 steps, then 1 before the refused one
+
+
+@gloo
+@pytest.mark.slow
+def test_triton_route_equals_single_process_and_catches_ranks_out_of_step(tmp_path):
+    """SyncBatchNorm's fused triton sequences on two gloo ranks (CPU tensors, Triton's interpreter, the GPU route):
+    4 + 4 launches per step on a rank with data (an empty rank takes the composed path with the same messages);
+    outputs, input and parameter gradients, running statistics as one process on the concatenated batch; a fault
+    found on the device is raised at the next call, and with backend="triton" on the CPU at the collective itself."""
+    results = _launch(2, "_scenario_triton_route", tmp_path, timeout=240.0)
+    for r in range(2):
+        assert "traceback" not in results[r], results[r]["traceback"]
+    for r in range(2):
+        res = results[r]
+        assert res["diff"] < 1e-7, res["diff"]
+        assert res["tracked"][0] == res["tracked"][1] == 2
+        assert all(n == 8 for rows, n in res["launches"] if rows), res["launches"]
+        assert all(n == 0 for rows, n in res["launches"] if not rows), res["launches"]
+        (step, phase, msg), = res["gpu"]
+        assert (step, phase) == (1, "backward") and "set to NaN on the device" in msg
+        assert re.search(r"rank 0: layer #(\d+), step 2 \(forward statistics\); rank 1: layer #\1, step 3", msg), msg
+        assert res["forced_launches"] == 8
+        (step, phase, msg), = res["cpu"]
+        assert (step, phase) == (1, "forward") and "Nothing was merged" in msg, (step, phase, msg)
+        assert res["cpu_running_finite"] and res["cpu_tracked"] == 1 + 1  # the step before, then one good step
+    (s0, p0, m0), = results[0]["cpu_extra"]
+    (s1, p1, m1), = results[1]["cpu_extra"]
+    assert (s0, p0, s1, p1) == (1, "forward", 1, "backward")
+    for msg in (m0, m1):
+        assert re.search(r"rank 0: layer #\d+, step 3 \(forward statistics\); rank 1: layer #\d+, step 2 "
+                         r"\(backward sums\)", msg), msg

@@ -455,6 +455,101 @@ def test_renorm_sequences_take_six_launches_and_match_the_combine(limits, group,
         torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)
 
 
+def _empty_rank(message: torch.Tensor) -> torch.Tensor:
+    """The message of a rank with an empty batch (the composed route sends it): zeros, the same header, 0 positions."""
+    out = torch.zeros_like(message)
+    out[-6:] = message[-6:]
+    out[-1] = 0
+    return out
+
+
+@pytest.mark.parametrize("masked, save", [(False, False), (True, False), (False, True)],
+                         ids=["plain", "mask", "save"])
+def test_sync_sequences_take_eight_launches_and_merge_like_one_process(masked, save):
+    """``sync_forward`` / ``sync_backward`` with a stand-in all-gather over three ranks: two with data (5 and 3 rows,
+    their messages made by the same kernels) and an empty one (the composed route's message); outputs, input and
+    parameter gradients and running statistics against one process on the concatenated batch; then a header that
+    disagrees: NaN statistics, the buffers untouched, the record, kept (sticky) by a later good step."""
+    g = torch.Generator().manual_seed(11)
+    xs = [torch.randn(5, 3, 4, generator=g, dtype=F64) * 2 + 1, torch.randn(3, 3, 4, generator=g, dtype=F64) - 2]
+    dys = [torch.randn(x.shape, generator=g, dtype=F64) for x in xs]
+    ms = [(torch.rand(x.shape[0], 4, generator=g) > 0.3).unsqueeze(1) if masked else None for x in xs]
+    w, b = torch.tensor([0.8, -1.2, 1.5], dtype=F64), torch.tensor([0.1, 0.0, -0.4], dtype=F64)
+    s = Settings(axis=1, activation="leaky_relu" if save else None, negative_slope=0.25, save=save)
+    bufs = [[torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64), torch.tensor(0)] for _ in xs]
+    headers = [(7, 0, 4, 20), (7, 0, 4, 12)]  # layer number, step, dtype code (float64), positions (may differ)
+    world = 3
+
+    def scratch():
+        return torch.empty(2 + 6 * world, dtype=F64)
+
+    def capture(box):
+        def run(msg):
+            box.append(msg.clone())
+            return torch.stack([msg] * world)
+        return run
+
+    def forward(r, table_of, rec, sticky=False, running=None):
+        return TRITON.sync_forward(xs[r], s, ms[r], w, b, running or (*bufs[r], 0.25), headers[r], table_of, rec,
+                                   sticky, masked)
+
+    def backward(r, out, table_of, rec, needs=(True, True, True)):
+        y, stats, invstd, _, back = out
+        return TRITON.sync_backward(dys[r], y if save else xs[r], s, None if save else stats, invstd, w, b,
+                                    stats[0][:, :1] if save else None, ms[r], needs, back, table_of, rec, False)
+
+    # every rank's message depends on its own data only: capture them (on copies of the buffers), then gather
+    sent: list = []
+    for r in range(2):
+        forward(r, capture(sent), scratch(), running=(torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64),
+                                                      torch.tensor(0), 0.25))
+    table = torch.stack([sent[0], sent[1], _empty_rank(sent[0])])
+    rec = scratch()
+    before = TB.launch_count()
+    outs = [forward(r, lambda msg: table, rec if r == 0 else scratch()) for r in range(2)]
+    assert TB.launch_count() - before == 8 and rec[0] == 0 and rec[2:].view(3, 6)[:, 5].tolist() == [20, 12, 0]
+    assert all(bool(o[3]) for o in outs)
+    sums: list = []
+    for r in range(2):
+        backward(r, outs[r], capture(sums), scratch())
+    back_table = torch.stack([sums[0], sums[1], _empty_rank(sums[0])])
+    before = TB.launch_count()
+    dx, dw, db = backward(0, outs[0], lambda msg: back_table, rec)
+    assert TB.launch_count() - before == 4 and rec[0] == 0
+    _, dw1, db1 = backward(1, outs[1], None, None, needs=(False, True, True))  # no input gradient: no gather
+    # one process on the concatenated batch
+    ref = bn.BatchNorm(3, momentum=0.25, activation=s.activation, negative_slope=0.25,
+                       memory="save" if save else "default", backend="composite").double()
+    with torch.no_grad():
+        ref.weight.copy_(w)
+        ref.bias.copy_(b)
+    x = torch.cat(xs).requires_grad_(True)
+    yr = ref(x, torch.cat(ms).squeeze(1)) if masked else ref(x)
+    yr.backward(torch.cat(dys))
+    tol = {"atol": 1e-7, "rtol": 1e-7}
+    torch.testing.assert_close(outs[0][0], yr[:5].detach(), **tol)
+    torch.testing.assert_close(outs[1][0], yr[5:].detach(), **tol)
+    torch.testing.assert_close(dx, x.grad[:5], **tol)
+    torch.testing.assert_close(dw + dw1, ref.weight.grad, **tol)  # parameter gradients stay local: their sum
+    torch.testing.assert_close(db + db1, ref.bias.grad, **tol)
+    for r in range(2):
+        torch.testing.assert_close(bufs[r][0], ref.running_mean, **tol)
+        torch.testing.assert_close(bufs[r][1], ref.running_var, **tol)
+        assert int(bufs[r][2]) == 1
+    # ranks out of step: the other rank's header carries another step
+    skew = table.clone()
+    skew[1, -4] += 1
+    kept = [t.clone() for t in bufs[0]]
+    y, stats, invstd, finite, back = forward(0, lambda msg: skew, rec)
+    assert torch.isnan(y).all() and not bool(finite) and rec[0] == 1
+    assert rec[2:].view(3, 6)[:, 2].tolist() == [0, 1, 0]
+    for a, k in zip(bufs[0], kept):
+        assert torch.equal(a, k)
+    # sticky: a later good step keeps the fault not yet reported
+    forward(0, lambda msg: table, rec, sticky=True)
+    assert rec[0] == 1 and rec[2:].view(3, 6)[1, 2] == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # native's GPU route: ATen without running buffers + the one-launch guard kernel (update_from_invstd)
 # ---------------------------------------------------------------------------------------------

@@ -280,6 +280,39 @@ class BatchNorm(_BatchNorm):
     #: common path); it returns None for calls it does not take. BatchRenorm's triton route sets it.
     _fused_training = None
 
+    def _fused_route(self, x: torch.Tensor, mask, axis: int, s, sequence: str):
+        """What every variant's :attr:`_fused_training` asks first: ``(ops, weight, bias, running_mean, running_var,
+        num_batches_tracked, mask)`` when the backend :func:`~batchnorm.kernels.dispatch.select` picks for this
+        training call has the fused ``sequence`` (e.g. ``"renorm_forward"``: triton, on the GPU route or forced),
+        else None (the CPU without a forced triton, an empty or subclassed tensor, ``torch.compile`` / export /
+        ``torch.func``)."""
+        backend = self.__dict__.get("backend")
+        if not dispatch.may_take_triton(x, backend):  # the CPU without a forced "triton": nothing more to ask
+            return None
+        if x.numel() == 0 or x.__class__ is not torch.Tensor:
+            return None
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or bnf._functorch_active():
+            return None
+        params, bufs = self._parameters, self._buffers
+        w, b = params.get("weight"), params.get("bias")
+        rm, rv, nbt = bufs.get("running_mean"), bufs.get("running_var"), bufs.get("num_batches_tracked")
+        m = _checks.mask_for(x, axis, mask) if mask is not None else None
+        ops = dispatch.select(x, s, plain=False, masked=m is not None, training=True, backend=backend,
+                              params=(w, b, rm, rv))
+        if getattr(ops, sequence, None) is None:
+            return None
+        return ops, w, b, rm, rv, nbt, m
+
+    def _report_fused(self, x: torch.Tensor, m, finite, stacklevel: int) -> None:
+        """A fused step's refusal flag: warned at once on CPU tensors (reading it is free), else kept on the device
+        and reported later (:attr:`refused_batches`). ``stacklevel`` as :func:`batchnorm.functional._warn_not_finite`'s."""
+        if dispatch.device_type(x) == "cpu":
+            if not bool(finite):
+                bnf._warn_not_finite(type(self).__name__, x, m, stacklevel=stacklevel)
+                self._record_refused(False)
+        else:
+            self._record_refused(finite)
+
     def _combine(self) -> bnf.Combine:
         """How batch statistics become the normalizing ones (identity here: the shared stateless instance)."""
         return bnf._PLAIN

@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from .. import _checks
 from .. import functional as bnf
 from ..kernels import dispatch
 from ..kernels.backend import SavedState
@@ -250,35 +249,18 @@ class BatchRenorm(BatchNorm):
         backend, an empty batch, ``torch.compile`` / export / ``torch.func``, a subclass with its own combine).
         A subclass that overrides :meth:`current_limits` gets its limits passed as they are."""
         cls = type(self)
-        backend = self.__dict__.get("backend")
-        if not dispatch.may_take_triton(x, backend):  # the CPU without a forced "triton": nothing more to ask
+        if cls._combine is not BatchRenorm._combine:
             return None
-        if cls._combine is not BatchRenorm._combine or x.numel() == 0 or x.__class__ is not torch.Tensor:
+        route = self._fused_route(x, mask, axis, s, "renorm_forward")
+        if route is None:
             return None
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or bnf._functorch_active():
-            return None
-        params, bufs = self._parameters, self._buffers
-        w, b = params.get("weight"), params.get("bias")
-        rm, rv, nbt = bufs.get("running_mean"), bufs.get("running_var"), bufs.get("num_batches_tracked")
-        m = _checks.mask_for(x, axis, mask) if mask is not None else None
-        ops = dispatch.select(x, s, plain=False, masked=m is not None, training=True, backend=backend,
-                              params=(w, b, rm, rv))
-        if getattr(ops, "renorm_forward", None) is None:
-            return None
-        name = cls.__name__
-        on_cpu = dispatch.device_type(x) == "cpu"
-        bnf._check_enough(x, axis, m, s.group_size, name, on_cpu)
+        ops, w, b, rm, rv, nbt, m = route
+        bnf._check_enough(x, axis, m, s.group_size, cls.__name__, dispatch.device_type(x) == "cpu")
         if cls.current_limits is BatchRenorm.current_limits:
             limits = (self.r_max, self.d_max, self.warmup_steps if nbt is not None else 0)
         else:
             limits = (*self.current_limits(), 0)
         stash: list = []
         y = _FusedRenorm.apply(x, w, b, m, s, ops, limits, (rm, rv, nbt, self.momentum), stash)
-        finite = stash[0]
-        if on_cpu:  # (the interpreter, or backend="triton" with CPU tensors): reading the flag is free
-            if not bool(finite):
-                bnf._warn_not_finite(name, x, m, stacklevel=6)
-                self._record_refused(False)
-        else:
-            self._record_refused(finite)  # kept on the device, reported later (BatchNorm.refused_batches)
+        self._report_fused(x, m, stash[0], stacklevel=7)
         return y

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from .. import _checks
 from .. import functional as bnf
 from ..kernels import dispatch
+from ..kernels.backend import SavedState
 from .base import BatchNorm
 
 
@@ -187,6 +188,19 @@ class _SyncState:
         rec = torch.cat([code.reshape(1), n.reshape(1), table.reshape(-1)])  # cat promotes to table's dtype
         if self.pending is not None and self.pending.shape == rec.shape:
             rec = torch.where(self.pending[0] != 0, self.pending, rec)  # sticky: the first fault is the one reported
+        self.publish(rec)
+
+    def buffer(self, size: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, bool]:
+        """Where a kernel writes the next record itself (the triton route): ``(buffer, sticky)``. The pending record
+        when it has that layout (``sticky``: the kernel keeps a fault already in it, the rule of :meth:`record`),
+        else a new buffer."""
+        rec = self.pending
+        if rec is not None and rec.shape == (size,) and rec.dtype == dtype and rec.device == device:
+            return rec, True
+        return torch.empty(size, dtype=dtype, device=device), False
+
+    def publish(self, rec: torch.Tensor) -> None:
+        """Make ``rec`` (``[code, n, header table]`` on the device) the pending record and start its host copy."""
         self.pending = rec
         if rec.device.type == "cpu":  # CPU tensors taking the GPU route (tests): the record is host memory
             self.host, self.event = rec, None
@@ -345,6 +359,60 @@ class SyncCombine(bnf.Combine):
         self.state.record(code, n_min, table)
         return torch.where(bad | few, float("nan"), 0.0)
 
+    def _gather_stats(self, flat: torch.Tensor) -> torch.Tensor:
+        try:
+            return _gather(flat, self.world, self.process_group)
+        except Exception as err:  # gloo raises RuntimeError/DistBackendError; say what it means here
+            raise _collective_failed("all_gather of batch statistics", self.world, err) from err
+
+    def _gather_grads(self, flat: torch.Tensor) -> torch.Tensor:
+        try:
+            return _gather(flat, self.world, self.process_group)
+        except Exception as err:
+            raise _collective_failed("all_gather of gradient sums", self.world, err) from err
+
+    def _settle(self, host: bool, rec: torch.Tensor) -> None:
+        """After a kernel wrote the record ``rec``: raise at once (host checks), or make it the pending record."""
+        if not host:
+            self.state.publish(rec)
+            return
+        values = rec.tolist()  # host memory: the CPU route reads it for free
+        code = int(values[0])
+        if code == 1:
+            rows = [values[2 + _HEADER * r:2 + _HEADER * (r + 1)] for r in range(self.world)]
+            raise _rank_error(self.world, self.num_features, rows, self.name, late=False)
+        if code == 2:
+            raise _too_few(int(values[1]), self.world, self.shape, self.masked, self.name)
+
+    def fused_forward(self, ops, x, s, m, weight, bias, running):
+        """The training forward on a backend with fused sync sequences (triton's ``sync_forward``): the same message,
+        header, merge and checks as :meth:`stats` with the combine in its kernels. ``(y, stats, invstd, finite,
+        backward message)``."""
+        host, wire = self._start(x)
+        features = x.shape[s.axis]
+        self._agree(int(features), 1, x.device)
+        rec, sticky = self.state.buffer(2 + _HEADER * self.world, wire, x.device) if not host else \
+            (torch.empty(2 + _HEADER * self.world, dtype=wire, device=x.device), False)
+        header = (self.state.number, self.call, self.dtype_code, self.positions)
+        out = ops.sync_forward(x, s, m, weight, bias, running, header, self._gather_stats, rec, sticky,
+                               self.masked or self.positions <= 1)
+        self._settle(host, rec)
+        return out
+
+    def fused_backward(self, ops, dy, t, s, stats, invstd, weight, bias, count, m, needs, back):
+        """The backward of :meth:`fused_forward` (triton's ``sync_backward``): the gather of :meth:`grads` (only where
+        the input gradient is wanted, as in the composed steps). ``(dx, dγ, dβ)``."""
+        if not needs[0]:
+            return ops.sync_backward(dy, t, s, stats, invstd, weight, bias, count, m, needs, back, None, None, False)
+        host, wire = self._start(dy)
+        size = 2 + _HEADER * self.world
+        rec, sticky = self.state.buffer(size, wire, dy.device) if not host else \
+            (torch.empty(size, dtype=wire, device=dy.device), False)
+        out = ops.sync_backward(dy, t, s, stats, invstd, weight, bias, count, m, needs, back, self._gather_grads,
+                                rec, sticky)
+        self._settle(host, rec)
+        return out
+
     def stats(self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor):
         dtype = mean.dtype
         groups, features = count.shape[-2:] if count.dim() >= 2 else (1, count.shape[-1])
@@ -355,10 +423,7 @@ class SyncCombine(bnf.Combine):
         counts = count.reshape(groups, -1)[:, :1]
         # one kernel: cat promotes every part to the wire dtype of the header
         flat = torch.cat([mean.reshape(-1), m2.reshape(-1), counts.reshape(-1), header])
-        try:
-            table = _gather(flat, self.world, self.process_group)
-        except Exception as err:  # gloo raises RuntimeError/DistBackendError; say what it means here
-            raise _collective_failed("all_gather of batch statistics", self.world, err) from err
+        table = self._gather_stats(flat)
         means = table[:, :gc].view(self.world, groups, features)
         m2s = table[:, gc:2 * gc].view(self.world, groups, features)
         ns = table[:, 2 * gc:2 * gc + groups].view(self.world, groups, 1)
@@ -381,16 +446,50 @@ class SyncCombine(bnf.Combine):
         groups = sum_dy.shape[0] if sum_dy.dim() >= 2 else 1
         tail = self.state.header(sum_dy.device, wire, _BACKWARD, gc, self.dtype_code, self.call, 0, prefix=groups)
         flat = torch.cat([sum_dy.reshape(-1), sum_dy_xhat.reshape(-1), tail])
-        try:
-            table = _gather(flat, self.world, self.process_group)
-        except Exception as err:
-            raise _collective_failed("all_gather of gradient sums", self.world, err) from err
+        table = self._gather_grads(flat)
         both = table[:, :2 * gc].sum(0)
         poison = self._fault(host, table[:, 2 * gc + groups:], None, None)
         if poison is not None:
             both = both + poison
         both = both.to(dtype)
         return both[:gc].view_as(sum_dy), both[gc:].view_as(sum_dy_xhat)
+
+
+class _FusedSync(torch.autograd.Function):
+    """SyncBatchNorm's training step on a backend with fused sync sequences (triton's ``sync_forward`` /
+    ``sync_backward``: 4 launches each way around the two collectives, the running update in the forward's merge).
+
+    The same messages, merge and checks as :class:`SyncCombine` composed by ``functional._TrainNorm``; the backward
+    message is prepared by the forward (its header is the forward's step), the collectives run on detached tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, m, s, ops, comb, running, stash):
+        y, stats, invstd, finite, back = comb.fused_forward(ops, x, s, m, weight, bias, running)
+        stash.append(finite)
+        if s.save:  # memory="save": the output, the global count (one column), not the input
+            ctx.save_for_backward(y, m, invstd, weight, bias, stats[0][:, :1], back)
+        else:
+            ctx.save_for_backward(x, m, invstd, weight, bias, stats, back)
+        ctx.state = SavedState(s, ops, comb, False, True)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        st = ctx.state
+        s = st.settings
+        t, m, invstd, weight, bias, saved, back = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: refused with the composed route's errors
+            if s.save:
+                raise NotImplementedError(
+                    "double backward (create_graph=True) is not available with memory='save': the input was "
+                    "not kept. Use memory='default' for gradient penalties."
+                )
+            return bnf._double_backward(ctx, dy, t, weight, bias, m, None, None)
+        count, stats = (saved, None) if s.save else (None, saved)
+        grads = st.combine.fused_backward(st.backend, dy, t, s, stats, invstd, weight, bias, count, m,
+                                          ctx.needs_input_grad[:3], back)
+        return (*grads, None, None, None, None, None, None)
 
 
 class SyncBatchNorm(BatchNorm):
@@ -410,7 +509,9 @@ class SyncBatchNorm(BatchNorm):
     Collectives: one ``all_gather`` per training forward and one per backward (the per-feature
     statistics, resp. sums, and a 6-value header), on the statistics' device (so NCCL works), merged
     on the device; plus, at a layer's first call in a process group, one fixed-size gather that
-    checks ``num_features`` and the dtype before any size-dependent collective.
+    checks ``num_features`` and the dtype before any size-dependent collective. Where triton serves the
+    step (the GPU route, or ``backend="triton"``), kernels pack, merge and check the same messages:
+    4 launches forward and 4 backward around the two collectives, no other kernel (docs/gpu.md).
 
     Agreement checks. Each message's header holds the direction (forward/backward), the layer's number
     (the order in which this process first synchronized its layers), the layer's step (its
@@ -538,3 +639,26 @@ class SyncBatchNorm(BatchNorm):
 
     def _group_size(self, x: torch.Tensor) -> int | None:
         return None
+
+    def _fused_training(self, x: torch.Tensor, mask, axis: int, s) -> torch.Tensor | None:
+        """A training step with running estimates across processes on a backend with fused sync sequences (triton:
+        the GPU route, or ``backend="triton"``): 4 launches forward and 4 backward around the two collectives, the
+        combine (merge, header check, fault record, guarded running update) inside the kernels. None where the common
+        path serves the call: one process, another backend, an empty batch (no kernel takes it: composite sends the
+        same message), ``torch.compile`` / export / ``torch.func``, a subclass with its own combine or groups."""
+        cls = type(self)
+        if cls._combine is not SyncBatchNorm._combine or cls._group_size is not SyncBatchNorm._group_size:
+            return None
+        if s.group_size is not None:
+            return None
+        comb = self._combine()
+        if not isinstance(comb, SyncCombine):  # one process: plain BatchNorm
+            return None
+        route = self._fused_route(x, mask, axis, s, "sync_forward")
+        if route is None:
+            return None
+        ops, w, b, rm, rv, nbt, m = route
+        stash: list = []
+        y = _FusedSync.apply(x, w, b, m, s, ops, comb, (rm, rv, nbt, self.momentum), stash)
+        self._report_fused(x, m, stash[0], stacklevel=8)
+        return y

@@ -11,8 +11,10 @@ Launches (:func:`launch_count` counts every one): ``reduce`` 2 (partials, finali
 finalize with ``dγ, dβ`` → apply); ``eval_forward`` 1; ``backward_reduce`` 2; ``backward_apply`` 1;
 ``update_running`` 1; ``update_from_invstd`` 1 (the guard and running update of the native backend's GPU route,
 after cuDNN); batch renorm's :meth:`TritonBackend.renorm_forward` / :meth:`~TritonBackend.renorm_backward`
-3 + 3 (the warm-up ramp and the backward's affine constants formed in the finalize). Masks and ghost groups add
-none (they are arguments of the same kernels).
+3 + 3 (the warm-up ramp and the backward's affine constants formed in the finalize); SyncBatchNorm's
+:meth:`TritonBackend.sync_forward` / :meth:`~TritonBackend.sync_backward` 4 + 4 around one collective each (the
+message packed by a kernel, the merge, header check and fault record in the finalize and in ``sync_sums``). Masks and
+ghost groups add none (they are arguments of the same kernels).
 
 Without a GPU, ``TRITON_INTERPRET=1`` (set before triton is first imported) runs the same kernels on CPU
 tensors with Triton's interpreter: that is how the tests check them (correctness only, slow).
@@ -222,7 +224,8 @@ def _mask_view(m: torch.Tensor | None, axis: int, device=None):
 
 
 class TritonBackend(Backend):
-    """The four primitives, plain BN's fused sequences and batch renorm's as Triton kernels (CUDA; CPU interpreter)."""
+    """The four primitives, plain BN's fused sequences, batch renorm's and sync BN's as Triton kernels (CUDA; CPU
+    interpreter)."""
 
     name = "triton"
 
@@ -254,7 +257,10 @@ class TritonBackend(Backend):
                 F64=geo.f64, BLOCK_P=geo.bp, BLOCK_C=geo.bc)
         return part, geo
 
-    def _finalize(self, part, geo, s: Settings, *, train, weight=None, bias=None, running=None, renorm=None):
+    def _finalize(self, part, geo, s: Settings, *, train, weight=None, bias=None, running=None, renorm=None,
+                  gathered=None):
+        """``gathered = (table, rec, sticky, check_few)``: SyncBatchNorm's merge of the gathered ranks' messages in
+        place of ``part``'s splits (:func:`.kernels.finalize`, ``GATHERED``)."""
         dev = part.device
         stats = torch.empty((3, geo.G, geo.C), dtype=geo.sd, device=dev)
         rows = 9 if renorm is not None else 5  # (1/σ, scale, shift, new mean, new var) [+ (r, d, kz, bz)]
@@ -286,15 +292,22 @@ class TritonBackend(Backend):
                 raise ValueError("BatchRenorm's warm-up ramp reads num_batches_tracked; pass it in running, or "
                                  "warmup_steps=0.")
         dummy = part
+        splits = geo.S
+        sync = {}
+        if gathered is not None:
+            part, rec, sticky, check_few = gathered
+            dummy = stats  # an operand of the statistics' dtype for the absent ones
+            splits = part.shape[0]  # one "split" per rank
+            sync = {"rec_ptr": rec, "sticky": int(sticky), "check_few": int(check_few), "GATHERED": True}
         _launch(_k().finalize, (1,), part, stats, aux, weight if weight is not None else dummy,
                 bias if bias is not None else dummy, rm if rm is not None else dummy, rv if rv is not None else dummy,
                 nbt if nbt is not None else _dummy(dev, torch.long),
                 finite if finite is not None else _dummy(dev, torch.bool), rmax_t, dmax_t,
-                geo.C, geo.G, geo.S, float(s.eps), float(momentum if momentum is not None else 0.0),
+                geo.C, geo.G, splits, float(s.eps), float(momentum if momentum is not None else 0.0),
                 float(r_max), float(d_max), float(warmup), int(weight is not None), int(bias is not None), int(s.save),
                 int(nbt is not None), TRAIN=train, UPDATE=running is not None,
                 CUMULATIVE=running is not None and momentum is None, RENORM=renorm is not None, LIMITS_PTR=limits_ptr,
-                F64=geo.f64, BLOCK_C=_finalize_block(geo.f64))
+                F64=geo.f64, BLOCK_C=_finalize_block(geo.f64), **sync)
         return stats, aux, finite
 
     def _apply(self, geo, s: Settings, a, b, *, eval_=False, weight=None, bias=None):
@@ -324,9 +337,10 @@ class TritonBackend(Backend):
         ptrs = tuple(t if t is not None else anyt for t in (p, q, zs, zb))
         return ptrs, (spg, spc, sqg, sqc, szsg, szsc, szbg, szbc), flags, fused_save
 
-    def _backward_sums(self, dy, t, s: Settings, pq, fused=None):
+    def _backward_sums(self, dy, t, s: Settings, pq, fused=None, sums=None):
         """``(Σ dz, Σ dz·x̂)`` ``(2, G, C)``; ``fused = (count, invstd, weight, rd, dγ-like, dβ-like)`` also
-        gives ``k, mean(dz), mean(dz·x̂)`` ``(3, G, C)`` and ``dγ, dβ``."""
+        gives ``k, mean(dz), mean(dz·x̂)`` ``(3, G, C)`` and ``dγ, dβ``. ``sums``: where the sums go (SyncBatchNorm:
+        the front of its backward message, float64), else a new tensor."""
         geo = _Geometry(t, s)
         if geo.inner and geo.f64:  # float64 on features-innermost tiles: a quarter of the tile (no spill)
             geo = _Geometry(t, s, shrink=4)
@@ -337,7 +351,8 @@ class TritonBackend(Backend):
                 geo.O, geo.C, geo.I, dv[2], dv[3], dv[4], geo.v[2], geo.v[3], geo.v[4], *strides,
                 geo.R, geo.G, geo.S, geo.tiles, float(s.eps), float(s.negative_slope), *flags,
                 SAVE=bool(s.save), FUSED_ACT=s.code != 0, PQ_WB=pq_wb, F64=geo.f64, BLOCK_P=geo.bp, BLOCK_C=geo.bc)
-        sums = torch.empty((2, geo.G, geo.C), dtype=geo.sd, device=t.device)
+        if sums is None:
+            sums = torch.empty((2, geo.G, geo.C), dtype=geo.sd, device=t.device)
         kbuf = dw = db = None
         if fused is None:
             _launch(_k().backward_finalize, (-(-geo.C // TUNING["finalize"]),), part, sums, sums, sums, sums, sums,
@@ -351,8 +366,8 @@ class TritonBackend(Backend):
             count, scg, scc = _fs(count)
             invstd = invstd.contiguous()
             _launch(_k().backward_finalize, (-(-geo.C // TUNING["finalize"]),), part, sums, kbuf, count, invstd,
-                    weight if weight is not None else sums, rd if rd is not None else sums,
-                    dw if dw is not None else sums, db if db is not None else sums,
+                    weight if weight is not None else kbuf, rd if rd is not None else kbuf,
+                    dw if dw is not None else kbuf, db if db is not None else kbuf,
                     geo.C, geo.G, geo.S, scg, scc, float(s.eps), int(weight is not None), int(s.save),
                     int(dw is not None), int(db is not None), FUSED=True, RENORM=rd is not None, F64=geo.f64,
                     BLOCK_C=TUNING["finalize"])
@@ -408,7 +423,8 @@ class TritonBackend(Backend):
         ``dβ``) → ``dx``."""
         return self._train_backward(dy, t, s, stats, invstd, weight, bias, count, m, needs, None)
 
-    def _train_backward(self, dy, t, s, stats, invstd, weight, bias, count, m, needs, rd):
+    def _train_backward(self, dy, t, s, stats, invstd, weight, bias, count, m, needs, rd, sync=None):
+        """``sync = (message, gather, rec, sticky)``: SyncBatchNorm's backward (:meth:`sync_backward`)."""
         if count is None:
             count = stats[0]
         w, b = _det(weight), _det(bias)
@@ -427,7 +443,18 @@ class TritonBackend(Backend):
         want_dw = bool(needs[1]) and weight is not None
         want_db = bool(needs[2]) and bias is not None
         fused = (count, invstd, w, rd, weight if want_dw else None, bias if want_db else None)
-        geo, dyv, dv, sums, kbuf, dw, db = self._backward_sums(dy, t, s, pq, fused)
+        out = None
+        if sync is not None:  # the sums go straight into the front of the backward message (its tail is written)
+            g, c = invstd.shape
+            out = sync[0][:2 * g * c].view(2, g, c)
+        geo, dyv, dv, sums, kbuf, dw, db = self._backward_sums(dy, t, s, pq, fused, out)
+        if sync is not None and needs[0]:
+            # the local k = γ'·(1/σ) is kbuf[0]; the means of the sums over ranks replace kbuf[1], kbuf[2]
+            message, gather, rec, sticky = sync
+            table = gather(message)
+            count, scg, scc = _fs(count)
+            _launch(_k().sync_sums, (1,), table, kbuf, count, rec, geo.C, geo.G, table.shape[0], scg, scc,
+                    int(sticky), BLOCK_C=_finalize_block(True))
         dx = self._backward_dx(geo, dyv, dv, s, pq, kbuf[0], kbuf[1], kbuf[2], m) if needs[0] else None
         return dx, dw, db
 
@@ -502,6 +529,43 @@ class TritonBackend(Backend):
     def renorm_backward(self, dy, t, s: Settings, stats, invstd, weight, bias, count, m, needs, rd):
         """Batch renorm's backward in 3 launches (``rd = (r, d)`` are constants: stop-gradient); ``(dx, dγ, dβ)``."""
         return self._train_backward(dy, t, s, stats, invstd, weight, bias, count, m, needs, rd)
+
+    # -- SyncBatchNorm: one collective per direction between the kernels ----------------------------
+    def sync_forward(self, x, s: Settings, m, weight, bias, running, header, gather, rec, sticky, check_few):
+        """SyncBatchNorm's training forward in 4 launches around one collective: partial reduce → :func:`.kernels.
+        sync_pack` (this rank's message ``[mean, m2, count, header]``, float64, and the tail of its backward message)
+        → ``gather(message)`` (the all-gather, ``(world, 2·G·C + G + 6)``) → finalize over the gathered ranks (Chan
+        merge in float64; the header check and the global-count check on the device, a faulty step's statistics NaN,
+        the fault record written to ``rec``; ``1/σ``, scale/shift, the guarded running update) → apply.
+
+        ``header = (layer number, step, dtype code, positions)``; ``sticky``: ``rec`` holds a record not reported
+        yet (a fault there is kept); ``check_few``: the "more than 1 value" check can fail (a mask, or ≤ 1 position
+        on this rank). Returns ``(y, stats, invstd, finite, back)``: ``stats`` the merged ``(count, mean, var)``,
+        ``back`` the backward message whose tail is written (for :meth:`sync_backward`).
+        """
+        part, geo = self._partials(x, s, m)
+        g, c = geo.G, geo.C
+        size = 2 * g * c + g + 6
+        message = torch.empty(size, dtype=torch.float64, device=x.device)
+        back = torch.empty(size, dtype=torch.float64, device=x.device)
+        number, call, dtype_code, positions = (int(v) for v in header)
+        _launch(_k().sync_pack, (1,), part, message, back, c, g, geo.S, number, call, dtype_code, positions,
+                F64=geo.f64, BLOCK_C=_finalize_block(geo.f64))
+        table = gather(message)
+        stats, aux, finite = self._finalize(part, geo, s, train=True, weight=_det(weight), bias=_det(bias),
+                                            running=running, gathered=(table, rec, sticky, check_few))
+        y = self._apply(geo, s, aux[1], aux[2])
+        return y, stats, aux[0], finite, back
+
+    def sync_backward(self, dy, t, s: Settings, stats, invstd, weight, bias, count, m, needs, back, gather, rec,
+                      sticky):
+        """SyncBatchNorm's backward in 4 launches around one collective: partials of ``(Σ dz, Σ dz·x̂)`` →
+        backward finalize (the sums written into ``back``, the message :meth:`sync_forward` prepared; the local ``k``,
+        ``dγ``, ``dβ``) → ``gather(back)`` → :func:`.kernels.sync_sums` (sums over ranks, header check, fault record,
+        ``mean(dz)``, ``mean(dz·x̂)`` with the global count) → ``dx``. Without ``needs[0]`` no gather (the rule of
+        ``kernels.compose._backward_steps``): 2 launches for ``dγ, dβ``."""
+        return self._train_backward(dy, t, s, stats, invstd, weight, bias, count, m, needs, None,
+                                    (back, gather, rec, sticky))
 
 
 def _det(t):

@@ -4,7 +4,7 @@
 
 1. **Enumerate.** The backend's own entry points (:class:`~batchnorm.kernels.triton.backend.TritonBackend`: every
    primitive and fused sequence, plain, masked, ghost, ``momentum=None``, fused activation, ``memory="save"``,
-   batch renorm with float and tensor limits, eval, the guard of native's GPU route) run on empty CPU tensors over a table of layouts (NCHW,
+   batch renorm with float and tensor limits, SyncBatchNorm's sequences, eval, the guard of native's GPU route) run on empty CPU tensors over a table of layouts (NCHW,
    channels-last with C ≤ 16 and C > 16, ``(N, C)``) and dtypes (float32, float16, bfloat16, float64) with the
    launches *recorded* instead of run (``backend._record``). Each recorded launch goes through the kernel's own
    argument binder (triton's, for the CUDA backend), so the specialization is exactly the one the JIT would
@@ -105,7 +105,21 @@ def _calls(dtype: torch.dtype, layout: str):
                         count = stats[0][:, :1] if save else None
                         TRITON.renorm_backward(dy, t, s, None if save else stats, invstd, w, b, count, m,
                                                (True, True, True), rd)
-            # the primitives, as the sync combine and the step-by-step sequences call them
+            if group is None:  # SyncBatchNorm's sequences (no ghost groups), around a stand-in for the all-gather
+                def gather(msg):
+                    return msg.new_empty(2 * msg.numel()).view(2, -1)
+
+                for save in (False, True):
+                    s = Settings(axis=1, activation="leaky_relu" if save else None, save=save)
+                    for mom in (0.1, None):
+                        rec = e(2 + 2 * 6, dt=torch.float64)
+                        y, stats, invstd, _, back = TRITON.sync_forward(x, s, m, w, b, (e(c), e(c), nbt, mom),
+                                                                        (1, 0, 3, 8), gather, rec, False, True)
+                        t = y if save else x
+                        count = stats[0][:, :1] if save else None
+                        TRITON.sync_backward(dy, t, s, None if save else stats, invstd, w, b, count, m,
+                                             (True, True, True), back, gather, rec, False)
+            # the primitives, as the composed sequences call them
             s = Settings(axis=1, group_size=group)
             cnt, mean, m2 = TRITON.reduce(x, s, m)
             g = cnt.shape[0]
@@ -161,7 +175,7 @@ def specializations(dtypes=None, layouts=None, kernels=None) -> list[Spec]:
                 ptrs = [sig[n] for n in names if sig[n].startswith("*")]
                 ones = [names[p[0]] for p, v in cx.items() if names[p[0]] not in meta and v == 1]
                 modes = [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in meta.items()
-                         if k not in ("F64",)]
+                         if k not in ("F64",) and k.isupper()]  # the constexpr modes (not finalize's sync operands)
                 label = f"{ptrs[0][1:]} {lname}: " + " ".join(modes) + (f" [=1: {','.join(ones)}]" if ones else "")
                 specs[key] = Spec(kernel, name, label, sig, cx, attrs, options.__dict__, key)
     return list(specs.values())

@@ -16,7 +16,10 @@ Kernels (docs/gpu.md explains the launch sequences):
   guard) with ``num_batches_tracked`` advanced by the finite flag;
 * :func:`apply` — ``y = act(x · a + b)``; eval mode forms ``a, b`` from the running estimates in-kernel;
 * :func:`backward_partial` / :func:`backward_finalize` / :func:`backward_apply` — the same three steps for
-  ``(Σ dz, Σ dz·x̂)`` and ``dx = k·(dz − m·(mean(dz) + x̂·mean(dz·x̂)))``, with ``dγ, dβ`` in the finalize.
+  ``(Σ dz, Σ dz·x̂)`` and ``dx = k·(dz − m·(mean(dz) + x̂·mean(dz·x̂)))``, with ``dγ, dβ`` in the finalize;
+* SyncBatchNorm: :func:`sync_pack` (the split partials → this rank's message with its header), :func:`finalize`
+  with ``GATHERED`` (the gathered messages merged as its splits, the header check and the fault record), and
+  :func:`sync_sums` (the backward sums over ranks → ``mean(dz)``, ``mean(dz·x̂)``).
 
 Activation codes are those of :data:`batchnorm.activations.TABLE` (0 identity … 7 relu6); the
 forward/derivative formulas are the table's, written in Triton.
@@ -174,6 +177,84 @@ def _chan(n_a, k_a, r_a, m2_a, n_b, k_b, r_b, m2_b):
     return n, k_a, r_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
 
 
+@triton.jit
+def _splits(part_ptr, g, G, S, C, cs, cmask, F64: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Chan merge of the ``S`` split partials ``part[(count, shift, mean − shift, m2), g, s, c]`` of group ``g``."""
+    n = _ct(tl.zeros([BLOCK_C], tl.float32), F64)
+    k = n
+    r = n
+    m2 = n
+    for s in range(0, S):
+        idx = (g * S + s) * C + cs
+        pp = G * S * C
+        n, k, r, m2 = _chan(n, k, r, m2, _ct(tl.load(part_ptr + idx, mask=cmask, other=0.0), F64),
+                            _ct(tl.load(part_ptr + pp + idx, mask=cmask, other=0.0), F64),
+                            _ct(tl.load(part_ptr + 2 * pp + idx, mask=cmask, other=0.0), F64),
+                            _ct(tl.load(part_ptr + 3 * pp + idx, mask=cmask, other=0.0), F64))
+    return n, k, r, m2
+
+
+@triton.jit
+def _ranks(tab_ptr, g, G, W, C, cs, cmask, poison, F64: tl.constexpr, BLOCK_C: tl.constexpr):
+    """SyncBatchNorm: ``(count, mean, m2)`` of group ``g`` merged over the ``W`` gathered messages (rows of
+    ``2·G·C + G + 6`` values: ``[mean, m2, count, header]``), by Chan's formula in float64 (each rank's mean is its
+    shift, so every term is centred; an empty rank adds nothing); ``poison`` (NaN or 0) is added to mean and m2."""
+    row_len = 2 * G * C + G + 6
+    n = tl.zeros([BLOCK_C], tl.float64)
+    k = n
+    r = n
+    m2 = n
+    zero = n
+    for w in range(0, W):
+        row = tab_ptr + w * row_len
+        mean_w = tl.load(row + g * C + cs, mask=cmask, other=0.0).to(tl.float64)
+        m2_w = tl.load(row + G * C + g * C + cs, mask=cmask, other=0.0).to(tl.float64)
+        n_w = tl.load(row + 2 * G * C + g + cs * 0, mask=cmask, other=0.0).to(tl.float64)
+        n, k, r, m2 = _chan(n, k, r, m2, n_w, mean_w, zero, m2_w)
+    return _ct(n, F64), _ct(k + r + poison, F64), _ct(m2 + poison, F64)
+
+
+@triton.jit
+def _sync_fault(tab_ptr, rec_ptr, W, G, C, sticky, check_few):
+    """SyncBatchNorm's agreement check on the device, over the ``W`` gathered messages (``(W, 2·G·C + G + 6)``).
+
+    A fault: the first five header fields ``(direction, layer, step, features, dtype)`` differ between ranks (code 1),
+    or (``check_few``) the smallest global count per group is ≤ 1 and not every rank is empty (code 2). Writes the
+    record ``[code, smallest count, W × header]`` to ``rec_ptr`` unless ``sticky`` and a fault is already there (the
+    first fault is the one reported; ``layers.sync._SyncState``); returns the 0-d term added to the statistics: NaN
+    for a faulty step, else 0. The rule of ``SyncCombine._fault``.
+    """
+    row_len = 2 * G * C + G + 6
+    head = 2 * G * C + G
+    j = tl.arange(0, 8)
+    first = tl.load(tab_ptr + head + j, mask=j < 5, other=0.0).to(tl.float64)
+    bad = tl.zeros([8], tl.int32)
+    most = tl.zeros([8], tl.float64)
+    for w in range(0, W):
+        hw = tl.load(tab_ptr + w * row_len + head + j, mask=j < 6, other=0.0).to(tl.float64)
+        bad = bad | tl.where((j < 5) & (hw != first), 1, 0)
+        most = tl.maximum(most, tl.where(j == 5, hw, 0.0))
+    least = tl.full([8], 1.0e300, tl.float64)
+    for g in range(0, G):
+        ng = tl.zeros([8], tl.float64)
+        for w in range(0, W):
+            ng += tl.load(tab_ptr + w * row_len + 2 * G * C + g + j * 0).to(tl.float64)
+        least = tl.minimum(least, ng)
+    faulty = tl.max(bad, axis=0) != 0
+    n_min = tl.min(least, axis=0)
+    # (the tensor first: ``check_few`` may be a constant, sync_sums' 0)
+    few = (n_min <= 1.0) & ~((n_min == 0.0) & (tl.max(most, axis=0) == 0.0)) & (check_few != 0)
+    code = tl.where(faulty, 1.0, tl.where(few, 2.0, 0.0))
+    old = tl.load(rec_ptr, mask=sticky != 0, other=0.0)
+    write = (j * 0 + tl.where(old == 0, 1, 0)) != 0  # as a vector (the interpreter's & wants equal shapes)
+    out_ty = rec_ptr.dtype.element_ty
+    tl.store(rec_ptr + j, tl.where(j == 0, code, n_min).to(out_ty), mask=(j < 2) & write)
+    for w in range(0, W):
+        hw = tl.load(tab_ptr + w * row_len + head + j, mask=j < 6, other=0.0)
+        tl.store(rec_ptr + 2 + w * 6 + j, hw.to(out_ty), mask=(j < 6) & write)
+    return tl.where(faulty | few, float("nan"), 0.0)
+
+
 @_kernel
 def reduce_partial(
     x_ptr, m_ptr, part_ptr,
@@ -222,6 +303,7 @@ def finalize(
     has_w, has_b, clamp, has_nbt,
     TRAIN: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, RENORM: tl.constexpr,
     LIMITS_PTR: tl.constexpr, F64: tl.constexpr, BLOCK_C: tl.constexpr,
+    rec_ptr=None, sticky=0, check_few=0, GATHERED: tl.constexpr = False,
 ):
     """One program. ``TRAIN=False``: ``stats = (count, mean, m2)`` ``(3, G, C)`` (the reduce primitive).
 
@@ -231,6 +313,12 @@ def finalize(
     when every new value is finite and every count exceeds 1; ``num_batches_tracked += finite``; ``finite`` stored.
     ``RENORM`` with float limits and ``warmup > 0`` ramps them by ``t = num_batches_tracked`` before this step
     (``BatchRenorm``'s warm-up): ``r_max(t) = 1 + (r_max − 1)·min(t/warmup, 1)``, ``d_max(t) = d_max·min(t/warmup, 1)``.
+
+    ``GATHERED`` (SyncBatchNorm; keyword-only, so the other calls keep their specializations): ``part_ptr`` is the
+    ``(S, 2·G·C + G + 6)`` table of the ``S`` ranks' messages ``[mean, m2, count, header]``, merged (Chan, float64) in
+    place of the splits, after :func:`_sync_fault` checked the headers and the global count (``check_few``) and wrote
+    the fault record to ``rec_ptr`` (``sticky``: keep a fault already there); a faulty step adds NaN to the mean and
+    m2, so the guard refuses it.
     """
     if RENORM:
         if not LIMITS_PTR:  # the warm-up ramp in float64, from the count before this step's update
@@ -243,6 +331,8 @@ def finalize(
     r_max = _ct(r_max, F64)
     d_max = _ct(d_max, F64)
     plane = G * C
+    if GATHERED:
+        poison = _sync_fault(part_ptr, rec_ptr, S, G, C, sticky, check_few)
     ok_finite = tl.full([BLOCK_C], 1, tl.int32)
     ok_enough = tl.full([BLOCK_C], 1, tl.int32)
     for c0 in range(0, C, BLOCK_C):
@@ -263,18 +353,11 @@ def finalize(
         sum_mean = _ct(tl.zeros([BLOCK_C], tl.float32), F64)
         sum_var = sum_mean
         for g in range(0, G):
-            n = _ct(tl.zeros([BLOCK_C], tl.float32), F64)
-            k = n
-            r = n
-            m2 = n
-            for s in range(0, S):
-                idx = (g * S + s) * C + cs
-                pp = G * S * C
-                n, k, r, m2 = _chan(n, k, r, m2, _ct(tl.load(part_ptr + idx, mask=cmask, other=0.0), F64),
-                                    _ct(tl.load(part_ptr + pp + idx, mask=cmask, other=0.0), F64),
-                                    _ct(tl.load(part_ptr + 2 * pp + idx, mask=cmask, other=0.0), F64),
-                                    _ct(tl.load(part_ptr + 3 * pp + idx, mask=cmask, other=0.0), F64))
-            mean = k + r
+            if GATHERED:  # the "splits" are the S ranks' messages (SyncBatchNorm), merged in float64
+                n, mean, m2 = _ranks(part_ptr, g, G, S, C, cs, cmask, poison, F64, BLOCK_C)
+            else:
+                n, k, r, m2 = _splits(part_ptr, g, G, S, C, cs, cmask, F64, BLOCK_C)
+                mean = k + r
             out = g * C + cs
             tl.store(stats_ptr + out, n, mask=cmask)
             tl.store(stats_ptr + plane + out, mean, mask=cmask)
@@ -333,6 +416,67 @@ def finalize(
             tl.store(rm_ptr + cs, rm.to(rm_ptr.dtype.element_ty), mask=cmask)
             tl.store(rv_ptr + cs, rv.to(rv_ptr.dtype.element_ty), mask=cmask)
         tl.store(finite_ptr, finite != 0)
+
+
+@_kernel
+def sync_pack(
+    part_ptr, msg_ptr, back_ptr,
+    C, G, S, number, call, dtype_code, positions,
+    F64: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program (SyncBatchNorm's forward): this rank's message ``[mean (G·C), m2 (G·C), count (G), header (6)]``
+    from the split partials (the Chan merge of :func:`finalize`), header ``(1, number, call, G·C, dtype_code,
+    positions)``; and the tail of its backward message ``[0 (G), (2, number, call, G·C, dtype_code, 0)]``, whose
+    ``(Σ dz, Σ dz·x̂)`` the backward's :func:`backward_finalize` writes in front of it."""
+    gc = G * C
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        for g in range(0, G):
+            n, k, r, m2 = _splits(part_ptr, g, G, S, C, cs, cmask, F64, BLOCK_C)
+            tl.store(msg_ptr + g * C + cs, (k + r).to(msg_ptr.dtype.element_ty), mask=cmask)
+            tl.store(msg_ptr + gc + g * C + cs, m2.to(msg_ptr.dtype.element_ty), mask=cmask)
+            # the count is the same for every feature (a mask has no feature axis): feature 0's
+            tl.store(msg_ptr + 2 * gc + g + cs * 0, n.to(msg_ptr.dtype.element_ty), mask=cmask & (cs == 0))
+    j = tl.arange(0, 8)
+    for g0 in range(0, G, 8):
+        tl.store(back_ptr + 2 * gc + g0 + j, tl.zeros([8], tl.float64).to(back_ptr.dtype.element_ty), mask=g0 + j < G)
+    head = tl.where(j == 1, number.to(tl.float64), tl.zeros([8], tl.float64))
+    head = tl.where(j == 2, call.to(tl.float64), head)
+    head = tl.where(j == 3, gc.to(tl.float64), head)
+    head = tl.where(j == 4, dtype_code.to(tl.float64), head)
+    fwd = tl.where(j == 0, 1.0, tl.where(j == 5, positions.to(tl.float64), head))
+    tl.store(msg_ptr + 2 * gc + G + j, fwd.to(msg_ptr.dtype.element_ty), mask=j < 6)
+    tl.store(back_ptr + 2 * gc + G + j, tl.where(j == 0, 2.0, head).to(back_ptr.dtype.element_ty), mask=j < 6)
+
+
+@_kernel
+def sync_sums(
+    tab_ptr, k_ptr, cnt_ptr, rec_ptr,
+    C, G, W, scg, scc, sticky,
+    BLOCK_C: tl.constexpr,
+):
+    """One program (SyncBatchNorm's backward combine): the ``W`` gathered messages ``[Σ dz, Σ dz·x̂, 0, header]``
+    summed over ranks (float64), their headers checked (:func:`_sync_fault`, fault record to ``rec_ptr``), and
+    ``mean(dz) = (Σ_r Σ dz + poison)/n``, ``mean(dz·x̂)`` likewise (``n`` the global count) written to rows 1 and 2 of
+    ``k_ptr`` ``(3, G, C)``, where :func:`backward_apply` reads them."""
+    poison = _sync_fault(tab_ptr, rec_ptr, W, G, C, sticky, 0)
+    row_len = 2 * G * C + G + 6
+    plane = G * C
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        for g in range(0, G):
+            s_dz = tl.zeros([BLOCK_C], tl.float64)
+            s_dzx = s_dz
+            for w in range(0, W):
+                row = tab_ptr + w * row_len + g * C + cs
+                s_dz += tl.load(row, mask=cmask, other=0.0).to(tl.float64)
+                s_dzx += tl.load(row + plane, mask=cmask, other=0.0).to(tl.float64)
+            n = tl.maximum(_feature(cnt_ptr, g, cs, scg, scc, cmask, True), 1.0)
+            out = g * C + cs
+            tl.store(k_ptr + plane + out, ((s_dz + poison) / n).to(k_ptr.dtype.element_ty), mask=cmask)
+            tl.store(k_ptr + 2 * plane + out, ((s_dzx + poison) / n).to(k_ptr.dtype.element_ty), mask=cmask)
 
 
 @_kernel
