@@ -726,6 +726,15 @@ def update_running(
     tl.store(finite_ptr, finite != 0)
 
 
+@triton.jit
+def _saved_mean_var(mean_ptr, invstd_ptr, cs, cmask, eps):
+    """One block of ATen's saved batch mean and the biased variance its ``1/σ`` implies, ``1/invstd² − eps``
+    (float64)."""
+    mean = tl.load(mean_ptr + cs, mask=cmask, other=0.0).to(tl.float64)
+    inv = tl.load(invstd_ptr + cs, mask=cmask, other=1.0).to(tl.float64)
+    return mean, 1.0 / (inv * inv) - eps
+
+
 @_kernel
 def update_from_invstd(
     mean_ptr, invstd_ptr, rm_ptr, rv_ptr, nbt_ptr, finite_ptr,
@@ -745,9 +754,7 @@ def update_from_invstd(
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         cmask = cs < C
-        mean = tl.load(mean_ptr + cs, mask=cmask, other=0.0).to(tl.float64)
-        inv = tl.load(invstd_ptr + cs, mask=cmask, other=1.0).to(tl.float64)
-        var = 1.0 / (inv * inv) - eps
+        mean, var = _saved_mean_var(mean_ptr, invstd_ptr, cs, cmask, eps)
         fin = ((mean - mean) == 0) & ((var - var) == 0)  # False for NaN and ±Inf
         ok = ok & tl.where(cmask & ~fin, 0, 1)
     finite = tl.min(ok, axis=0)
@@ -762,9 +769,7 @@ def update_from_invstd(
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         cmask = cs < C
-        mean = tl.load(mean_ptr + cs, mask=cmask, other=0.0).to(tl.float64)
-        inv = tl.load(invstd_ptr + cs, mask=cmask, other=1.0).to(tl.float64)
-        var = 1.0 / (inv * inv) - eps
+        mean, var = _saved_mean_var(mean_ptr, invstd_ptr, cs, cmask, eps)
         var = tl.where(var > 0, var, 0.0) * unbias
         rm = tl.load(rm_ptr + cs, mask=cmask, other=0.0).to(tl.float64)
         rv = tl.load(rv_ptr + cs, mask=cmask, other=0.0).to(tl.float64)
