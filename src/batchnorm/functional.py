@@ -158,11 +158,6 @@ class _TrainNorm(torch.autograd.Function):
             t, weight, bias, m, invstd, r, d, stats = ctx.saved_tensors
             count = None
         if torch.is_grad_enabled():  # create_graph=True: differentiate the formula itself
-            if s.save:
-                raise NotImplementedError(
-                    "double backward (create_graph=True) is not available with memory='save': the input was "
-                    "not kept. Use memory='default' for gradient penalties."
-                )
             return _double_backward(ctx, dy, t, weight, bias, m, r, d)
         needs = ctx.needs_input_grad[:3]
         if st.plain:
@@ -226,8 +221,15 @@ def _traced_train(x, weight, bias, m, s: Settings, combine):
 
 
 def _double_backward(ctx, dy, x, weight, bias, m, r, d):
+    """``create_graph=True``: the gradients of the composite formula, re-traced (every fused autograd Function's
+    backward ends here); refused with ``memory="save"`` (no input kept) and for synchronized statistics."""
     st = ctx.state
     s = st.settings
+    if s.save:
+        raise NotImplementedError(
+            "double backward (create_graph=True) is not available with memory='save': the input was "
+            "not kept. Use memory='default' for gradient penalties."
+        )
     if type(st.combine).stats is not Combine.stats:
         raise NotImplementedError(
             "double backward (create_graph=True) through synchronized batch statistics is not supported; "
@@ -336,9 +338,7 @@ def normalize(
         y = _TrainNorm.apply(x, weight, bias, m, s, ops, combine, running, stash)
         stats, finite = stash
     if updating:
-        if finite is None:
-            finite = ops.update_running(running_mean, running_var, stats[1], stats[2], stats[0], momentum,
-                                        num_batches_tracked)
+        finite = _updated(ops, running, stats, finite)
         # is_compiling first: under torch.compile ``finite`` is a tensor and bool() would break the graph (and vmap
         # or export cannot read it either)
         if torch.compiler.is_compiling() or traced or functorch:
@@ -397,10 +397,16 @@ class RoutePlan:
         y = _TrainNorm.apply(x, weight, bias, None, s, ops, _PLAIN, running, stash)
         if mode != "update":
             return y, True
-        stats, finite = stash
-        if finite is None:
-            finite = ops.update_running(rm, rv, stats[1], stats[2], stats[0], self.momentum, nbt)
-        return y, bool(finite)
+        return y, bool(_updated(ops, running, *stash))
+
+
+def _updated(ops, running, stats, finite):
+    """``finite`` of a training call whose backend sequence did the running update itself, else the update rule
+    applied now (:meth:`~batchnorm.kernels.backend.Backend.update_running`; ``running = (mean, var, nbt, momentum)``)."""
+    if finite is not None:
+        return finite
+    rm, rv, nbt, momentum = running
+    return ops.update_running(rm, rv, stats[1], stats[2], stats[0], momentum, nbt)
 
 
 def _warn_not_finite(name: str, x: torch.Tensor, m: torch.Tensor | None, stacklevel: int = 4) -> None:

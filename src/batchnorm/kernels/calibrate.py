@@ -44,8 +44,8 @@ FILE = "batchnorm-crossovers.json"
 #: sizes of ``x`` (bytes) timed by :func:`measure`: 64 KB to 32 MB, factor 2
 LADDER = tuple(64 << 10 << i for i in range(10))
 NEVER = 1 << 62  # numba never won on the ladder: native at every size
-#: version of a stored table (2: the "cl" layout class; 3: MARGIN 0.9; 4: outer ladder (N, 64, 64); 5: cl ladder (N, 512, 4, 4)); :func:`load`
-#: ignores other versions
+#: version of a stored table; :func:`load` ignores other versions (2: the "cl" layout class; 3: MARGIN 0.9;
+#: 4: outer ladder (N, 64, 64); 5: cl ladder (N, 512, 4, 4))
 VERSION = 5
 
 
@@ -167,8 +167,8 @@ def measure(repeats: int = 7, sizes: tuple[int, ...] = LADDER, keys=None, idle_p
     before the table is stored).
 
     Stops early, with ``"stopped"`` (why) in the result and the table incomplete, as soon as other processes
-    use more than ``busy_limit`` (:data:`BUSY`) of the CPU: in the ``idle_probe`` seconds watched before each ladder, or between
-    two sizes of a ladder (``others_busy`` is then the fraction that stopped it)."""
+    use more than ``busy_limit`` (:data:`BUSY`) of the CPU: in the ``idle_probe`` seconds watched before each
+    ladder, or between two sizes of a ladder (``others_busy`` is then the fraction that stopped it)."""
     from ..bench import side_by_side
     from . import dispatch
 

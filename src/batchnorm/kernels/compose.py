@@ -58,6 +58,12 @@ class Combine:
 _PLAIN = Combine()
 
 
+def check_cumulative(momentum, num_batches_tracked) -> None:
+    """Refuse ``momentum=None`` (the cumulative average ``1/num_batches_tracked``) without the counter it reads."""
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked; pass it, or a float momentum.")
+
+
 def update_running(
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
@@ -104,8 +110,7 @@ def update_running(
         if num_batches_tracked is not None:
             num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
         if momentum is None:
-            if num_batches_tracked is None:
-                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked; pass it, or a float momentum.")
+            check_cumulative(momentum, num_batches_tracked)
             f = 1.0 / num_batches_tracked.clamp_min(1).to(new_mean.dtype)
         else:
             f = float(momentum)  # a kernel argument: no tensor, no host-to-device copy

@@ -277,7 +277,7 @@ class BatchNorm(_BatchNorm):
 
     # -- hooks for variants (the *combine* step) ----------------------------------------------
     #: A variant's fused training step with running estimates, ``(x, mask, axis, settings) -> y``, or None (the
-    #: common path); it returns None for calls it does not take. BatchRenorm's triton route sets it.
+    #: common path); it returns None for calls it does not take. BatchRenorm and SyncBatchNorm set it (triton).
     _fused_training = None
 
     def _fused_route(self, x: torch.Tensor, mask, axis: int, s, sequence: str):
@@ -384,7 +384,7 @@ class BatchNorm(_BatchNorm):
         if hit is None or hit[0] != key:
             hit = d["_settings"] = (key, bnf.settings_for(*key, type(self).__name__))
         use_batch = training or rm is None or rv is None
-        fused = self._fused_training  # a variant's own fused training step (BatchRenorm on triton), or None
+        fused = self._fused_training  # a variant's own fused training step (BatchRenorm, SyncBatchNorm on triton), or None
         if fused is not None and update and rv is not None and not active:
             y = fused(x, mask, axis, hit[1])
             if y is not None:
@@ -422,9 +422,9 @@ class BatchNorm(_BatchNorm):
 
         The native backend builds its own (:class:`~batchnorm.kernels.native.Plan`, CPU calls); for the backends
         :class:`~batchnorm.functional._TrainNorm` drives (numba, composite, triton forced on CPU tensors) the layer
-        keeps a :class:`~batchnorm.functional.RoutePlan`: the same call minus the checks and the choice. Only for CPU calls, on layers whose combine and grouping are
-        :class:`BatchNorm`'s (not renorm, ghost or sync) and that carry every setting of :data:`_CONFIG`. The plan's
-        key holds what the checks and :func:`~batchnorm.kernels.dispatch.select` read: input shape, strides and dtype,
+        keeps a :class:`~batchnorm.functional.RoutePlan`: the same call minus the checks and the choice. Only for CPU
+        calls, on layers whose combine and grouping are :class:`BatchNorm`'s (not renorm, ghost or sync) and that
+        carry every setting of :data:`_CONFIG`. The plan's key holds what the checks and :func:`~batchnorm.kernels.dispatch.select` read: input shape, strides and dtype,
         the settings, the parameter and buffer objects (compared by identity), and
         :func:`~batchnorm.kernels.dispatch.decision_state`; ``_apply`` (``.to()``, ``.double()``, ...) drops the plans.
         """

@@ -109,11 +109,6 @@ class _FusedRenorm(torch.autograd.Function):
         s = st.settings
         t, m, invstd, weight, bias, rd, saved = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the formula itself
-            if s.save:
-                raise NotImplementedError(
-                    "double backward (create_graph=True) is not available with memory='save': the input was "
-                    "not kept. Use memory='default' for gradient penalties."
-                )
             return bnf._double_backward(ctx, dy, t, weight, bias, m, rd[0], rd[1])
         count, stats = (saved, None) if s.save else (None, saved)
         grads = st.backend.renorm_backward(dy, t, s, stats, invstd, weight, bias, count, m, ctx.needs_input_grad[:3],

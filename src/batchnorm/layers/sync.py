@@ -359,17 +359,26 @@ class SyncCombine(bnf.Combine):
         self.state.record(code, n_min, table)
         return torch.where(bad | few, float("nan"), 0.0)
 
-    def _gather_stats(self, flat: torch.Tensor) -> torch.Tensor:
+    def _gathered(self, flat: torch.Tensor, what: str) -> torch.Tensor:
+        """The all-gather of one message (``what`` names it in the error of a failed collective)."""
         try:
             return _gather(flat, self.world, self.process_group)
         except Exception as err:  # gloo raises RuntimeError/DistBackendError; say what it means here
-            raise _collective_failed("all_gather of batch statistics", self.world, err) from err
+            raise _collective_failed(f"all_gather of {what}", self.world, err) from err
+
+    def _gather_stats(self, flat: torch.Tensor) -> torch.Tensor:
+        return self._gathered(flat, "batch statistics")
 
     def _gather_grads(self, flat: torch.Tensor) -> torch.Tensor:
-        try:
-            return _gather(flat, self.world, self.process_group)
-        except Exception as err:
-            raise _collective_failed("all_gather of gradient sums", self.world, err) from err
+        return self._gathered(flat, "gradient sums")
+
+    def _record_buffer(self, host: bool, wire: torch.dtype, device: torch.device) -> tuple[torch.Tensor, bool]:
+        """Where the kernels write this step's fault record: ``(buffer, sticky)`` (:meth:`_SyncState.buffer`; a new
+        one where the host checks at once)."""
+        size = 2 + _HEADER * self.world
+        if host:
+            return torch.empty(size, dtype=wire, device=device), False
+        return self.state.buffer(size, wire, device)
 
     def _settle(self, host: bool, rec: torch.Tensor) -> None:
         """After a kernel wrote the record ``rec``: raise at once (host checks), or make it the pending record."""
@@ -391,8 +400,7 @@ class SyncCombine(bnf.Combine):
         host, wire = self._start(x)
         features = x.shape[s.axis]
         self._agree(int(features), 1, x.device)
-        rec, sticky = self.state.buffer(2 + _HEADER * self.world, wire, x.device) if not host else \
-            (torch.empty(2 + _HEADER * self.world, dtype=wire, device=x.device), False)
+        rec, sticky = self._record_buffer(host, wire, x.device)
         header = (self.state.number, self.call, self.dtype_code, self.positions)
         out = ops.sync_forward(x, s, m, weight, bias, running, header, self._gather_stats, rec, sticky,
                                self.masked or self.positions <= 1)
@@ -405,9 +413,7 @@ class SyncCombine(bnf.Combine):
         if not needs[0]:
             return ops.sync_backward(dy, t, s, stats, invstd, weight, bias, count, m, needs, back, None, None, False)
         host, wire = self._start(dy)
-        size = 2 + _HEADER * self.world
-        rec, sticky = self.state.buffer(size, wire, dy.device) if not host else \
-            (torch.empty(size, dtype=wire, device=dy.device), False)
+        rec, sticky = self._record_buffer(host, wire, dy.device)
         out = ops.sync_backward(dy, t, s, stats, invstd, weight, bias, count, m, needs, back, self._gather_grads,
                                 rec, sticky)
         self._settle(host, rec)
@@ -480,11 +486,6 @@ class _FusedSync(torch.autograd.Function):
         s = st.settings
         t, m, invstd, weight, bias, saved, back = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: refused with the composed route's errors
-            if s.save:
-                raise NotImplementedError(
-                    "double backward (create_graph=True) is not available with memory='save': the input was "
-                    "not kept. Use memory='default' for gradient penalties."
-                )
             return bnf._double_backward(ctx, dy, t, weight, bias, m, None, None)
         count, stats = (saved, None) if s.save else (None, saved)
         grads = st.combine.fused_backward(st.backend, dy, t, s, stats, invstd, weight, bias, count, m,

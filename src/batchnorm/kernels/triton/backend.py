@@ -43,6 +43,7 @@ import torch
 
 from .. import torch_ops as _t
 from ..backend import Backend, Settings
+from ..compose import check_cumulative
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -269,9 +270,7 @@ class TritonBackend(Backend):
         momentum, finite = 0.0, None
         if running is not None:
             rm, rv, nbt, momentum = running
-            if momentum is None and nbt is None:
-                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked; pass it, or a float "
-                                 "momentum.")
+            check_cumulative(momentum, nbt)
             finite = torch.empty((), dtype=torch.bool, device=dev)
         r_max = d_max = 1.0
         warmup = 0.0
@@ -471,9 +470,7 @@ class TritonBackend(Backend):
 
     def update_running(self, running_mean, running_var, mean, var, count, momentum, num_batches_tracked=None):
         """The running update of :func:`batchnorm.functional.update_running` in one launch (guard on the device)."""
-        if momentum is None and num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked; pass it, or a float "
-                             "momentum.")
+        check_cumulative(momentum, num_batches_tracked)
         g, c = mean.shape
         sd = mean.dtype
         finite = torch.empty((), dtype=torch.bool, device=mean.device)
@@ -495,9 +492,7 @@ class TritonBackend(Backend):
 
         Shape: ``mean, invstd, running_mean, running_var`` ``(C,)`` (contiguous); ``n`` values per feature (an int).
         """
-        if momentum is None and num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked; pass it, or a float "
-                             "momentum.")
+        check_cumulative(momentum, num_batches_tracked)
         dev = mean.device
         finite = torch.empty((), dtype=torch.bool, device=dev)
         nbt = num_batches_tracked
