@@ -663,3 +663,26 @@ def test_the_compile_command_builds_a_subset_for_sm_90_without_spills():
         kernel, spec, arch, regs, spill, shared = row
         assert arch == "sm_90" and 0 < int(regs) <= 255 and int(spill) == 0 and int(shared) >= 0, row
     assert "0 failed, 0 spilled" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# double backward with memory="save": one refusal, the same words on every route
+# ---------------------------------------------------------------------------------------------
+SAVE_DOUBLE_BACKWARD = [
+    ("plain, composite (_TrainNorm)", lambda: bn.BatchNorm(3, activation="leaky_relu", memory="save",
+                                                             backend="composite")),
+    ("plain, triton (_TrainNorm)", lambda: bn.BatchNorm(3, activation="leaky_relu", memory="save", backend="triton")),
+    ("renorm, triton (_FusedRenorm)", lambda: bn.BatchRenorm(3, activation="leaky_relu", memory="save",
+                                                             backend="triton")),
+]
+
+
+@pytest.mark.parametrize("label, make", SAVE_DOUBLE_BACKWARD, ids=[c[0] for c in SAVE_DOUBLE_BACKWARD])
+def test_double_backward_with_memory_save_is_refused_in_the_same_words(label, make):
+    layer = make()
+    x = torch.randn(8, 3, requires_grad=True)
+    y = layer(x)
+    with pytest.raises(NotImplementedError, match=r"^double backward \(create_graph=True\) is not available with "
+                                                  r"memory='save': the input was not kept\. Use memory='default' "
+                                                  r"for gradient penalties\.$"):
+        torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
