@@ -465,7 +465,7 @@ def _empty_rank(message: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("masked, save", [(False, False), (True, False), (False, True)],
                          ids=["plain", "mask", "save"])
-def test_sync_sequences_take_eight_launches_and_merge_like_one_process(masked, save):
+def test_sync_sequences_take_six_launches_and_merge_like_one_process(masked, save):
     """``sync_forward`` / ``sync_backward`` with a stand-in all-gather over three ranks: two with data (5 and 3 rows,
     their messages made by the same kernels) and an empty one (the composed route's message); outputs, input and
     parameter gradients and running statistics against one process on the concatenated batch; then a header that
@@ -507,7 +507,7 @@ def test_sync_sequences_take_eight_launches_and_merge_like_one_process(masked, s
     rec = scratch()
     before = TB.launch_count()
     outs = [forward(r, lambda msg: table, rec if r == 0 else scratch()) for r in range(2)]
-    assert TB.launch_count() - before == 8 and rec[0] == 0 and rec[2:].view(3, 6)[:, 5].tolist() == [20, 12, 0]
+    assert TB.launch_count() - before == 6 and rec[0] == 0 and rec[2:].view(3, 6)[:, 5].tolist() == [20, 12, 0]
     assert all(bool(o[3]) for o in outs)
     sums: list = []
     for r in range(2):
@@ -515,7 +515,7 @@ def test_sync_sequences_take_eight_launches_and_merge_like_one_process(masked, s
     back_table = torch.stack([sums[0], sums[1], _empty_rank(sums[0])])
     before = TB.launch_count()
     dx, dw, db = backward(0, outs[0], lambda msg: back_table, rec)
-    assert TB.launch_count() - before == 4 and rec[0] == 0
+    assert TB.launch_count() - before == 3 and rec[0] == 0
     _, dw1, db1 = backward(1, outs[1], None, None, needs=(False, True, True))  # no input gradient: no gather
     # one process on the concatenated batch
     ref = bn.BatchNorm(3, momentum=0.25, activation=s.activation, negative_slope=0.25,
@@ -548,6 +548,61 @@ def test_sync_sequences_take_eight_launches_and_merge_like_one_process(masked, s
     # sticky: a later good step keeps the fault not yet reported
     forward(0, lambda msg: table, rec, sticky=True)
     assert rec[0] == 1 and rec[2:].view(3, 6)[1, 2] == 1
+
+
+@pytest.mark.parametrize("shape, fmt, axis", [((6, 5, 7, 9), None, 1), ((6, 5, 7, 9), torch.channels_last, 1),
+                                              ((90, 7), None, 1), ((4, 6, 5), None, -1)],
+                         ids=["NCHW", "channels_last", "NC", "axis=-1"])
+def test_sync_last_program_merges_every_split_and_feature_block(tiny_tiles, shape, fmt, axis):
+    """The message and the backward finalize are written by the last program of each feature block to finish
+    (one atomic counter per block): with tiny tiles (several splits, several feature blocks) one rank's sync step,
+    its own message as the gathered table, equals BatchNorm on the same batch; 3 + 3 launches; the lock words are
+    0 again after each launch; the message's header and count are the rank's."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g, dtype=F64) * 3 + 1e3
+    x = x if fmt is None else x.contiguous(memory_format=fmt)
+    dy = torch.randn(x.shape, generator=g, dtype=F64)
+    c = x.shape[axis]
+    s = Settings(axis=axis % x.dim())
+    geo = TB._Geometry(x, s)
+    assert geo.S > 1 and geo.ncb > 1, (geo.S, geo.ncb)  # the cases reach both merges
+    w = torch.linspace(0.5, 1.5, c, dtype=F64)
+    b = torch.linspace(-0.2, 0.3, c, dtype=F64)
+    bufs = (torch.zeros(c, dtype=F64), torch.ones(c, dtype=F64), torch.tensor(0))
+    sent: list = []
+
+    def gather(msg):
+        sent.append(msg.clone())
+        return msg.unsqueeze(0)
+
+    rec = torch.empty(2 + 6, dtype=F64)
+    before = TB.launch_count()
+    y, stats, invstd, finite, back = TRITON.sync_forward(x, s, None, w, b, (*bufs, 0.1), (3, 5, 4, 99), gather, rec,
+                                                         False, False)
+    assert TB.launch_count() - before == 3 and bool(finite) and rec[0] == 0
+    locks = TB._lock_words(x.device, geo.ncb)
+    assert int(locks.abs().sum()) == 0
+    n = x.numel() // c
+    assert sent[0][2 * c] == n and sent[0][-6:].tolist() == [1, 3, 5, c, 4, 99]
+    before = TB.launch_count()
+    dx, dw, db = TRITON.sync_backward(dy, x, s, stats, invstd, w, b, None, None, (True, True, True), back, gather,
+                                      rec, False)
+    assert TB.launch_count() - before == 3 and rec[0] == 0 and int(locks.abs().sum()) == 0
+    assert sent[1][-6:].tolist() == [2, 3, 5, c, 4, 0]
+    ref = bn.BatchNorm(c, momentum=0.1, axis=axis, backend="composite").double()
+    with torch.no_grad():
+        ref.weight.copy_(w)
+        ref.bias.copy_(b)
+    xr = x.clone().requires_grad_(True)
+    yr = ref(xr)
+    yr.backward(dy)
+    tol = {"atol": 1e-8, "rtol": 1e-8}
+    torch.testing.assert_close(y, yr.detach(), **tol)
+    torch.testing.assert_close(dx, xr.grad, **tol)
+    torch.testing.assert_close(dw, ref.weight.grad, **tol)
+    torch.testing.assert_close(db, ref.bias.grad, **tol)
+    torch.testing.assert_close(bufs[0], ref.running_mean, **tol)
+    torch.testing.assert_close(bufs[1], ref.running_var, **tol)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,7 +713,10 @@ def test_the_compile_command_builds_a_subset_for_sm_90_without_spills():
     rows = [line.split("  ") for line in r.stdout.splitlines() if line.startswith(("reduce_partial", "apply",
                                                                                      "update_running"))]
     assert {row[0] for row in rows} == {"reduce_partial", "apply", "update_running"}
-    assert len(rows) == 1 + 6 + 2  # partials; apply × (identity/fused activation) × (plain, ghost, eval); 2 updates
+    # partials (plain, and with SyncBatchNorm's pack); apply × (identity/fused activation) × (plain, ghost, eval);
+    # 2 updates
+    assert len(rows) == 2 + 6 + 2
+    assert sum("PACK=1" in row[1] for row in rows) == 1
     for row in rows:
         kernel, spec, arch, regs, spill, shared = row
         assert arch == "sm_90" and 0 < int(regs) <= 255 and int(spill) == 0 and int(shared) >= 0, row

@@ -12,8 +12,9 @@ finalize with ``dγ, dβ`` → apply); ``eval_forward`` 1; ``backward_reduce`` 2
 ``update_running`` 1; ``update_from_invstd`` 1 (the guard and running update of the native backend's GPU route,
 after cuDNN); batch renorm's :meth:`TritonBackend.renorm_forward` / :meth:`~TritonBackend.renorm_backward`
 3 + 3 (the warm-up ramp and the backward's affine constants formed in the finalize); SyncBatchNorm's
-:meth:`TritonBackend.sync_forward` / :meth:`~TritonBackend.sync_backward` 4 + 4 around one collective each (the
-message packed by a kernel, the merge, header check and fault record in the finalize and in ``sync_sums``). Masks and
+:meth:`TritonBackend.sync_forward` / :meth:`~TritonBackend.sync_backward` 3 + 3 around one collective each (the
+message packed, and the backward finalized, by the last program of each feature block of the partials' launch;
+the merge, header check and fault record in the finalize and in ``sync_sums``). Masks and
 ghost groups add none (they are arguments of the same kernels).
 
 Without a GPU, ``TRITON_INTERPRET=1`` (set before triton is first imported) runs the same kernels on CPU
@@ -75,7 +76,22 @@ def _launch(kernel, grid, *args, **meta) -> None:
     if _record is not None:
         _record.append((kernel, args, meta))
         return
+    if type(kernel).__name__ == "InterpretedFunction":
+        args = tuple(_scalar64(a) for a in args)
+        meta = {k: _scalar64(v) for k, v in meta.items()}
     kernel[grid](*args, **meta)
+
+
+def _scalar64(v):
+    """Under the interpreter, a Python float as the float64 scalar its ``tl.float64`` parameter is when compiled
+    (the interpreter would otherwise carry it as a float32 constant: ``momentum=0.1`` off by 1.5e-8 in float64)."""
+    if type(v) is not float:
+        return v
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import TensorHandle
+
+    return tl.tensor(TensorHandle(np.array([v], dtype=np.float64), tl.float64), tl.float64)
 
 
 def importable() -> bool:
@@ -217,6 +233,24 @@ def _dummy(device, dtype):
     return t
 
 
+_locks: dict = {}
+
+
+def _lock_words(device, n: int):
+    """``n`` int32 lock words, all 0, for the "last program of a feature block" kernels (SyncBatchNorm's
+    :func:`.kernels.reduce_partial` with ``PACK`` and :func:`.kernels.backward_partial` with ``FIN``).
+
+    Cached per device and stream: every launch that counts on them sets each word it used back to 0 before it
+    ends, and launches on one stream run in order, so no step fills or allocates them (one zero fill when the
+    cache first grows, outside the steady state)."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (device, stream)
+    t = _locks.get(key)
+    if t is None or t.numel() < n:
+        t = _locks[key] = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+    return t
+
+
 def _mask_view(m: torch.Tensor | None, axis: int, device=None):
     if m is None:
         return _dummy(device, torch.bool), 0, 0
@@ -248,14 +282,22 @@ class TritonBackend(Backend):
         return True
 
     # -- building blocks ----------------------------------------------------------------------
-    def _partials(self, x, s: Settings, m):
-        geo = _Geometry(x, s)
+    def _partials(self, x, s: Settings, m, pack=None, geo=None):
+        """The split partials; ``pack = (message, back, header)``: SyncBatchNorm's forward, whose messages the same
+        launch writes (:func:`.kernels.reduce_partial` with ``PACK``)."""
+        geo = geo if geo is not None else _Geometry(x, s)
         mm, smo, smi = _mask_view(m, s.axis, x.device)
         part = torch.empty((4, geo.G, geo.S, geo.C), dtype=geo.sd, device=x.device)
         _O, _I, so, sc, si = geo.v
+        extra = {}
+        if pack is not None:
+            message, back, header = pack
+            number, call, dtype_code, positions = (int(v) for v in header)
+            extra = {"msg_ptr": message, "back_ptr": back, "lock_ptr": _lock_words(x.device, geo.ncb),
+                     "number": number, "call": call, "dtype_code": dtype_code, "positions": positions, "PACK": True}
         _launch(_k().reduce_partial, (geo.S, geo.ncb, geo.G), geo.x, mm, part,
                 geo.O, geo.C, geo.I, so, sc, si, smo, smi, geo.R, geo.G, geo.S, geo.tiles, int(m is not None),
-                F64=geo.f64, BLOCK_P=geo.bp, BLOCK_C=geo.bc)
+                F64=geo.f64, BLOCK_P=geo.bp, BLOCK_C=geo.bc, **extra)
         return part, geo
 
     def _finalize(self, part, geo, s: Settings, *, train, weight=None, bias=None, running=None, renorm=None,
@@ -336,40 +378,50 @@ class TritonBackend(Backend):
         ptrs = tuple(t if t is not None else anyt for t in (p, q, zs, zb))
         return ptrs, (spg, spc, sqg, sqc, szsg, szsc, szbg, szbc), flags, fused_save
 
-    def _backward_sums(self, dy, t, s: Settings, pq, fused=None, sums=None):
+    def _backward_sums(self, dy, t, s: Settings, pq, fused=None, sums=None, fold=False):
         """``(Σ dz, Σ dz·x̂)`` ``(2, G, C)``; ``fused = (count, invstd, weight, rd, dγ-like, dβ-like)`` also
         gives ``k, mean(dz), mean(dz·x̂)`` ``(3, G, C)`` and ``dγ, dβ``. ``sums``: where the sums go (SyncBatchNorm:
-        the front of its backward message, float64), else a new tensor."""
+        the front of its backward message, float64), else a new tensor. ``fold`` (with ``fused``): the finalize
+        runs in the partials' launch (:func:`.kernels.backward_partial` with ``FIN``), one launch instead of two."""
         geo = _Geometry(t, s)
         if geo.inner and geo.f64:  # float64 on features-innermost tiles: a quarter of the tile (no spill)
             geo = _Geometry(t, s, shrink=4)
         dy, dv = _viewed(dy, s.axis)
         ptrs, strides, flags, pq_wb = pq
         part = torch.empty((2, geo.G, geo.S, geo.C), dtype=geo.sd, device=t.device)
-        _launch(_k().backward_partial, (geo.S, geo.ncb, geo.G), dy, geo.x, part, *ptrs,
-                geo.O, geo.C, geo.I, dv[2], dv[3], dv[4], geo.v[2], geo.v[3], geo.v[4], *strides,
-                geo.R, geo.G, geo.S, geo.tiles, float(s.eps), float(s.negative_slope), *flags,
-                SAVE=bool(s.save), FUSED_ACT=s.code != 0, PQ_WB=pq_wb, F64=geo.f64, BLOCK_P=geo.bp, BLOCK_C=geo.bc)
         if sums is None:
             sums = torch.empty((2, geo.G, geo.C), dtype=geo.sd, device=t.device)
         kbuf = dw = db = None
-        if fused is None:
-            _launch(_k().backward_finalize, (-(-geo.C // TUNING["finalize"]),), part, sums, sums, sums, sums, sums,
-                    sums, sums, sums, geo.C, geo.G, geo.S, 0, 0, float(s.eps), 0, 0, 0, 0,
-                    FUSED=False, RENORM=False, F64=geo.f64, BLOCK_C=TUNING["finalize"])
-        else:
+        fin = {}
+        if fused is not None:
             count, invstd, weight, rd, dw_like, db_like = fused
             kbuf = torch.empty((3, geo.G, geo.C), dtype=geo.sd, device=t.device)
             dw = torch.empty(dw_like.shape, dtype=dw_like.dtype, device=t.device) if dw_like is not None else None
             db = torch.empty(db_like.shape, dtype=db_like.dtype, device=t.device) if db_like is not None else None
             count, scg, scc = _fs(count)
             invstd = invstd.contiguous()
-            _launch(_k().backward_finalize, (-(-geo.C // TUNING["finalize"]),), part, sums, kbuf, count, invstd,
-                    weight if weight is not None else kbuf, rd if rd is not None else kbuf,
-                    dw if dw is not None else kbuf, db if db is not None else kbuf,
-                    geo.C, geo.G, geo.S, scg, scc, float(s.eps), int(weight is not None), int(s.save),
-                    int(dw is not None), int(db is not None), FUSED=True, RENORM=rd is not None, F64=geo.f64,
-                    BLOCK_C=TUNING["finalize"])
+            fin_ptrs = (sums, kbuf, count, invstd, weight if weight is not None else kbuf,
+                        rd if rd is not None else kbuf, dw if dw is not None else kbuf, db if db is not None else kbuf)
+            fin_flags = (scg, scc, int(weight is not None), int(dw is not None), int(db is not None))
+            if fold:
+                names = ("sums_ptr", "k_ptr", "cnt_ptr", "invstd_ptr", "w_ptr", "rd_ptr", "dw_ptr", "db_ptr")
+                fin = dict(zip(names, fin_ptrs))
+                fin.update(zip(("scg", "scc", "has_w", "want_dw", "want_db"), fin_flags))
+                fin.update(lock_ptr=_lock_words(t.device, geo.ncb), FIN=True, RENORM=rd is not None)
+        _launch(_k().backward_partial, (geo.S, geo.ncb, geo.G), dy, geo.x, part, *ptrs,
+                geo.O, geo.C, geo.I, dv[2], dv[3], dv[4], geo.v[2], geo.v[3], geo.v[4], *strides,
+                geo.R, geo.G, geo.S, geo.tiles, float(s.eps), float(s.negative_slope), *flags,
+                SAVE=bool(s.save), FUSED_ACT=s.code != 0, PQ_WB=pq_wb, F64=geo.f64, BLOCK_P=geo.bp, BLOCK_C=geo.bc,
+                **fin)
+        if fused is None:
+            _launch(_k().backward_finalize, (-(-geo.C // TUNING["finalize"]),), part, sums, sums, sums, sums, sums,
+                    sums, sums, sums, geo.C, geo.G, geo.S, 0, 0, float(s.eps), 0, 0, 0, 0,
+                    FUSED=False, RENORM=False, F64=geo.f64, BLOCK_C=TUNING["finalize"])
+        elif not fold:
+            scg, scc, has_w, want_dw, want_db = fin_flags
+            _launch(_k().backward_finalize, (-(-geo.C // TUNING["finalize"]),), part, *fin_ptrs,
+                    geo.C, geo.G, geo.S, scg, scc, float(s.eps), has_w, int(s.save), want_dw, want_db,
+                    FUSED=True, RENORM=rd is not None, F64=geo.f64, BLOCK_C=TUNING["finalize"])
         return geo, dy, dv, sums, kbuf, dw, db
 
     def _backward_dx(self, geo, dy, dv, s: Settings, pq, k, mdz, mdzx, m):
@@ -446,7 +498,7 @@ class TritonBackend(Backend):
         if sync is not None:  # the sums go straight into the front of the backward message (its tail is written)
             g, c = invstd.shape
             out = sync[0][:2 * g * c].view(2, g, c)
-        geo, dyv, dv, sums, kbuf, dw, db = self._backward_sums(dy, t, s, pq, fused, out)
+        geo, dyv, dv, sums, kbuf, dw, db = self._backward_sums(dy, t, s, pq, fused, out, fold=sync is not None)
         if sync is not None and needs[0]:
             # the local k = γ'·(1/σ) is kbuf[0]; the means of the sums over ranks replace kbuf[1], kbuf[2]
             message, gather, rec, sticky = sync
@@ -527,9 +579,9 @@ class TritonBackend(Backend):
 
     # -- SyncBatchNorm: one collective per direction between the kernels ----------------------------
     def sync_forward(self, x, s: Settings, m, weight, bias, running, header, gather, rec, sticky, check_few):
-        """SyncBatchNorm's training forward in 4 launches around one collective: partial reduce → :func:`.kernels.
-        sync_pack` (this rank's message ``[mean, m2, count, header]``, float64, and the tail of its backward message)
-        → ``gather(message)`` (the all-gather, ``(world, 2·G·C + G + 6)``) → finalize over the gathered ranks (Chan
+        """SyncBatchNorm's training forward in 3 launches around one collective: partial reduce, whose last program
+        per feature block packs this rank's message ``[mean, m2, count, header]`` (float64) and the tail of its
+        backward message (:func:`.kernels.reduce_partial` with ``PACK``) → ``gather(message)`` (the all-gather, ``(world, 2·G·C + G + 6)``) → finalize over the gathered ranks (Chan
         merge in float64; the header check and the global-count check on the device, a faulty step's statistics NaN,
         the fault record written to ``rec``; ``1/σ``, scale/shift, the guarded running update) → apply.
 
@@ -538,14 +590,11 @@ class TritonBackend(Backend):
         on this rank). Returns ``(y, stats, invstd, finite, back)``: ``stats`` the merged ``(count, mean, var)``,
         ``back`` the backward message whose tail is written (for :meth:`sync_backward`).
         """
-        part, geo = self._partials(x, s, m)
-        g, c = geo.G, geo.C
-        size = 2 * g * c + g + 6
+        geo = _Geometry(x, s)
+        size = 2 * geo.G * geo.C + geo.G + 6
         message = torch.empty(size, dtype=torch.float64, device=x.device)
         back = torch.empty(size, dtype=torch.float64, device=x.device)
-        number, call, dtype_code, positions = (int(v) for v in header)
-        _launch(_k().sync_pack, (1,), part, message, back, c, g, geo.S, number, call, dtype_code, positions,
-                F64=geo.f64, BLOCK_C=_finalize_block(geo.f64))
+        part, geo = self._partials(x, s, m, pack=(message, back, header), geo=geo)
         table = gather(message)
         stats, aux, finite = self._finalize(part, geo, s, train=True, weight=_det(weight), bias=_det(bias),
                                             running=running, gathered=(table, rec, sticky, check_few))
@@ -554,11 +603,12 @@ class TritonBackend(Backend):
 
     def sync_backward(self, dy, t, s: Settings, stats, invstd, weight, bias, count, m, needs, back, gather, rec,
                       sticky):
-        """SyncBatchNorm's backward in 4 launches around one collective: partials of ``(Σ dz, Σ dz·x̂)`` →
-        backward finalize (the sums written into ``back``, the message :meth:`sync_forward` prepared; the local ``k``,
-        ``dγ``, ``dβ``) → ``gather(back)`` → :func:`.kernels.sync_sums` (sums over ranks, header check, fault record,
+        """SyncBatchNorm's backward in 3 launches around one collective: partials of ``(Σ dz, Σ dz·x̂)`` whose last
+        program per feature block runs the backward finalize (the sums written into ``back``, the message
+        :meth:`sync_forward` prepared; the local ``k``, ``dγ``, ``dβ``; :func:`.kernels.backward_partial` with
+        ``FIN``) → ``gather(back)`` → :func:`.kernels.sync_sums` (sums over ranks, header check, fault record,
         ``mean(dz)``, ``mean(dz·x̂)`` with the global count) → ``dx``. Without ``needs[0]`` no gather (the rule of
-        ``kernels.compose._backward_steps``): 2 launches for ``dγ, dβ``."""
+        ``kernels.compose._backward_steps``): 1 launch for ``dγ, dβ``."""
         return self._train_backward(dy, t, s, stats, invstd, weight, bias, count, m, needs, None,
                                     (back, gather, rec, sticky))
 

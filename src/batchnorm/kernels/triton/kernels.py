@@ -17,9 +17,13 @@ Kernels (docs/gpu.md explains the launch sequences):
 * :func:`apply` — ``y = act(x · a + b)``; eval mode forms ``a, b`` from the running estimates in-kernel;
 * :func:`backward_partial` / :func:`backward_finalize` / :func:`backward_apply` — the same three steps for
   ``(Σ dz, Σ dz·x̂)`` and ``dx = k·(dz − m·(mean(dz) + x̂·mean(dz·x̂)))``, with ``dγ, dβ`` in the finalize;
-* SyncBatchNorm: :func:`sync_pack` (the split partials → this rank's message with its header), :func:`finalize`
-  with ``GATHERED`` (the gathered messages merged as its splits, the header check and the fault record), and
-  :func:`sync_sums` (the backward sums over ranks → ``mean(dz)``, ``mean(dz·x̂)``).
+* SyncBatchNorm: :func:`reduce_partial` with ``PACK`` (the last program of each feature block merges the split
+  partials into this rank's message, :func:`_pack_stats`; the headers, :func:`_pack_headers`), :func:`finalize`
+  with ``GATHERED`` (the gathered messages merged as its splits, the header check and the fault record),
+  :func:`backward_partial` with ``FIN`` (the backward finalize in the last program of each feature block, the sums
+  written into the backward message) and :func:`sync_sums` (the backward sums over ranks → ``mean(dz)``,
+  ``mean(dz·x̂)``). The "last program" is found with one atomic counter per feature block
+  (:func:`_last_of_block`), which that program sets back to 0.
 
 Activation codes are those of :data:`batchnorm.activations.TABLE` (0 identity … 7 relu6); the
 forward/derivative formulas are the table's, written in Triton.
@@ -260,8 +264,15 @@ def reduce_partial(
     x_ptr, m_ptr, part_ptr,
     NO, C, NI, sxo, sxc, sxi, smo, smi, R, G, S, TILES, has_mask,
     F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    msg_ptr=None, back_ptr=None, lock_ptr=None, number=0, call=0, dtype_code=0, positions=0,
+    PACK: tl.constexpr = False,
 ):
-    """``part[(count, shift, mean − shift, m2), g, split, c]`` over this program's ``TILES`` tiles of group ``g``."""
+    """``part[(count, shift, mean − shift, m2), g, split, c]`` over this program's ``TILES`` tiles of group ``g``.
+
+    ``PACK`` (SyncBatchNorm's forward; keyword-only, so the other calls keep their specializations): the last
+    program of each feature block to finish (:func:`_last_of_block`) merges the block's ``S·G`` partials into this
+    rank's message (:func:`_pack_stats`), and program ``(0, 0, 0)`` writes the message headers (:func:`_pack_headers`):
+    the partial reduce and the message in one launch."""
     pid_s = tl.program_id(0)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     g = tl.program_id(2)
@@ -294,6 +305,13 @@ def reduce_partial(
     tl.store(part_ptr + plane + base, acc_k, mask=cmask)
     tl.store(part_ptr + 2 * plane + base, acc_r, mask=cmask)
     tl.store(part_ptr + 3 * plane + base, acc_m2, mask=cmask)
+    if PACK:
+        if (pid_s == 0) & (tl.program_id(1) == 0) & (g == 0):
+            _pack_headers(msg_ptr, back_ptr, C, G, number, call, dtype_code, positions)
+        if _last_of_block(lock_ptr, S * G):
+            for gg in range(0, G):
+                _pack_stats(part_ptr, msg_ptr, gg, C, G, S, cs, cmask, F64, BLOCK_C)
+            tl.store(lock_ptr + tl.program_id(1), 0)  # the word is 0 again for the next launch on this stream
 
 
 @_kernel
@@ -418,26 +436,35 @@ def finalize(
         tl.store(finite_ptr, finite != 0)
 
 
-@_kernel
-def sync_pack(
-    part_ptr, msg_ptr, back_ptr,
-    C, G, S, number, call, dtype_code, positions,
-    F64: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """One program (SyncBatchNorm's forward): this rank's message ``[mean (G·C), m2 (G·C), count (G), header (6)]``
-    from the split partials (the Chan merge of :func:`finalize`), header ``(1, number, call, G·C, dtype_code,
-    positions)``; and the tail of its backward message ``[0 (G), (2, number, call, G·C, dtype_code, 0)]``, whose
-    ``(Σ dz, Σ dz·x̂)`` the backward's :func:`backward_finalize` writes in front of it."""
+@triton.jit
+def _last_of_block(lock_ptr, programs):
+    """True in the last of the ``programs`` programs of feature block ``program_id(1)`` to get here: a CTA barrier,
+    then one ``acq_rel`` atomic increment of the block's lock word (the "last block" pattern: every other program's
+    stores are visible to the one that returns True, which resets the word to 0 when it is done)."""
+    tl.debug_barrier()  # every thread's stores of this program are ordered before its release below
+    seen = tl.atomic_add(lock_ptr + tl.program_id(1), 1, sem="acq_rel")
+    tl.debug_barrier()
+    return seen == programs - 1
+
+
+@triton.jit
+def _pack_stats(part_ptr, msg_ptr, g, C, G, S, cs, cmask, F64: tl.constexpr, BLOCK_C: tl.constexpr):
+    """SyncBatchNorm: group ``g`` of this rank's message ``[mean (G·C), m2 (G·C), count (G), header (6)]`` for the
+    features ``cs``, from the split partials (the Chan merge of :func:`finalize`)."""
     gc = G * C
-    for c0 in range(0, C, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        cmask = cs < C
-        for g in range(0, G):
-            n, k, r, m2 = _splits(part_ptr, g, G, S, C, cs, cmask, F64, BLOCK_C)
-            tl.store(msg_ptr + g * C + cs, (k + r).to(msg_ptr.dtype.element_ty), mask=cmask)
-            tl.store(msg_ptr + gc + g * C + cs, m2.to(msg_ptr.dtype.element_ty), mask=cmask)
-            # the count is the same for every feature (a mask has no feature axis): feature 0's
-            tl.store(msg_ptr + 2 * gc + g + cs * 0, n.to(msg_ptr.dtype.element_ty), mask=cmask & (cs == 0))
+    n, k, r, m2 = _splits(part_ptr, g, G, S, C, cs, cmask, F64, BLOCK_C)
+    tl.store(msg_ptr + g * C + cs, (k + r).to(msg_ptr.dtype.element_ty), mask=cmask)
+    tl.store(msg_ptr + gc + g * C + cs, m2.to(msg_ptr.dtype.element_ty), mask=cmask)
+    # the count is the same for every feature (a mask has no feature axis): feature 0's
+    tl.store(msg_ptr + 2 * gc + g + cs * 0, n.to(msg_ptr.dtype.element_ty), mask=cmask & (cs == 0))
+
+
+@triton.jit
+def _pack_headers(msg_ptr, back_ptr, C, G, number, call, dtype_code, positions):
+    """SyncBatchNorm: the header ``(1, number, call, G·C, dtype_code, positions)`` of this rank's forward message,
+    and the tail ``[0 (G), (2, number, call, G·C, dtype_code, 0)]`` of its backward message, whose
+    ``(Σ dz, Σ dz·x̂)`` the backward writes in front of it (:func:`backward_partial` with ``FIN``)."""
+    gc = G * C
     j = tl.arange(0, 8)
     for g0 in range(0, G, 8):
         tl.store(back_ptr + 2 * gc + g0 + j, tl.zeros([8], tl.float64).to(back_ptr.dtype.element_ty), mask=g0 + j < G)
@@ -551,8 +578,15 @@ def backward_partial(
     act, has_zs, has_zb, clamp,
     SAVE: tl.constexpr, FUSED_ACT: tl.constexpr, PQ_WB: tl.constexpr, F64: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    sums_ptr=None, k_ptr=None, cnt_ptr=None, invstd_ptr=None, w_ptr=None, rd_ptr=None, dw_ptr=None, db_ptr=None,
+    lock_ptr=None, scg=0, scc=0, has_w=0, want_dw=0, want_db=0, FIN: tl.constexpr = False,
+    RENORM: tl.constexpr = False,
 ):
-    """``part[(Σ dz, Σ dz·x̂), g, split, c]`` over all positions of this program's tiles (masked ones too)."""
+    """``part[(Σ dz, Σ dz·x̂), g, split, c]`` over all positions of this program's tiles (masked ones too).
+
+    ``FIN`` (SyncBatchNorm's backward; keyword-only): the last program of each feature block to finish
+    (:func:`_last_of_block`) runs the fused :func:`backward_finalize` for the block's features (the sums into the
+    backward message, the local ``k``, ``dγ``, ``dβ``): the partials and the finalize in one launch."""
     eps = _ct(eps, F64)
     slope = _ct(slope, F64)
     pid_s = tl.program_id(0)
@@ -580,20 +614,19 @@ def backward_partial(
     base = (g * S + pid_s) * C + cs
     tl.store(part_ptr + base, acc_dz, mask=cmask)
     tl.store(part_ptr + G * S * C + base, acc_dzx, mask=cmask)
+    if FIN:
+        if _last_of_block(lock_ptr, S * G):
+            _backward_fin(part_ptr, sums_ptr, k_ptr, cnt_ptr, invstd_ptr, w_ptr, rd_ptr, dw_ptr, db_ptr, C, G, S,
+                          scg, scc, eps, has_w, clamp, want_dw, want_db, cs, cmask, True, RENORM, F64, BLOCK_C)
+            tl.store(lock_ptr + tl.program_id(1), 0)
 
 
-@_kernel
-def backward_finalize(
-    part_ptr, sums_ptr, k_ptr, cnt_ptr, invstd_ptr, w_ptr, rd_ptr, dw_ptr, db_ptr,
-    C, G, S, scg, scc, eps: tl.float64, has_w, clamp, want_dw, want_db,
-    FUSED: tl.constexpr, RENORM: tl.constexpr, F64: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """``sums = (Σ dz, Σ dz·x̂)`` ``(2, G, C)`` from the split partials; ``FUSED`` also writes
-    ``k = γ'·r·(1/σ)``, ``mean(dz)``, ``mean(dz·x̂)`` into ``k_ptr`` ``(3, G, C)`` and ``dγ = Σ_g (Σdz·x̂·r + d·Σdz)``,
-    ``dβ = Σ_g Σdz``."""
-    eps = _ct(eps, F64)
-    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cs < C
+@triton.jit
+def _backward_fin(part_ptr, sums_ptr, k_ptr, cnt_ptr, invstd_ptr, w_ptr, rd_ptr, dw_ptr, db_ptr, C, G, S, scg, scc,
+                  eps, has_w, clamp, want_dw, want_db, cs, cmask,
+                  FUSED: tl.constexpr, RENORM: tl.constexpr, F64: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The backward finalize of the features ``cs`` (``eps`` already in the compute dtype): see
+    :func:`backward_finalize`."""
     plane = G * C
     if FUSED:
         w = _clamped(_opt(w_ptr, 0, cs, 0, 1, cmask, has_w, 1.0, F64), eps, clamp)
@@ -626,6 +659,20 @@ def backward_finalize(
     if FUSED:
         tl.store(dw_ptr + cs, dw.to(dw_ptr.dtype.element_ty), mask=cmask & (want_dw != 0))
         tl.store(db_ptr + cs, db.to(db_ptr.dtype.element_ty), mask=cmask & (want_db != 0))
+
+
+@_kernel
+def backward_finalize(
+    part_ptr, sums_ptr, k_ptr, cnt_ptr, invstd_ptr, w_ptr, rd_ptr, dw_ptr, db_ptr,
+    C, G, S, scg, scc, eps: tl.float64, has_w, clamp, want_dw, want_db,
+    FUSED: tl.constexpr, RENORM: tl.constexpr, F64: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``sums = (Σ dz, Σ dz·x̂)`` ``(2, G, C)`` from the split partials; ``FUSED`` also writes
+    ``k = γ'·r·(1/σ)``, ``mean(dz)``, ``mean(dz·x̂)`` into ``k_ptr`` ``(3, G, C)`` and ``dγ = Σ_g (Σdz·x̂·r + d·Σdz)``,
+    ``dβ = Σ_g Σdz``."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    _backward_fin(part_ptr, sums_ptr, k_ptr, cnt_ptr, invstd_ptr, w_ptr, rd_ptr, dw_ptr, db_ptr, C, G, S, scg, scc,
+                  _ct(eps, F64), has_w, clamp, want_dw, want_db, cs, cs < C, FUSED, RENORM, F64, BLOCK_C)
 
 
 @_kernel
