@@ -402,11 +402,11 @@ class TritonBackend(Backend):
             invstd = invstd.contiguous()
             fin_ptrs = (sums, kbuf, count, invstd, weight if weight is not None else kbuf,
                         rd if rd is not None else kbuf, dw if dw is not None else kbuf, db if db is not None else kbuf)
-            fin_flags = (scg, scc, int(weight is not None), int(dw is not None), int(db is not None))
+            fin_flags = (scg, scc, int(weight is not None), int(s.save), int(dw is not None), int(db is not None))
             if fold:
                 names = ("sums_ptr", "k_ptr", "cnt_ptr", "invstd_ptr", "w_ptr", "rd_ptr", "dw_ptr", "db_ptr")
                 fin = dict(zip(names, fin_ptrs))
-                fin.update(zip(("scg", "scc", "has_w", "want_dw", "want_db"), fin_flags))
+                fin.update(zip(("scg", "scc", "has_w", "w_clamp", "want_dw", "want_db"), fin_flags))
                 fin.update(lock_ptr=_lock_words(t.device, geo.ncb), FIN=True, RENORM=rd is not None)
         _launch(_k().backward_partial, (geo.S, geo.ncb, geo.G), dy, geo.x, part, *ptrs,
                 geo.O, geo.C, geo.I, dv[2], dv[3], dv[4], geo.v[2], geo.v[3], geo.v[4], *strides,
@@ -418,9 +418,9 @@ class TritonBackend(Backend):
                     sums, sums, sums, geo.C, geo.G, geo.S, 0, 0, float(s.eps), 0, 0, 0, 0,
                     FUSED=False, RENORM=False, F64=geo.f64, BLOCK_C=TUNING["finalize"])
         elif not fold:
-            scg, scc, has_w, want_dw, want_db = fin_flags
+            scg, scc, has_w, w_clamp, want_dw, want_db = fin_flags
             _launch(_k().backward_finalize, (-(-geo.C // TUNING["finalize"]),), part, *fin_ptrs,
-                    geo.C, geo.G, geo.S, scg, scc, float(s.eps), has_w, int(s.save), want_dw, want_db,
+                    geo.C, geo.G, geo.S, scg, scc, float(s.eps), has_w, w_clamp, want_dw, want_db,
                     FUSED=True, RENORM=rd is not None, F64=geo.f64, BLOCK_C=TUNING["finalize"])
         return geo, dy, dv, sums, kbuf, dw, db
 

@@ -309,9 +309,9 @@ def reduce_partial(
         if (pid_s == 0) & (tl.program_id(1) == 0) & (g == 0):
             _pack_headers(msg_ptr, back_ptr, C, G, number, call, dtype_code, positions)
         if _last_of_block(lock_ptr, S * G):
+            tl.store(lock_ptr + tl.program_id(1), 0)  # every program of the block has counted: 0 for the next launch
             for gg in range(0, G):
                 _pack_stats(part_ptr, msg_ptr, gg, C, G, S, cs, cmask, F64, BLOCK_C)
-            tl.store(lock_ptr + tl.program_id(1), 0)  # the word is 0 again for the next launch on this stream
 
 
 @_kernel
@@ -579,7 +579,7 @@ def backward_partial(
     SAVE: tl.constexpr, FUSED_ACT: tl.constexpr, PQ_WB: tl.constexpr, F64: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     sums_ptr=None, k_ptr=None, cnt_ptr=None, invstd_ptr=None, w_ptr=None, rd_ptr=None, dw_ptr=None, db_ptr=None,
-    lock_ptr=None, scg=0, scc=0, has_w=0, want_dw=0, want_db=0, FIN: tl.constexpr = False,
+    lock_ptr=None, scg=0, scc=0, has_w=0, w_clamp=0, want_dw=0, want_db=0, FIN: tl.constexpr = False,
     RENORM: tl.constexpr = False,
 ):
     """``part[(Σ dz, Σ dz·x̂), g, split, c]`` over all positions of this program's tiles (masked ones too).
@@ -600,6 +600,7 @@ def backward_partial(
     acc_dz = _ct(tl.zeros([BLOCK_C], dtype=tl.float32), F64)
     acc_dzx = acc_dz
     c64 = cs.to(tl.int64)
+    tl.assume(TILES > 0)  # the host never launches 0 tiles: no zero-trip guard kept live to the end (FIN)
     for t in range(0, TILES):
         pos = (pid_s * TILES + t) * BLOCK_P + tl.arange(0, BLOCK_P)
         v2 = (pos < npos)[:, None] & cmask[None, :]
@@ -616,9 +617,11 @@ def backward_partial(
     tl.store(part_ptr + G * S * C + base, acc_dzx, mask=cmask)
     if FIN:
         if _last_of_block(lock_ptr, S * G):
+            tl.store(lock_ptr + tl.program_id(1), 0)  # every program of the block has counted: 0 for the next launch
+            # w_clamp: the finalize's own γ clamp flag (backward_finalize's clamp), a separate operand from the
+            # partials' clamp, so no predicate of the kernel's start stays live to here (it spilled at sm_90)
             _backward_fin(part_ptr, sums_ptr, k_ptr, cnt_ptr, invstd_ptr, w_ptr, rd_ptr, dw_ptr, db_ptr, C, G, S,
-                          scg, scc, eps, has_w, clamp, want_dw, want_db, cs, cmask, True, RENORM, F64, BLOCK_C)
-            tl.store(lock_ptr + tl.program_id(1), 0)
+                          scg, scc, eps, has_w, w_clamp, want_dw, want_db, cs, cmask, True, RENORM, F64, BLOCK_C)
 
 
 @triton.jit
