@@ -270,3 +270,32 @@ def test_adopting_a_table_changes_the_decision_state_and_the_choice(monkeypatch)
     assert warmup.warm_up_status(detail=True)["crossovers"] == "test table"
     monkeypatch.setenv("BATCHNORM_BACKEND", "native")  # forcing still wins over any table
     assert dispatch.chosen(layer, x) == "native"
+
+
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+# (label, environment changes, allocator() expected in a fresh process)
+ALLOCATOR_CASES = [
+    ("glibc", {}, "glibc"),
+    ("glibc tunables", {"MALLOC_MMAP_THRESHOLD_": "4294967296"}, "glibc (MALLOC_MMAP_THRESHOLD_=4294967296)"),
+    ("GLIBC_TUNABLES", {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"},
+     "glibc (GLIBC_TUNABLES=glibc.malloc.trim_threshold=1)"),
+    ("jemalloc preloaded", {"LD_PRELOAD": JEMALLOC}, "jemalloc"),
+]
+
+
+@pytest.mark.parametrize("label, env, expected", ALLOCATOR_CASES, ids=[c[0] for c in ALLOCATOR_CASES])
+def test_stored_crossovers_are_keyed_by_the_allocator(label, env, expected):
+    """The allocator changes native's per-call cost (fresh zero-filled pages or reused heap), so a table measured
+    with one malloc is not adopted under another: the key names it (read from the process's own mappings)."""
+    if "LD_PRELOAD" in env and not os.path.exists(env["LD_PRELOAD"]):
+        pytest.skip("libjemalloc2 is not installed here")
+    base = {k: v for k, v in os.environ.items()
+            if not (k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD"))}
+    code = ("from batchnorm.kernels import calibrate; import sys; "
+            "print(calibrate.allocator()); print(calibrate.key((1, 1)))")
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    alloc, key = out.stdout.splitlines()[-2:]
+    assert alloc == expected
+    assert key.endswith(f"| threads 1/1 | malloc {expected}")

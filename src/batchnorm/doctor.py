@@ -38,8 +38,10 @@ def report(wait: float | None = None) -> dict:
         out["cache"] = "complete: loads in the background without a compile" if done else f"incomplete: {why}"
         threads = (torch.get_num_threads(), numba.get_num_threads())
         table = calibrate.load(directory, threads)
-        out["stored_crossovers"] = (f"measured for {threads[0]}/{threads[1]} threads" if table is not None
-                                    else f"none for {threads[0]}/{threads[1]} threads yet (measured after the warm-up)")
+        alloc = calibrate.allocator()
+        out["stored_crossovers"] = (f"measured for {threads[0]}/{threads[1]} threads, malloc {alloc}"
+                                    if table is not None else f"none for {threads[0]}/{threads[1]} threads, malloc "
+                                                              f"{alloc} yet (measured after the warm-up)")
     else:
         out["cache"] = "none: no writable cache location; set NUMBA_CACHE_DIR to a writable directory"
     if wait is not None:

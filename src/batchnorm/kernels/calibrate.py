@@ -205,13 +205,39 @@ def measure(repeats: int = 7, sizes: tuple[int, ...] = LADDER, keys=None, idle_p
     return out
 
 
+def allocator() -> str:
+    """The process's ``malloc``, which a stored table is measured with: ``"jemalloc"``, ``"tcmalloc"`` or
+    ``"mimalloc"`` when one is mapped into the process (``LD_PRELOAD`` or linked), else ``"glibc"`` with any
+    ``MALLOC_*_`` / ``GLIBC_TUNABLES`` settings of the environment.
+
+    Why it is part of :func:`key`: ATen's CPU kernels allocate their outputs per call, and whether a multi-megabyte
+    allocation is fresh, zero-filled memory (glibc's default ``mmap`` threshold and trimming) or reused heap memory
+    (jemalloc, tcmalloc, a raised threshold) changes native's time by up to 2.5× at 4 MB on the benchmark VM,
+    and the crossover with it: numba's large outputs come from :mod:`batchnorm.kernels.buffers` in both cases.
+    The calibration process inherits the user's environment, so it measures with the user's allocator.
+
+    Example: ``allocator()`` → ``'glibc'`` (or ``'jemalloc'`` under ``LD_PRELOAD=libjemalloc.so.2``).
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:  # not Linux: the environment is all there is to go by
+        maps = os.environ.get("LD_PRELOAD", "")
+    for name in ("jemalloc", "tcmalloc", "mimalloc"):
+        if f"lib{name}" in maps:
+            return name
+    tunables = sorted(k for k in os.environ if (k.startswith("MALLOC_") and k.endswith("_")) or k == "GLIBC_TUNABLES")
+    return "glibc" + (f" ({', '.join(f'{k}={os.environ[k]}' for k in tunables)})" if tunables else "")
+
+
 def key(threads: tuple[int, int]) -> str:
-    """The machine, versions, kernel sources and ``(torch threads, numba threads)`` a stored table is valid for."""
+    """The machine, versions, kernel sources, ``(torch threads, numba threads)`` and :func:`allocator` a stored
+    table is valid for."""
     from . import warmup
 
     e = warmup._expected()
     return (f"{e['machine']} | {e['cpu']} | {os.cpu_count()} cpus | torch {torch.__version__} | numba {e['numba']} | "
-            f"kernels {e['source']} | threads {threads[0]}/{threads[1]}")
+            f"kernels {e['source']} | threads {threads[0]}/{threads[1]} | malloc {allocator()}")
 
 
 def path(directory: str) -> str:

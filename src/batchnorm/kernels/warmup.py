@@ -403,8 +403,8 @@ def _calibrate_process() -> None:
         _info["calibrate"] = report
         table = calibrate.load(directory, threads)
     if table is not None:
-        adopt(table, f"measured on this machine at {threads[0]} torch / {threads[1]} numba threads "
-                     f"({calibrate.path(directory)})")
+        adopt(table, f"measured on this machine at {threads[0]} torch / {threads[1]} numba threads, malloc "
+                     f"{calibrate.allocator()} ({calibrate.path(directory)})")
     else:
         result = str((_info.get("calibrate") or {}).get("result", ""))
         _info["crossovers"] = ("built-in table (measurement " + result.split(";")[0] + ")" if result.startswith("deferred")
