@@ -222,7 +222,7 @@ def test_the_calibration_measures_nothing_on_a_busy_machine():
     assert res["stopped"] == "the machine was busy before the train,inner ladder" and res["others_busy"] > _cal.BUSY
 
 
-@pytest.mark.parametrize("lay", ["inner", "cl", "outer"])
+@pytest.mark.parametrize("lay", ["inner", "cl", "outer", "short"])
 @pytest.mark.parametrize("nbytes", [1 << 12, 1 << 16, 1 << 20])
 def test_calibration_shapes_have_the_size_and_layout_class_they_stand_for(lay, nbytes):
     x, axis = _cal.calibration_input(lay, nbytes)
@@ -237,7 +237,12 @@ def test_calibration_shapes_have_the_size_and_layout_class_they_stand_for(lay, n
     (lambda: torch.zeros(2, 4, 3, 3, 3).to(memory_format=torch.channels_last_3d), 1, "cl"),
     (lambda: torch.zeros(8, 5, 4).transpose(1, 2), 1, "cl"),  # channels-last 1-D: (N, L, C) seen as (N, C, L)
     (lambda: torch.zeros(8, 3, 3, 4), -1, "inner"),  # axis=-1: the (N*H*W, C) view native runs
-    (lambda: torch.zeros(8, 4, 3, 3), 1, "outer"),
+    (lambda: torch.zeros(8, 4, 3, 3), 1, "short"),  # NCHW rows of 9 values
+    (lambda: torch.zeros(8, 4, 31), 1, "short"),
+    (lambda: torch.zeros(8, 4, 32), 1, "outer"),  # rows of dispatch.SHORT_ROWS values
+    (lambda: torch.zeros(8, 4, 8, 8), 1, "outer"),
+    (lambda: torch.zeros(2, 4, 5, 5), 1, "short"),
+    (lambda: torch.zeros(2, 4, 6, 6), 1, "outer"),
     (lambda: torch.zeros(1, 4, 1, 1), 1, "inner"),  # one value per feature: any layout is "innermost"
 ])
 def test_layout_classes_of_the_cost_table(make, axis, want):

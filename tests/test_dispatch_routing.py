@@ -236,7 +236,9 @@ def _just(nbytes: int, lay: str) -> torch.Tensor:
         return torch.randn(n // 8, 8)
     if lay == "cl":
         return torch.randn(n // 64, 8, 2, 4).contiguous(memory_format=torch.channels_last)
-    return torch.randn(n // 64, 8, 8)
+    if lay == "short":  # rows of 8 values
+        return torch.randn(n // 64, 8, 8)
+    return torch.randn(n // 512, 8, 64)  # "outer": rows of 64
 
 
 @needs_numba

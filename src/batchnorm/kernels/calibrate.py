@@ -45,8 +45,8 @@ FILE = "batchnorm-crossovers.json"
 LADDER = tuple(64 << 10 << i for i in range(10))
 NEVER = 1 << 62  # numba never won on the ladder: native at every size
 #: version of a stored table; :func:`load` ignores other versions (2: the "cl" layout class; 3: MARGIN 0.9;
-#: 4: outer ladder (N, 64, 64); 5: cl ladder (N, 512, 4, 4))
-VERSION = 5
+#: 4: outer ladder (N, 64, 64); 5: cl ladder (N, 512, 4, 4); 6: the "short" layout class)
+VERSION = 6
 
 
 #: numba must beat native by this factor (ratio numba/native below it, after smoothing) to be chosen: a tie
@@ -115,16 +115,20 @@ def others_busy(before: tuple[float, float] | None, after: tuple[float, float] |
 def calibration_shape(layout: str, nbytes: int) -> tuple[tuple[int, ...], int]:
     """``(shape, axis)`` of a float32 input of about ``nbytes`` bytes: ``(N, 256)`` for ``"inner"`` (features
     innermost in memory), ``(N, 512, 4, 4)`` for ``"cl"`` (made channels-last by :func:`calibration_input`),
-    ``(N, 64, 64)`` for ``"outer"``. Example: ``calibration_shape("inner", 1 << 20)`` is ``((1024, 256), 1)``."""
+    ``(N, 64, 64)`` for ``"outer"``, ``(N, 512, 2, 4)`` for ``"short"`` (rows of 8 values: numba gains least on
+    the shortest rows, so the crossover it gives is the safe one for every map up to 5×5). Example:
+    ``calibration_shape("inner", 1 << 20)`` is ``((1024, 256), 1)``."""
     n = nbytes // 4
     if layout == "inner":
         return (max(4, n // 256), 256), 1
     if layout == "cl":
         # 512 features on a 4x4 map: numba lost to ATen's channels-last kernel most on wide late-stage layers
         return ((n // 8192, 512, 4, 4) if n >= 8192 else (1, 128, 2, max(2, n // 256))), 1
-    if layout == "outer":  # rows of 64 values (an 8x8 feature map): short rows are where numba gains least
-        return (max(1, n // 4096), 64, 64 if n >= 4096 else max(8, n // 64)), 1
-    raise ValueError(f"calibration_shape expected layout 'inner', 'cl' or 'outer', got {layout!r}.")
+    if layout == "outer":  # rows of 64 values (an 8x8 feature map), the shortest of the class
+        return ((n // 4096, 64, 64) if n >= 4096 else (1, max(1, n // 64), 64)), 1
+    if layout == "short":  # rows of 8 values, 512 features (late-stage layers on tiny maps)
+        return ((n // 4096, 512, 2, 4) if n >= 4096 else (1, max(2, n // 8), 2, 4)), 1
+    raise ValueError(f"calibration_shape expected layout 'inner', 'cl', 'outer' or 'short', got {layout!r}.")
 
 
 def calibration_input(layout: str, nbytes: int) -> tuple[torch.Tensor, int]:

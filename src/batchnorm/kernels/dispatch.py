@@ -42,7 +42,8 @@ The cost table (:data:`CROSSOVER_BYTES`) has one row per ``(mode, layout)``: ``m
 (training step: forward + backward) or ``"eval"`` (forward without autograd); ``layout`` is
 ``"inner"`` when the feature axis is innermost in memory (``(N, C)``, ``axis=-1``: ``x.stride(axis) == 1``),
 ``"cl"`` for the same with the feature axis at 1 of a 3-D or larger tensor (channels-last ``(N, C, H, W)``
-and ``(N, C, D, H, W)``, ATen's channels-last kernel) and ``"outer"`` otherwise (NCHW). The value is the size of ``x`` in bytes at
+and ``(N, C, D, H, W)``, ATen's channels-last kernel), ``"short"`` for features outer in memory with rows of fewer
+than :data:`SHORT_ROWS` values (NCHW maps of 5×5 and smaller) and ``"outer"`` otherwise (NCHW). The value is the size of ``x`` in bytes at
 which numba becomes cheaper than native. The values below are the fallback, measured on the development
 machine; in the default warm-up mode the crossovers are measured on the machine that runs them, at its
 thread counts, once, in a low-priority background process, stored beside numba's cache and adopted in
@@ -64,6 +65,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -94,14 +96,22 @@ _ALIASES = {"torch": "composite"}
 #: Channels-last ("cl", its own class since 2026-12-04): in five sweeps on the development VM (2026-12-02 to
 #: 2026-12-04, 1 and 2 threads) numba lost to ATen's channels-last kernel at 2-12 MB, by 1.04-1.57x, on shapes
 #: where a dense (N, C) input of the same bytes went to numba with a gain, and won from 49 MB (0.34-0.60x).
+#: Short rows ("short", since 2026-12-06): NCHW with maps of 2x2 to 5x5, where numba's per-row loop gains least;
+#: at 1 thread on the development VM numba lost at 0.5-2.2 MB ((32, 256, 4, 4) 1.25x, (64, 256, 4, 4) 1.14x,
+#: (128, 512, 3, 3) 1.08-1.12x) under an "outer" crossover of 512 KB measured on rows of 64, and won from 4 MB.
 CROSSOVER_BYTES: dict[tuple[str, str], int] = {
     ("train", "inner"): 2 << 20,
     ("train", "outer"): 768 << 10,
+    ("train", "short"): 4 << 20,
     ("train", "cl"): 32 << 20,
     ("eval", "inner"): 2 << 20,
     ("eval", "outer"): 32 << 20,
+    ("eval", "short"): 32 << 20,
     ("eval", "cl"): 32 << 20,
 }
+#: rows (values per feature and sample, the product of the dims after the feature axis) shorter than this make a
+#: features-outer tensor "short" in the cost table
+SHORT_ROWS = 32
 FALLBACK_CROSSOVER_BYTES = dict(CROSSOVER_BYTES)  # the built-in values, unchanged when measured ones are adopted
 
 _HAS_NUMBA = _warmup.HAS_NUMBA
@@ -126,11 +136,13 @@ def device_type(x: torch.Tensor) -> str:
 def layout(x: torch.Tensor, axis: int) -> str:
     """The cost table's layout class of ``x``: ``"cl"`` when the feature axis is 1 of a 3-D or larger tensor and
     innermost in memory (channels-last), ``"inner"`` when it is innermost otherwise (``(N, C)``, ``axis=-1``),
-    else ``"outer"``. Example: ``layout(torch.zeros(2, 3, 4, 4).to(memory_format=torch.channels_last), 1)``
-    is ``"cl"``."""
+    else ``"short"`` when its rows (the dims after the feature axis) hold fewer than :data:`SHORT_ROWS` values and
+    ``"outer"`` for longer ones. Example: ``layout(torch.zeros(2, 3, 4, 4).to(memory_format=torch.channels_last),
+    1)`` is ``"cl"``, ``layout(torch.zeros(2, 3, 4, 4), 1)`` is ``"short"``, ``layout(torch.zeros(2, 3, 8, 8), 1)``
+    is ``"outer"``."""
     if x.stride(axis) == 1 or x.shape[axis] == x.numel():
         return "cl" if axis == 1 and x.dim() > 2 and x.shape[axis] != x.numel() else "inner"
-    return "outer"
+    return "short" if math.prod(x.shape[axis + 1:]) < SHORT_ROWS else "outer"
 
 
 def _canonical(backend: str | None) -> str:
