@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -278,3 +279,37 @@ def test_markdown_of_a_saved_run_has_one_line_per_row_and_says_missed(capsys, tm
     assert len(lines) == 2 + len(saved["rows"])
     assert "| (8, 16) | 512 B |" in lines[2] and "**missed**" in lines[2] and "2.00" in lines[2]
     assert all(r["backend"] in lines[2 + i] for i, r in enumerate(saved["rows"]))
+
+
+def test_the_calibration_measures_both_allocator_states_and_takes_numba_only_where_neither_is_slower():
+    """In a process of its own (heap reuse is permanent there): a two-pass measure under glibc's defaults has a
+    second ladder with ``"malloc": "heap reuse"``, and its table is what :func:`calibrate.crossover` gives for the
+    two passes together; under another allocator (tunables set) there is one pass."""
+    if "numba" not in dispatch.available():
+        pytest.skip("numba is not installed")
+    code = textwrap.dedent("""
+        import json
+        from batchnorm.kernels import calibrate, dispatch
+        assert dispatch.wait_ready(600)
+        sizes = (1 << 14, 1 << 16, 1 << 18)
+        res = calibrate.measure(1, sizes, [("train", "inner")], idle_probe=0, point_s=0, busy_limit=1.0,
+                                reuse_pass=True)
+        rows = [r for r in res["ladder"] if r.get("malloc") == "heap reuse"]
+        first = [r for r in res["ladder"] if "malloc" not in r]
+        want = calibrate.crossover(list(sizes), [r["native_ms"] for r in first], [r["numba_ms"] for r in first],
+                                   reuse=([r["native_ms"] for r in rows], [r["numba_ms"] for r in rows]) if rows
+                                   else None)
+        print(json.dumps({"passes": res["passes"], "reuse_rows": len(rows), "first_rows": len(first),
+                          "table": res["table"][("train", "inner")], "want": want or calibrate.NEVER,
+                          "alloc": calibrate.allocator()}))
+    """)
+    env = {k: v for k, v in os.environ.items() if not (k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES",
+                                                                                          "LD_PRELOAD"))}
+    for extra, passes in (({}, 2), ({"MALLOC_TOP_PAD_": "131072"}, 1)):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        assert res["passes"] == passes, res
+        assert res["first_rows"] == 3 and res["reuse_rows"] == (3 if passes == 2 else 0), res
+        assert res["table"] == res["want"], res

@@ -142,10 +142,13 @@ def main() -> int:
             # the smoke set (tests) measures whatever the load: the idle rule has its own test, and a test run
             # beside other jobs would otherwise never store a table
             limit = 1.0 if smoke else calibrate.BUSY
-            result = (calibrate.measure(3, calibrate.LADDER[:5:2], [("train", "inner")], idle_probe=0, busy_limit=limit)
-                      if smoke else calibrate.measure())
+            # both allocator states (glibc): numba only where it is not slower in either (calibrate.heap_reuse)
+            result = (calibrate.measure(3, calibrate.LADDER[:5:2], [("train", "inner")], idle_probe=0, busy_limit=limit,
+                                        reuse_pass=True)
+                      if smoke else calibrate.measure(reuse_pass=True))
             report["measure_s"] = round(time.monotonic() - t, 1)
             report["others_busy"] = result["others_busy"]
+            report["passes"] = result["passes"]
             if "stopped" in result:  # the machine was not idle: nothing stored, a later process measures
                 report["result"] = (f"deferred: {result['stopped']} (other processes used "
                                     f"{100 * result['others_busy']:.0f} % of the CPU); the built-in table stays "

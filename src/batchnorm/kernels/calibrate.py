@@ -45,8 +45,8 @@ FILE = "batchnorm-crossovers.json"
 LADDER = tuple(64 << 10 << i for i in range(10))
 NEVER = 1 << 62  # numba never won on the ladder: native at every size
 #: version of a stored table; :func:`load` ignores other versions (2: the "cl" layout class; 3: MARGIN 0.9;
-#: 4: outer ladder (N, 64, 64); 5: cl ladder (N, 512, 4, 4); 6: the "short" layout class)
-VERSION = 6
+#: 4: outer ladder (N, 64, 64); 5: cl ladder (N, 512, 4, 4); 6: the "short" layout class; 7: two allocator passes)
+VERSION = 7
 
 
 #: numba must beat native by this factor (ratio numba/native below it, after smoothing) to be chosen: a tie
@@ -61,13 +61,23 @@ IDLE_PROBE_S = 0.3
 POINT_S = 0.25
 
 
-def crossover(sizes: list[int], native_ms: list[float], numba_ms: list[float], margin: float = MARGIN) -> int | None:
+def _smoothed(native_ms: list[float], numba_ms: list[float]) -> list[float]:
+    """Ratios numba / native, each the median of itself and its two neighbours on the ladder."""
+    ratios = [b / a for a, b in zip(native_ms, numba_ms)]
+    return [statistics.median(ratios[max(0, i - 1):i + 2]) for i in range(len(ratios))]
+
+
+def crossover(sizes: list[int], native_ms: list[float], numba_ms: list[float], margin: float = MARGIN,
+              reuse: tuple[list[float], list[float]] | None = None) -> int | None:
     """Smallest ladder size from which numba is faster than native, by at least ``1 / margin``, at that size
     and every larger one.
 
     The ratios numba / native are first smoothed over each size and its two neighbours on the ladder
     (median of three), so one noisy point does not move the crossover; a smoothed ratio of ``margin`` or
-    more counts for native. None when native wins (or ties) at the largest size measured. Example::
+    more counts for native. ``reuse = (native_ms, numba_ms)``: the same ladder measured with heap reuse
+    (:func:`heap_reuse`); then a size counts for numba only where numba is faster by ``1 / margin`` in at least one
+    of the two allocator states and not slower (smoothed ratio below 1) in either. None when native wins (or ties)
+    at the largest size measured. Example::
 
         >>> crossover([1, 2, 4, 8, 16], [1.0, 1.0, 1.0, 1.0, 1.0], [2.0, 1.5, 0.5, 0.8, 0.7])
         4
@@ -75,16 +85,41 @@ def crossover(sizes: list[int], native_ms: list[float], numba_ms: list[float], m
         True
         >>> crossover([1, 2, 4], [1.0, 1.0, 1.0], [0.97, 0.98, 0.97]) is None  # a tie stays on native
         True
+        >>> crossover([1, 2, 4], [1.0] * 3, [0.5, 0.5, 0.5], reuse=([1.0] * 3, [1.3, 0.97, 0.97]))  # never slower
+        2
     """
-    ratios = [b / a for a, b in zip(native_ms, numba_ms)]
-    smooth = [statistics.median(ratios[max(0, i - 1):i + 2]) for i in range(len(ratios))]
+    smooth = _smoothed(native_ms, numba_ms)
+    other = _smoothed(*reuse) if reuse is not None else smooth
     last_native = -1
-    for i, r in enumerate(smooth):
-        if r >= margin:
+    for i, (r, q) in enumerate(zip(smooth, other)):
+        if min(r, q) >= margin or max(r, q) >= 1.0:
             last_native = i
     if last_native == len(sizes) - 1:
         return None
     return sizes[last_native + 1]
+
+
+def heap_reuse() -> bool:
+    """Switch this process's glibc ``malloc`` to reusing its heap for every size (``mallopt``: no ``mmap``, no
+    trimming), for the second pass of :func:`measure`; False (nothing changed) under any other allocator or glibc
+    tunables. Permanent for the process: only the calibration process, which exits after measuring, calls it.
+
+    Why two passes: with glibc's defaults a multi-megabyte block is sometimes fresh, zero-filled memory and
+    sometimes reused heap, depending on the process's history (its dynamic ``mmap`` threshold and trimming), and
+    ATen's per-call outputs cost up to 2.5× more in the first state (:func:`allocator`). The first pass measures
+    whichever state the calibration process is in; the second, the reuse state; :func:`crossover` picks numba
+    only where it is not slower in either.
+    """
+    if allocator() != "glibc":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def cpu_snapshot() -> tuple[float, float] | None:
@@ -164,11 +199,15 @@ def calibration_fns(mode: str, layout: str, nbytes: int) -> dict:
 
 
 def measure(repeats: int = 7, sizes: tuple[int, ...] = LADDER, keys=None, idle_probe: float = IDLE_PROBE_S,
-            point_s: float = POINT_S, busy_limit: float = BUSY) -> dict:
+            point_s: float = POINT_S, busy_limit: float = BUSY, reuse_pass: bool = False) -> dict:
     """Time native against numba on the ladder for each ``(mode, layout)``; ``{"table": {key: bytes},
     "ladder": [{mode, layout, bytes, native_ms, numba_ms}, ...], "others_busy": fraction}`` (``NEVER`` where
     numba never won; ``others_busy``: :func:`others_busy` over the measurement, compared with :data:`BUSY`
     before the table is stored).
+
+    ``reuse_pass`` (the calibration process): after the ladders, switch to heap reuse (:func:`heap_reuse`; glibc
+    only) and measure every ladder again (rows with ``"malloc": "heap reuse"``); the table then takes numba only
+    where it is not slower in either pass (:func:`crossover` with ``reuse``; ``"passes": 2`` in the result).
 
     Stops early, with ``"stopped"`` (why) in the result and the table incomplete, as soon as other processes
     use more than ``busy_limit`` (:data:`BUSY`) of the CPU: in the ``idle_probe`` seconds watched before each
@@ -177,34 +216,47 @@ def measure(repeats: int = 7, sizes: tuple[int, ...] = LADDER, keys=None, idle_p
     from . import dispatch
 
     keys = list(keys or dispatch.CROSSOVER_BYTES)
-    out: dict = {"table": {}, "ladder": []}
+    out: dict = {"table": {}, "ladder": [], "passes": 1}
     start, before = time.monotonic(), cpu_snapshot()
+    timed: dict = {}
 
     def stop(why: str, busy: float) -> dict:
+        out["table"] = {}
         out["stopped"], out["others_busy"] = why, round(busy, 3)
         return out
 
-    for mode, lay in keys:
-        if idle_probe > 0:
-            t0, s0 = time.monotonic(), cpu_snapshot()
-            time.sleep(idle_probe)
-            busy = others_busy(s0, cpu_snapshot(), time.monotonic() - t0)
-            if busy > busy_limit:
-                return stop(f"the machine was busy before the {mode},{lay} ladder", busy)
-        nat, nb = [], []
-        for nbytes in sizes:
-            t0, s0 = time.monotonic(), cpu_snapshot()
-            s = side_by_side(calibration_fns(mode, lay, nbytes), repeats, budget=0.004, min_time=point_s)
-            busy = others_busy(s0, cpu_snapshot(), time.monotonic() - t0)
-            if busy > busy_limit:
-                return stop(f"other processes started during the {mode},{lay} ladder", busy)
-            a, b = statistics.median(s["native"]) * 1e3, statistics.median(s["numba"]) * 1e3
-            nat.append(a)
-            nb.append(b)
-            out["ladder"].append({"mode": mode, "layout": lay, "bytes": nbytes, "native_ms": round(a, 4),
-                                  "numba_ms": round(b, 4)})
-        cross = crossover(list(sizes), nat, nb)
-        out["table"][(mode, lay)] = NEVER if cross is None else cross
+    def ladders(regime: str | None) -> dict | None:
+        for mode, lay in keys:
+            if idle_probe > 0:
+                t0, s0 = time.monotonic(), cpu_snapshot()
+                time.sleep(idle_probe)
+                busy = others_busy(s0, cpu_snapshot(), time.monotonic() - t0)
+                if busy > busy_limit:
+                    return stop(f"the machine was busy before the {mode},{lay} ladder", busy)
+            nat, nb = [], []
+            for nbytes in sizes:
+                t0, s0 = time.monotonic(), cpu_snapshot()
+                s = side_by_side(calibration_fns(mode, lay, nbytes), repeats, budget=0.004, min_time=point_s)
+                busy = others_busy(s0, cpu_snapshot(), time.monotonic() - t0)
+                if busy > busy_limit:
+                    return stop(f"other processes started during the {mode},{lay} ladder", busy)
+                a, b = statistics.median(s["native"]) * 1e3, statistics.median(s["numba"]) * 1e3
+                nat.append(a)
+                nb.append(b)
+                row = {"mode": mode, "layout": lay, "bytes": nbytes, "native_ms": round(a, 4), "numba_ms": round(b, 4)}
+                out["ladder"].append({**row, "malloc": regime} if regime else row)
+            timed.setdefault((mode, lay), []).append((nat, nb))
+        return None
+
+    if ladders(None) is not None:
+        return out
+    if reuse_pass and heap_reuse():
+        out["passes"] = 2
+        if ladders("heap reuse") is not None:
+            return out
+    for k, passes in timed.items():
+        cross = crossover(list(sizes), *passes[0], reuse=passes[1] if len(passes) > 1 else None)
+        out["table"][k] = NEVER if cross is None else cross
     out["others_busy"] = round(others_busy(before, cpu_snapshot(), time.monotonic() - start), 3)
     return out
 
