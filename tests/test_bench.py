@@ -298,7 +298,7 @@ def test_the_calibration_measures_both_allocator_states_and_takes_numba_only_whe
         first = [r for r in res["ladder"] if "malloc" not in r]
         want = calibrate.crossover(list(sizes), [r["native_ms"] for r in first], [r["numba_ms"] for r in first],
                                    reuse=([r["native_ms"] for r in rows], [r["numba_ms"] for r in rows]) if rows
-                                   else None)
+                                   else None, reuse_below=calibrate.GLIBC_MMAP_MAX)
         print(json.dumps({"passes": res["passes"], "reuse_rows": len(rows), "first_rows": len(first),
                           "table": res["table"][("train", "inner")], "want": want or calibrate.NEVER,
                           "alloc": calibrate.allocator()}))

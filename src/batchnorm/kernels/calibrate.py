@@ -67,17 +67,23 @@ def _smoothed(native_ms: list[float], numba_ms: list[float]) -> list[float]:
     return [statistics.median(ratios[max(0, i - 1):i + 2]) for i in range(len(ratios))]
 
 
+#: glibc's largest dynamic ``mmap`` threshold on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``, 32 MiB): with its
+#: defaults a block this large is always fresh ``mmap`` memory, so the heap-reuse pass does not apply from here on
+GLIBC_MMAP_MAX = 32 << 20
+
+
 def crossover(sizes: list[int], native_ms: list[float], numba_ms: list[float], margin: float = MARGIN,
-              reuse: tuple[list[float], list[float]] | None = None) -> int | None:
+              reuse: tuple[list[float], list[float]] | None = None, reuse_below: int = 1 << 62) -> int | None:
     """Smallest ladder size from which numba is faster than native, by at least ``1 / margin``, at that size
     and every larger one.
 
     The ratios numba / native are first smoothed over each size and its two neighbours on the ladder
     (median of three), so one noisy point does not move the crossover; a smoothed ratio of ``margin`` or
     more counts for native. ``reuse = (native_ms, numba_ms)``: the same ladder measured with heap reuse
-    (:func:`heap_reuse`); then a size counts for numba only where numba is faster by ``1 / margin`` in at least one
-    of the two allocator states and not slower (smoothed ratio below 1) in either. None when native wins (or ties)
-    at the largest size measured. Example::
+    (:func:`heap_reuse`); then a size below ``reuse_below`` counts for numba only where numba is faster by
+    ``1 / margin`` in at least one of the two allocator states and not slower (smoothed ratio below 1) in either
+    (sizes from ``reuse_below`` on, which the allocator never reuses, go by the first pass). None when native wins
+    (or ties) at the largest size measured. Example::
 
         >>> crossover([1, 2, 4, 8, 16], [1.0, 1.0, 1.0, 1.0, 1.0], [2.0, 1.5, 0.5, 0.8, 0.7])
         4
@@ -87,11 +93,14 @@ def crossover(sizes: list[int], native_ms: list[float], numba_ms: list[float], m
         True
         >>> crossover([1, 2, 4], [1.0] * 3, [0.5, 0.5, 0.5], reuse=([1.0] * 3, [1.3, 0.97, 0.97]))  # never slower
         2
+        >>> crossover([1, 2, 4], [1.0] * 3, [0.5, 0.5, 0.5], reuse=([1.0] * 3, [1.3, 1.3, 1.3]), reuse_below=4)
+        4
     """
     smooth = _smoothed(native_ms, numba_ms)
     other = _smoothed(*reuse) if reuse is not None else smooth
     last_native = -1
-    for i, (r, q) in enumerate(zip(smooth, other)):
+    for i, (size, r, q) in enumerate(zip(sizes, smooth, other)):
+        q = q if size < reuse_below else r
         if min(r, q) >= margin or max(r, q) >= 1.0:
             last_native = i
     if last_native == len(sizes) - 1:
@@ -207,7 +216,8 @@ def measure(repeats: int = 7, sizes: tuple[int, ...] = LADDER, keys=None, idle_p
 
     ``reuse_pass`` (the calibration process): after the ladders, switch to heap reuse (:func:`heap_reuse`; glibc
     only) and measure every ladder again (rows with ``"malloc": "heap reuse"``); the table then takes numba only
-    where it is not slower in either pass (:func:`crossover` with ``reuse``; ``"passes": 2`` in the result).
+    where it is not slower in either pass, below :data:`GLIBC_MMAP_MAX` (:func:`crossover` with ``reuse``;
+    ``"passes": 2`` in the result).
 
     Stops early, with ``"stopped"`` (why) in the result and the table incomplete, as soon as other processes
     use more than ``busy_limit`` (:data:`BUSY`) of the CPU: in the ``idle_probe`` seconds watched before each
@@ -255,7 +265,8 @@ def measure(repeats: int = 7, sizes: tuple[int, ...] = LADDER, keys=None, idle_p
         if ladders("heap reuse") is not None:
             return out
     for k, passes in timed.items():
-        cross = crossover(list(sizes), *passes[0], reuse=passes[1] if len(passes) > 1 else None)
+        cross = crossover(list(sizes), *passes[0], reuse=passes[1] if len(passes) > 1 else None,
+                          reuse_below=GLIBC_MMAP_MAX)
         out["table"][k] = NEVER if cross is None else cross
     out["others_busy"] = round(others_busy(before, cpu_snapshot(), time.monotonic() - start), 3)
     return out
