@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -299,3 +300,28 @@ def test_stored_crossovers_are_keyed_by_the_allocator(label, env, expected):
     alloc, key = out.stdout.splitlines()[-2:]
     assert alloc == expected
     assert key.endswith(f"| threads 1/1 | malloc {expected}")
+
+
+def test_the_interpreter_exit_stops_the_warm_up_between_kernels_and_waits_for_the_one_in_progress(monkeypatch):
+    """A script that ends while the warm-up thread runs numba's kernels must not tear the process down under it
+    (that aborted with "terminate called without an active exception", status -6): ``_at_exit`` sets the stop flag,
+    which the loader checks before each kernel, and waits for the kernel in progress."""
+    pytest.importorskip("numba")
+    from batchnorm.kernels.numba import backend as nb
+
+    assert nb.warm_up("all", stop=lambda: True) is False  # stopped before its first kernel
+    monkeypatch.setattr(warmup, "_exiting", threading.Event())
+    monkeypatch.setattr(warmup, "_in_kernels", threading.Lock())
+    warmup._in_kernels.acquire()  # a kernel in progress in the warm-up thread
+    done: list[float] = []
+
+    def finish_kernel():
+        time.sleep(0.3)
+        done.append(time.monotonic())
+        warmup._in_kernels.release()
+
+    threading.Thread(target=finish_kernel).start()
+    warmup._at_exit()
+    assert warmup._exiting.is_set() and done and time.monotonic() >= done[0]
+    with pytest.raises(warmup._Exiting, match="exiting"):  # no kernel starts after the exit began
+        warmup._load_here()

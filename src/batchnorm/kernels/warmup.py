@@ -329,11 +329,41 @@ def _compile_env() -> dict[str, str]:
     return {**one, "BATCHNORM_WARMUP_THREADS": "1"}
 
 
+#: set at interpreter exit: the warm-up thread stops before its next kernel (:func:`_at_exit`)
+_exiting = threading.Event()
+#: held by the warm-up thread while it runs numba's kernels in this process (loading or compiling them)
+_in_kernels = threading.Lock()
+#: the longest the interpreter's exit waits for the kernel that thread is in (a cached load takes well under a
+#: second; an uncached compile of one kernel a few seconds)
+EXIT_WAIT_S = 30.0
+
+
+class _Exiting(RuntimeError):
+    """The interpreter is exiting: the warm-up stopped between two kernels."""
+
+
 def _load_here() -> None:
+    """Load (or compile) the kernels in this process's warm-up thread, stopping between two kernels when the
+    interpreter exits: the exit then waits for the kernel in progress (:func:`_at_exit`) instead of tearing the
+    process down under a thread that is inside numba's and OpenMP's native code (which aborted a script that
+    ended during the load: ``terminate called without an active exception``, exit status -6)."""
     from .numba import warm_up
 
-    _load_numba()
-    warm_up(kernel_set())
+    with _in_kernels:
+        if _exiting.is_set():
+            raise _Exiting("the interpreter is exiting")
+        _load_numba()
+        if not warm_up(kernel_set(), stop=_exiting.is_set):
+            raise _Exiting("the interpreter is exiting")
+
+
+def _at_exit() -> None:
+    """``atexit``: ask the warm-up thread to stop before its next kernel and wait (at most :data:`EXIT_WAIT_S`)
+    for the one it is in. A thread waiting for the compile process holds nothing, so the exit does not wait for
+    the compile (that process dies with this one)."""
+    _exiting.set()
+    if _in_kernels.acquire(timeout=EXIT_WAIT_S):
+        _in_kernels.release()
 
 
 _caller_numba_threads: int | None = None  # numba's thread count in the thread that started the warm-up
@@ -484,6 +514,9 @@ def _start_warm_up() -> None:
             _calibrated.set()
             return
         _set("warming", "starting")
+    import atexit
+
+    atexit.register(_at_exit)
     threading.Thread(target=_warm, args=(mode,), name="batchnorm-numba-warm-up", daemon=True).start()
 
 

@@ -97,29 +97,36 @@ class NumbaBackend(Backend):
 NUMBA = NumbaBackend()
 
 
-def warm_up(kernels: str = "all") -> None:
+def warm_up(kernels: str = "all", stop=None) -> bool:
     """Compile (or load from numba's disk cache) the kernels of the common calls: float32 and float64,
     features innermost (2-D view) and not (3-D view), training forward and backward, eval, masks.
 
     ``kernels="smoke"``: only the float32, features-innermost training forward without mask (a small compile,
-    for tests of the warm-up machinery; ``BATCHNORM_WARMUP_KERNELS=smoke``).
+    for tests of the warm-up machinery; ``BATCHNORM_WARMUP_KERNELS=smoke``). ``stop``: a callable checked before
+    each group of kernels; when it returns True the warm-up returns False at once (the interpreter is exiting:
+    :func:`batchnorm.kernels.warmup._at_exit`). True when every kernel is ready.
 
     Runs in the background process and thread of :mod:`batchnorm.kernels.warmup`. Every tensor reaches the kernels as a
     C-contiguous canonical array (:func:`.plans._arr` copies a zero-stride or other non-dense ``dy``, as
     ``y.sum().backward()`` makes), so the signatures compiled here are the ones later calls use.
     """
     s = Settings(axis=1)
+    stop = stop or (lambda: False)
     if kernels == "smoke":
         x, w, b = torch.randn(8, 3), torch.ones(3), torch.zeros(3)
         NUMBA.train_forward(x, s, None, w, b, None)
-        return
+        return True
     for dtype in (torch.float32, torch.float64):
         for shape in ((8, 3), (4, 3, 5)):
+            if stop():
+                return False
             x = torch.randn(shape, dtype=dtype)
             w, b = torch.ones(3, dtype=dtype), torch.zeros(3, dtype=dtype)
             rm, rv, nbt = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype), torch.zeros((), dtype=torch.long)
             mask = torch.ones((shape[0],) + shape[2:], dtype=torch.bool).unsqueeze(1)
             for m in (None, mask):
+                if stop():
+                    return False
                 y, stats, invstd, _ = NUMBA.train_forward(x, s, m, w, b, (rm, rv, nbt, 0.1))
                 NUMBA.train_backward(torch.randn_like(y), x, s, stats, invstd, w, b, None, m, (True, True, True))
             # the backward primitives (the renorm and sync combines run them step by step)
@@ -130,3 +137,4 @@ def warm_up(kernels: str = "all") -> None:
             with torch.no_grad():
                 NUMBA.apply(x, s, w.reshape(1, -1), b.reshape(1, -1))
                 NUMBA.reduce(x, s, None)
+    return True
