@@ -219,7 +219,7 @@ def measure(repeats: int = 7, sizes: tuple[int, ...] = LADDER, keys=None, idle_p
     where it is not slower in either pass, below :data:`GLIBC_MMAP_MAX` (:func:`crossover` with ``reuse``;
     ``"passes": 2`` in the result).
 
-    Stops early, with ``"stopped"`` (why) in the result and the table incomplete, as soon as other processes
+    Stops early, with ``"stopped"`` (why) in the result and no table, as soon as other processes
     use more than ``busy_limit`` (:data:`BUSY`) of the CPU: in the ``idle_probe`` seconds watched before each
     ladder, or between two sizes of a ladder (``others_busy`` is then the fraction that stopped it)."""
     from ..bench import side_by_side
@@ -231,7 +231,6 @@ def measure(repeats: int = 7, sizes: tuple[int, ...] = LADDER, keys=None, idle_p
     timed: dict = {}
 
     def stop(why: str, busy: float) -> dict:
-        out["table"] = {}
         out["stopped"], out["others_busy"] = why, round(busy, 3)
         return out
 

@@ -309,7 +309,6 @@ def reduce_partial(
         if (pid_s == 0) & (tl.program_id(1) == 0) & (g == 0):
             _pack_headers(msg_ptr, back_ptr, C, G, number, call, dtype_code, positions)
         if _last_of_block(lock_ptr, S * G):
-            tl.store(lock_ptr + tl.program_id(1), 0)  # every program of the block has counted: 0 for the next launch
             for gg in range(0, G):
                 _pack_stats(part_ptr, msg_ptr, gg, C, G, S, cs, cmask, F64, BLOCK_C)
 
@@ -440,11 +439,15 @@ def finalize(
 def _last_of_block(lock_ptr, programs):
     """True in the last of the ``programs`` programs of feature block ``program_id(1)`` to get here: a CTA barrier,
     then one ``acq_rel`` atomic increment of the block's lock word (the "last block" pattern: every other program's
-    stores are visible to the one that returns True, which resets the word to 0 when it is done)."""
+    stores are visible to the one that returns True). That program sets the word back to 0 (every program of the
+    block has counted), ready for the next launch on the stream."""
     tl.debug_barrier()  # every thread's stores of this program are ordered before its release below
-    seen = tl.atomic_add(lock_ptr + tl.program_id(1), 1, sem="acq_rel")
+    word = lock_ptr + tl.program_id(1)
+    seen = tl.atomic_add(word, 1, sem="acq_rel")
     tl.debug_barrier()
-    return seen == programs - 1
+    last = seen == programs - 1
+    tl.store(word, 0, mask=last)
+    return last
 
 
 @triton.jit
@@ -617,7 +620,6 @@ def backward_partial(
     tl.store(part_ptr + G * S * C + base, acc_dzx, mask=cmask)
     if FIN:
         if _last_of_block(lock_ptr, S * G):
-            tl.store(lock_ptr + tl.program_id(1), 0)  # every program of the block has counted: 0 for the next launch
             # w_clamp: the finalize's own γ clamp flag (backward_finalize's clamp), a separate operand from the
             # partials' clamp, so no predicate of the kernel's start stays live to here (it spilled at sm_90)
             _backward_fin(part_ptr, sums_ptr, k_ptr, cnt_ptr, invstd_ptr, w_ptr, rd_ptr, dw_ptr, db_ptr, C, G, S,
